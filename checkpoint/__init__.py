@@ -1,0 +1,1 @@
+"""atoll.checkpoint: asynchronous universal checkpoints (snapshots, commit, retention, interop)."""

@@ -1,0 +1,1 @@
+"""atoll.launch: the CLI and the local, Ray and torchrun entry points."""

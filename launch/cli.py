@@ -1,0 +1,111 @@
+"""The `atoll` command line (also `python -m atoll.launch`).
+
+`atoll train [RECIPE] [key=value ...] [--dry-run]` resolves the recipe, picks
+the backend (torchrun when started by torchrun, else `launch.backend`) and
+starts the entry function. Problems a user can fix (recipe, layout, data)
+print one line and exit 2; a failed run exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atoll", description="Fault-tolerant MoE training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a recipe",
+                                description="Train RECIPE (a path or a name in recipes/; "
+                                            "default: the default recipe) with key=value overrides.")
+    train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved recipe and layout, then exit")
+    return parser
+
+
+def split_recipe_args(args: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """The first argument is the recipe unless it is already an override."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from atoll.parallel.layout import LayoutError
+    from atoll.trainer.config import RecipeError
+    from atoll.trainer.data import DataError
+
+    return RecipeError, LayoutError, DataError
+
+
+def fail(message: str, code: int) -> int:
+    print(f"atoll: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from atoll.parallel.layout import Layout, ProcessEnv, running_under_torchrun
+    from atoll.trainer.config import load_recipe, run_dir, to_dict, to_yaml
+    from atoll.trainer.run_dir import check_run_dir
+
+    recipe, overrides = split_recipe_args(args.args)
+    cfg = load_recipe(recipe, overrides)
+    torchrun = running_under_torchrun()
+    if torchrun:
+        cfg.launch.backend = "torchrun"
+    layout = Layout.from_recipe(cfg)
+    if torchrun:
+        layout.check_world(ProcessEnv.from_environ())
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print(f"# layout: {layout.describe()}; backend: {cfg.launch.backend}; "
+              f"run dir: {run_dir(cfg)}")
+        return 0
+    # Workers may start elsewhere (another cwd, another node): give them absolute paths.
+    cfg.run.dir = str(run_dir(cfg).resolve())
+    if cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+    check_run_dir(cfg)
+
+    if cfg.launch.backend == "ray":
+        from atoll.launch.ray_backend import run_on_ray
+
+        run_on_ray(cfg)
+        return 0
+    if cfg.launch.backend == "torchrun" and not torchrun:
+        raise user_errors()[0]("launch.backend=torchrun is set by torchrun itself; "
+                               "start with `torchrun --nproc-per-node N -m atoll.launch train ...`")
+    from atoll.trainer.train import train
+
+    train(to_dict(cfg))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train_command(args)
+    except KeyboardInterrupt:
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except user_errors() as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except Exception as exc:
+        from atoll.launch.ray_backend import WorkerFailed
+        from atoll.trainer.train import TrainingError
+
+        if isinstance(exc, (WorkerFailed, TrainingError)):
+            return fail(str(exc), EXIT_FAILED)
+        raise
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Run the entry function on a Ray worker group: one actor per rank.
+
+The driver starts a local Ray cluster bound to 127.0.0.1 (dashboard off) or
+joins `launch.ray_address`, reserves one placement-group bundle per rank,
+starts one `TrainWorker` actor per bundle with RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment, and waits. The
+group is created, watched and torn down as one unit: if any worker fails,
+every actor is killed at once (survivors would otherwise wait out a
+collective timeout) and the run ends with a one-line error naming the rank.
+Worker output reaches the driver prefixed with the worker's rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or raised; the message names the rank and the cause."""
+
+
+class TrainWorker:
+    """One rank of the run (wrapped with ray.remote at launch time)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"rank{self.rank}"
+
+    def address(self) -> tuple[str, int, str]:
+        import ray
+
+        with socket.socket() as sock:  # a free port for the rendezvous store
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port, ray.get_runtime_context().get_node_id()
+
+    def run(self, env: dict[str, str], recipe: dict) -> dict:
+        os.environ.update(env)
+        from atoll.trainer.train import train
+
+        return train(recipe)
+
+
+def _init_ray(cfg: DictConfig) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each rank's lines are distinct
+    common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True,
+                  logging_level="WARNING")
+    if cfg.launch.ray_address:
+        ray.init(address=cfg.launch.ray_address, **common)
+        return
+    world = cfg.parallel.pp * cfg.parallel.dp
+    ray.init(num_cpus=world * cfg.launch.cpus_per_worker, _node_ip_address="127.0.0.1",
+             object_store_memory=cfg.launch.ray_object_store_mb * 1024 * 1024, **common)
+
+
+def _local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
+    """(local rank, workers on that node) for each global rank."""
+    seen: dict[str, int] = {}
+    local = []
+    for node in node_ids:
+        local.append(seen.get(node, 0))
+        seen[node] = seen.get(node, 0) + 1
+    return [(rank, seen[node]) for rank, node in zip(local, node_ids)]
+
+
+class WorkerGroup:
+    def __init__(self, cfg: DictConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.world = cfg.parallel.pp * cfg.parallel.dp
+        cpus = cfg.launch.cpus_per_worker
+        self.pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            have = ray.cluster_resources().get("CPU", 0)
+            ray.util.remove_placement_group(self.pg)
+            raise WorkerFailed(f"cannot place {self.world} workers × {cpus} CPU: the Ray cluster "
+                               f"has {have:g} CPUs (lower launch.cpus_per_worker or the layout)")
+        actor_cls = ray.remote(num_cpus=cpus, max_restarts=0)(TrainWorker)
+        self.actors = [
+            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=rank)).remote(rank)
+            for rank in range(self.world)]
+
+    def run(self, recipe: dict) -> list[dict]:
+        import ray
+
+        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        master_addr, master_port, _ = addresses[0]
+        local = _local_ranks([node for _, _, node in addresses])
+        refs = {}
+        for rank, actor in enumerate(self.actors):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
+                   "LOCAL_RANK": str(local[rank][0]), "LOCAL_WORLD_SIZE": str(local[rank][1]),
+                   "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+            refs[actor.run.remote(env, recipe)] = rank
+        results: dict[int, dict] = {}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            rank = refs[done[0]]
+            try:
+                results[rank] = ray.get(done[0])
+            except Exception as exc:  # a worker raised or died: end the whole group now
+                self.shutdown()
+                raise _worker_error(rank, exc) from None
+        return [results[rank] for rank in range(self.world)]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _worker_error(rank: int, exc: BaseException) -> BaseException:
+    """Re-raise a user error (bad data, recipe) as itself; anything else names the rank."""
+    from atoll.launch.cli import user_errors
+
+    cause: Optional[BaseException] = getattr(exc, "cause", None)
+    if isinstance(cause, user_errors()):
+        return cause
+    if cause is not None:
+        return WorkerFailed(f"worker rank {rank} failed: {type(cause).__name__}: "
+                            f"{' '.join(str(cause).split())[:500]}")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return WorkerFailed(f"worker rank {rank} died: {first_line[:500]}")
+
+
+def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the recipe on a Ray worker group; returns each rank's final metrics."""
+    import ray
+
+    from atoll.trainer.config import to_dict
+
+    started = time.perf_counter()
+    _init_ray(cfg)
+    group: Optional[WorkerGroup] = None
+    try:
+        group = WorkerGroup(cfg)
+        return group.run(to_dict(cfg))
+    finally:
+        if group is not None:
+            group.shutdown()
+        ray.shutdown()
+        print(f"ray worker group closed after {time.perf_counter() - started:.1f}s", flush=True)

@@ -1,0 +1,62 @@
+"""Data parallelism applied to a single-device model from outside.
+
+`apply_data_parallel` shards the dense parameters with FSDP2 (`fully_shard`,
+one unit per transformer block plus the root) or replicates them with DDP,
+over the mesh's "dp" dimension. `gradient_sync` tells either wrapper whether
+the current micro-batch is the last of the step, so gradient accumulation
+reduces once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from atoll.parallel.layout import ParallelMesh
+
+
+def apply_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """Return the module to train: the model itself, sharded, or DDP-wrapped."""
+    layout = mesh.layout
+    if layout.dp == 1:
+        return model
+    dp_mesh = mesh["dp"]
+    if layout.dp_shard == "fsdp":
+        for block in model.layers.values():
+            fully_shard(block, mesh=dp_mesh)
+        # The root unit holds embeddings, final norm and head; no need to
+        # reshard it after forward because backward starts right there.
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+        return model
+    return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
+                                   device_ids=None if mesh.device.type == "cpu" else [mesh.device])
+
+
+def gradient_sync(train_module: nn.Module, is_last_microbatch: bool):
+    """Context for one micro-batch's backward: reduce gradients only on the last."""
+    if isinstance(train_module, DistributedDataParallel) and not is_last_microbatch:
+        return train_module.no_sync()
+    if isinstance(train_module, FSDPModule):
+        train_module.set_requires_gradient_sync(is_last_microbatch)
+    return contextlib.nullcontext()
+
+
+def unwrap(train_module: nn.Module) -> nn.Module:
+    """The single-device model behind a DDP wrapper (FSDP2 works in place)."""
+    return train_module.module if isinstance(train_module, DistributedDataParallel) else train_module
+
+
+def dp_comm_bytes_per_step(param_bytes: int, layout) -> int:
+    """Bytes each rank sends for data parallelism in one step (ring algorithms).
+
+    FSDP all-gathers parameters for forward and again for backward, then
+    reduce-scatters gradients: 3·(dp-1)/dp of the parameter bytes. DDP's
+    all-reduce sends 2·(dp-1)/dp of the gradient bytes.
+    """
+    if layout.dp == 1:
+        return 0
+    factor = 3 if layout.dp_shard == "fsdp" else 2
+    return int(factor * param_bytes * (layout.dp - 1) / layout.dp)

@@ -1,0 +1,147 @@
+"""The parallel layout: degrees, the process environment and the device mesh.
+
+`Layout` is the single source of truth for how a run is split over processes
+(world = islands × pp × dp, with ep borrowing ranks of dp). It builds the one
+`DeviceMesh` of the run and hands out named sub-meshes; nothing else in atoll
+creates process groups for training. It reads the rank from the environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and so does not know
+whether Ray, torchrun or a local spawner started the process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp_mod_ep", "ep")
+
+
+class LayoutError(ValueError):
+    """The layout cannot run in this environment; one line naming the cause."""
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls) -> "ProcessEnv":
+        def read(name: str, default: int) -> int:
+            value = os.environ.get(name)
+            try:
+                return default if value is None else int(value)
+            except ValueError:
+                raise LayoutError(f"environment variable {name}={value!r} is not an integer") from None
+
+        world = read("WORLD_SIZE", 1)
+        return cls(rank=read("RANK", 0), world_size=world, local_rank=read("LOCAL_RANK", 0),
+                   local_world_size=read("LOCAL_WORLD_SIZE", world))
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def running_under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    dp_shard: str = "fsdp"
+
+    @classmethod
+    def from_recipe(cls, cfg) -> "Layout":
+        par = cfg.parallel
+        return cls(pp=par.pp, dp=par.dp, ep=par.ep, dp_shard=par.dp_shard)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    def describe(self) -> str:
+        return f"world={self.world_size} (pp={self.pp} × dp={self.dp}, ep={self.ep}), dp_shard={self.dp_shard}"
+
+    def to_dict(self) -> dict:
+        return {"pp": self.pp, "dp": self.dp, "ep": self.ep, "dp_shard": self.dp_shard,
+                "world_size": self.world_size}
+
+    def check_world(self, env: ProcessEnv) -> None:
+        if env.world_size != self.world_size:
+            raise LayoutError(
+                f"WORLD_SIZE={env.world_size} but the recipe's layout needs {self.world_size} "
+                f"processes (parallel.pp={self.pp} × parallel.dp={self.dp})")
+
+
+def device_for(env: ProcessEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class ParallelMesh:
+    """The run's process group and device mesh; one per process.
+
+    With a world of one there is no process group at all, so single-process
+    runs are plain PyTorch (the reference every layout is compared against).
+    """
+
+    def __init__(self, layout: Layout, env: ProcessEnv, device: torch.device,
+                 timeout_s: float = 600.0):
+        self.layout = layout
+        self.env = env
+        self.device = device
+        self.mesh: Optional[DeviceMesh] = None
+        layout.check_world(env)
+        if env.world_size == 1:
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        shape = (layout.pp, layout.dp // layout.ep, layout.ep)
+        self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+        self.mesh["dp_mod_ep", "ep"]._flatten("dp")
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        if self.mesh is None:
+            raise LayoutError("a single-process run has no device mesh")
+        return self.mesh[name]
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+
+    @property
+    def dp_group(self) -> Optional[dist.ProcessGroup]:
+        return None if self.mesh is None else self.mesh["dp"].get_group()
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+    def all_reduce_mean(self, values: list[float]) -> list[float]:
+        """Mean over the data-parallel group of a few scalars (for logging)."""
+        if self.mesh is None or self.layout.dp == 1:
+            return list(values)
+        buf = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf, group=self.dp_group)
+        return (buf / self.layout.dp).tolist()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

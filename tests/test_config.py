@@ -1,0 +1,94 @@
+"""Recipe validation: every malformed recipe is one line naming the key, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from atoll.launch.cli import main, split_recipe_args
+from atoll.trainer.config import (RecipeError, load_recipe, recipe_from_dict, resolve_recipe_path,
+                                  to_dict, to_yaml)
+
+BAD_OVERRIDES = [
+    (["model.dimm=64"], "unknown recipe key 'model.dimm'"),
+    (["trainer.steps=3"], "unknown recipe key 'trainer'"),
+    (["model.dim=abc"], "recipe key 'model.dim' must be an integer, got 'abc'"),
+    (["run.steps=1.5"], "recipe key 'run.steps' must be an integer, got '1.5'"),
+    (["run.overwrite=maybe"], "recipe key 'run.overwrite' must be true or false, got 'maybe'"),
+    (["model.moe.top_k=null"], "recipe key 'model.moe.top_k' must not be null"),
+    (["model=3"], "recipe key 'model' must be a section of keys, got '3'"),
+    (["model.moe.kernel=fast"], "recipe key 'model.moe.kernel' must be one of naive, auto, got 'fast'"),
+    (["data.seq_len=0"], "recipe key 'data.seq_len' must be at least 1, got 0"),
+    (["optim.lr=-1"], "recipe key 'optim.lr' must be positive, got -1.0"),
+    (["parallel.dp=3", "parallel.ep=2"], "parallel.ep=2 must divide parallel.dp=3"),
+    (["model.dim=100", "model.heads=3"], "model.dim=100 must be divisible by model.heads=3"),
+    (["model.moe.top_k=9"], "model.moe.top_k=9 must not exceed model.moe.num_experts=8"),
+    (["launch.backend=local"], "launch.backend=local runs one process, but the layout needs 2 (parallel.dp=2, parallel.pp=1)"),
+    (["data.source=folder"], "data.path is required when data.source=folder"),
+    (["checkpoint.asynch=true"], "unknown recipe key 'checkpoint.asynch'"),
+    (["run"], "override 'run' must look like key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_OVERRIDES)
+def test_bad_override_is_one_line_error(overrides, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, overrides)
+    assert str(info.value) == message
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    assert main(["train", "model.dimm=64"]) == 2
+    err = capsys.readouterr().err
+    assert err == "atoll: error: unknown recipe key 'model.dimm'\n"
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: [1, 2\n")  # broken YAML
+    proc = subprocess.run([sys.executable, "-m", "atoll.launch", "train", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"atoll: error: cannot parse recipe {bad}")
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run:\n  steps: 5\noptim:\n  learning_rate: 0.1\n")
+    with pytest.raises(RecipeError, match=r"^unknown recipe key 'optim.learning_rate'$"):
+        load_recipe(str(recipe))
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(RecipeError, match="recipe 'nope' is neither a file nor a shipped recipe"):
+        resolve_recipe_path("nope")
+
+
+def test_overrides_win_and_keyword_key_round_trips():
+    cfg = load_recipe("default", ["run.steps=7", "checkpoint.async=false", "parallel.dp_shard=ddp"])
+    assert cfg.run.steps == 7 and cfg.parallel.dp_shard == "ddp"
+    data = to_dict(cfg)
+    assert data["checkpoint"]["async"] is False and "async_" not in data["checkpoint"]
+    assert "async: false" in to_yaml(cfg)
+    assert recipe_from_dict(data) == cfg
+
+
+def test_shipped_recipes_validate():
+    for name in ("default", "dense_tiny", "moe_1b_8gpu"):
+        load_recipe(name)
+
+
+def test_recipe_and_overrides_split():
+    assert split_recipe_args(["dense_tiny", "run.steps=3"]) == ("dense_tiny", ["run.steps=3"])
+    assert split_recipe_args(["run.steps=3"]) == (None, ["run.steps=3"])
+    assert split_recipe_args([]) == (None, [])
+
+
+def test_dry_run_prints_resolved_recipe(capsys):
+    assert main(["train", "--dry-run", "run.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "# layout: world=2 (pp=1 × dp=2, ep=1)" in out

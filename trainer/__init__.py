@@ -1,0 +1,1 @@
+"""atoll.trainer: recipe schema, model, data, optimizer, train loop and metrics."""

@@ -1,0 +1,386 @@
+"""Recipe schema and loader.
+
+A recipe is a YAML file validated against the dataclasses below, merged with
+OmegaConf dotlist overrides (`parallel.dp=2`), the command line winning. Every
+problem a user can make in a recipe (unknown key, wrong type, value out of
+range, impossible parallel layout) becomes one `RecipeError` whose message
+names the key; the CLI turns it into a one-line error and exit code 2.
+
+This module knows nothing about processes, models or files beyond the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+
+class RecipeError(ValueError):
+    """A recipe problem a user must fix; the message is one line naming the key."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: Optional[str] = None  # default: runs/<name>
+    seed: int = 0
+    steps: int = 100
+    overwrite: bool = False
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 = dense SwiGLU feed-forward in every layer
+    top_k: int = 2
+    hidden: Optional[int] = None  # expert hidden size; default: model FFN hidden
+    kernel: str = "naive"
+    capacity_factor: Optional[float] = None  # None = dropless
+    balance: str = "aux_loss"  # aux_loss | none
+    aux_loss_coef: float = 0.01
+    score_func: str = "softmax"
+    renormalize: bool = True  # renormalise the top-k gates to sum to one
+    shared_expert: bool = False
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    vocab_size: int = 256
+    ffn_hidden: Optional[int] = None  # default: SwiGLU-sized 8/3·dim rounded to 16
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | folder | tokens
+    path: Optional[str] = None  # folder of text files, or flat token file
+    token_dtype: str = "uint16"  # for source=tokens
+    max_bytes: int = 16_000_000  # cap on text read for stdlib/folder sources
+    seq_len: int = 128
+    micro_batch: int = 4
+    grad_accum: int = 1
+    val_fraction: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    ep: int = 1
+    pp: int = 1
+    dp_shard: str = "fsdp"  # fsdp | ddp
+    pp_schedule: str = "1f1b"
+    microbatches: Optional[int] = None
+
+
+@dataclass
+class LaunchConfig:
+    backend: str = "ray"  # ray | local | torchrun (torchrun is detected, not chosen)
+    ray_address: Optional[str] = None  # None: start a local cluster; "auto": join
+    ray_object_store_mb: int = 256
+    cpus_per_worker: int = 1
+    threads_per_worker: int = 0  # torch intra-op threads; 0 = cores / local workers
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = never
+    async_: bool = True  # spelled `async` in recipes
+    keep: int = 3
+    keep_every: int = 0
+    resume: str = "auto"  # auto | none | PATH
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: int = 50  # 0 = never
+    eval_batches: int = 4
+    wandb: str = "offline"  # offline | online | disabled
+    progress: bool = True  # rank-0 progress bar on a terminal
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Which (dataclass, field) pairs are nested sections rather than values.
+_SECTION_TYPES = {
+    (Recipe, f.name): f.default_factory for f in dataclasses.fields(Recipe)
+}
+_SECTION_TYPES[(ModelConfig, "moe")] = MoEConfig
+
+# Recipe keys that are Python keywords and so carry a trailing underscore here.
+_KEYWORD_FIELDS = {("checkpoint", "async"): "async_"}
+
+CHOICES = {
+    "model.moe.kernel": ("naive", "auto"),
+    "model.moe.balance": ("aux_loss", "none"),
+    "model.moe.score_func": ("softmax",),
+    "data.source": ("stdlib", "folder", "tokens"),
+    "data.token_dtype": ("uint16", "uint32"),
+    "parallel.dp_shard": ("fsdp", "ddp"),
+    "parallel.pp_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
+    "launch.backend": ("ray", "local", "torchrun"),
+    "logging.wandb": ("offline", "online", "disabled"),
+}
+
+POSITIVE_INTS = (
+    "run.steps", "model.dim", "model.layers", "model.heads", "model.vocab_size",
+    "model.moe.top_k", "data.seq_len", "data.micro_batch", "data.grad_accum",
+    "data.max_bytes", "parallel.dp", "parallel.ep", "parallel.pp",
+    "launch.ray_object_store_mb", "launch.cpus_per_worker", "logging.log_interval",
+    "logging.eval_batches",
+)
+NON_NEGATIVE = (
+    "model.moe.num_experts", "model.moe.aux_loss_coef", "optim.warmup_steps",
+    "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
+    "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
+    "launch.threads_per_worker",
+)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def recipes_dir() -> Path:
+    """The folder holding the shipped recipes (source tree or installed copy)."""
+    spec = importlib.util.find_spec("atoll.recipes")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if Path(location).is_dir():
+            return Path(location)
+    raise RecipeError("the shipped recipes folder (atoll.recipes) is not installed")
+
+
+def resolve_recipe_path(recipe: Optional[str]) -> Path:
+    """A path as given, else a name in recipes/ (with or without `.yaml`)."""
+    if recipe is None:
+        return recipes_dir() / "default.yaml"
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for candidate in (recipes_dir() / recipe, recipes_dir() / f"{recipe}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.yaml")))
+    raise RecipeError(f"recipe '{recipe}' is neither a file nor a shipped recipe ({names})")
+
+
+def load_recipe(recipe: Optional[str] = None, overrides: list[str] = ()) -> DictConfig:
+    """Load, merge and validate a recipe; raises RecipeError on any problem."""
+    path = resolve_recipe_path(recipe)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry multi-line context
+        raise RecipeError(f"cannot parse recipe {path}: {_one_line(exc)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"recipe {path} must be a mapping of sections")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as exc:
+        raise RecipeError(f"bad override: {_one_line(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like key=value")
+    return build_recipe(loaded, cli)
+
+
+def recipe_from_dict(data: dict) -> DictConfig:
+    """Rebuild a validated recipe from `to_dict` output (used by workers)."""
+    return build_recipe(OmegaConf.create(data))
+
+
+def build_recipe(*layers: DictConfig) -> DictConfig:
+    schema = OmegaConf.structured(Recipe)
+    try:
+        merged = OmegaConf.merge(schema, *(_to_field_names(layer) for layer in layers))
+    except oc_errors.ConfigKeyError as exc:
+        raise RecipeError(f"unknown recipe key '{_user_key(exc.full_key)}'") from None
+    except oc_errors.ValidationError as exc:
+        raise RecipeError(_validation_message(exc)) from None
+    except oc_errors.OmegaConfBaseException as exc:
+        raise RecipeError(f"invalid recipe: {_one_line(exc)}") from None
+    validate(merged)
+    return merged
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain dict with the recipe's own spelling of keys (for YAML and workers)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for (section, key), field_name in _KEYWORD_FIELDS.items():
+        data[section][key] = data[section].pop(field_name)
+    return data
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def _to_field_names(layer: DictConfig) -> DictConfig:
+    data = OmegaConf.to_container(layer, resolve=False)
+    for (section, key), field_name in _KEYWORD_FIELDS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][field_name] = data[section].pop(key)
+    _check_sections(data, Recipe)
+    return OmegaConf.create(data)
+
+
+def _user_key(full_key: Any) -> str:
+    key = str(full_key)
+    for (section, name), field_name in _KEYWORD_FIELDS.items():
+        key = key.replace(f"{section}.{field_name}", f"{section}.{name}")
+    return key
+
+
+def _validation_message(exc: oc_errors.ValidationError) -> str:
+    key = _user_key(exc.full_key)
+    value = getattr(exc, "value", None)
+    msg = exc.msg.splitlines()[0] if exc.msg else str(exc)
+    if "could not be converted to" in msg:
+        target = msg.split("could not be converted to", 1)[1].strip().rstrip(".")
+        return f"recipe key '{key}' must be {_type_word(target)}, got '{value}'"
+    if "is not a valid bool" in msg:
+        return f"recipe key '{key}' must be true or false, got '{value}'"
+    if "'None'" in msg or "cannot be None" in msg or "Non optional" in msg:
+        return f"recipe key '{key}' must not be null"
+    if "Cannot convert" in msg:
+        return f"recipe key '{key}' must be a single value, not a list or section"
+    return f"recipe key '{key}': {msg}"
+
+
+def _check_sections(data: dict, cls: type, prefix: str = "") -> None:
+    """Sections must stay sections: `model=3` would otherwise give a vague error."""
+    for name, value in data.items():
+        sub = _SECTION_TYPES.get((cls, name))
+        if sub is None:
+            continue
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{prefix}{name}' must be a section of keys, got '{value}'")
+        _check_sections(value, sub, f"{prefix}{name}.")
+
+
+def _type_word(omegaconf_type: str) -> str:
+    return {"Integer": "an integer", "Float": "a number", "Boolean": "true or false",
+            "String": "a string"}.get(omegaconf_type, omegaconf_type)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[_KEYWORD_FIELDS.get((key.split(".")[0], part), part)]
+    return node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range, choice and layout checks that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise RecipeError(f"recipe key '{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    for key in POSITIVE_INTS:
+        if _get(cfg, key) < 1:
+            raise RecipeError(f"recipe key '{key}' must be at least 1, got {_get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise RecipeError(f"recipe key '{key}' must not be negative, got {_get(cfg, key)}")
+    if not 0 < cfg.optim.lr:
+        raise RecipeError(f"recipe key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
+    if not 0 < cfg.data.val_fraction < 0.5:
+        raise RecipeError("recipe key 'data.val_fraction' must be between 0 and 0.5")
+
+    model, moe = cfg.model, cfg.model.moe
+    if model.dim % model.heads:
+        raise RecipeError(f"model.dim={model.dim} must be divisible by model.heads={model.heads}")
+    if (model.dim // model.heads) % 2:
+        raise RecipeError(f"model.dim/model.heads={model.dim // model.heads} must be even for rotary embeddings")
+    if cfg.data.source in ("stdlib", "folder") and model.vocab_size < 256:
+        raise RecipeError(f"model.vocab_size={model.vocab_size} must be at least 256 for byte-level data.source={cfg.data.source}")
+    if cfg.data.source in ("folder", "tokens") and not cfg.data.path:
+        raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
+    if moe.num_experts and moe.top_k > moe.num_experts:
+        raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed model.moe.num_experts={moe.num_experts}")
+    if moe.capacity_factor is not None:
+        raise RecipeError("model.moe.capacity_factor is not supported yet: leave it null (dropless routing)")
+
+    par = cfg.parallel
+    if par.dp % par.ep:
+        raise RecipeError(f"parallel.ep={par.ep} must divide parallel.dp={par.dp}")
+    if par.ep > 1 and not moe.num_experts:
+        raise RecipeError("parallel.ep > 1 needs an MoE model (model.moe.num_experts > 0)")
+    if par.ep > 1:
+        raise RecipeError("parallel.ep > 1 is not supported yet: use parallel.ep=1")
+    if par.pp > 1:
+        raise RecipeError("parallel.pp > 1 is not supported yet: use parallel.pp=1")
+    if par.pp > model.layers:
+        raise RecipeError(f"parallel.pp={par.pp} exceeds model.layers={model.layers}")
+    if cfg.launch.backend == "local" and world_size(cfg) != 1:
+        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp})")
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes the recipe's layout needs: islands × pp × dp."""
+    return cfg.parallel.pp * cfg.parallel.dp
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def ffn_hidden(model: ModelConfig | DictConfig) -> int:
+    """Hidden size of the dense SwiGLU: 8/3·dim rounded up to a multiple of 16."""
+    if model.ffn_hidden:
+        return int(model.ffn_hidden)
+    return 16 * ((8 * model.dim // 3 + 15) // 16)
+
+
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """The model section as a plain dataclass (model code never sees OmegaConf)."""
+    data = OmegaConf.to_container(cfg.model, resolve=True)
+    data["moe"] = MoEConfig(**data["moe"])
+    return ModelConfig(**data)
+
+
+def as_dataclass(section: DictConfig, cls: type) -> Any:
+    return cls(**OmegaConf.to_container(section, resolve=True))
+

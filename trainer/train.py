@@ -1,0 +1,183 @@
+"""The training entry function every worker process runs.
+
+`train(recipe_dict)` is what the launcher calls, once per process, whichever
+backend started it. It reads its rank from the environment, builds the
+single-device model, lets `atoll.parallel` shard it, and runs the loop:
+micro-batches with gradient accumulation, clipping, AdamW, schedule, eval and
+metrics. It never asks who started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
+from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
+                                  recipe_from_dict, run_dir, to_dict)
+from atoll.trainer.data import build_data, val_batches
+from atoll.trainer.metrics import MetricsLogger
+from atoll.trainer.model import Transformer, count_params
+from atoll.trainer.optim import build_optimizer, build_scheduler, clip_gradients
+from atoll.trainer.run_dir import check_run_dir, prepare_run_dir
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); one line naming why."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    aux_loss: float
+    grad_norm: float
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+def flops_per_token(model: Transformer, cfg: DictConfig) -> float:
+    """Training FLOPs per token: 6·N_active (without embeddings) + attention."""
+    active = count_params(model)["active_per_token"] - model.tok_embeddings.weight.numel()
+    head_dim = cfg.model.dim // cfg.model.heads
+    return 6 * active + 12 * cfg.model.layers * cfg.model.heads * head_dim * cfg.data.seq_len
+
+
+def set_threads(cfg: DictConfig, env: ProcessEnv) -> None:
+    threads = cfg.launch.threads_per_worker or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+
+
+class Trainer:
+    """One process's share of a run: model part, optimizer, data, logger."""
+
+    def __init__(self, cfg: DictConfig, env: Optional[ProcessEnv] = None):
+        self.cfg = cfg
+        self.env = env or ProcessEnv.from_environ()
+        self.layout = Layout.from_recipe(cfg)
+        self.layout.check_world(self.env)
+        check_run_dir(cfg)
+        set_threads(cfg, self.env)
+        self.device = device_for(self.env)
+        self.mesh = ParallelMesh(self.layout, self.env, self.device)
+        if self.env.is_logging_rank:
+            prepare_run_dir(cfg)
+        self.mesh.barrier()
+
+        self.model = Transformer(model_config(cfg)).to(self.device)
+        self.model.init_weights(cfg.run.seed)
+        self.flops_per_token = flops_per_token(self.model, cfg)
+        self.train_module = apply_data_parallel(self.model, self.mesh)
+        self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
+        self.optimizer = build_optimizer(self.model, self.optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.run.steps)
+
+        data_cfg = as_dataclass(cfg.data, DataConfig)
+        self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
+                                               self.layout.dp, cfg.model.vocab_size)
+        self.val = (val_batches(self.dataset, data_cfg.micro_batch, cfg.logging.eval_batches,
+                                self.mesh.dp_rank, self.layout.dp)
+                    if cfg.logging.eval_interval else [])
+        self.step = 0
+        self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
+        param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" else contextlib.nullcontext())
+        self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
+                                    enabled=self.env.is_logging_rank, wandb_mode=cfg.logging.wandb,
+                                    recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
+                                    name=cfg.run.name)
+
+    def train_step(self) -> StepResult:
+        micro_batches = self.loader.next_step()
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
+            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            is_last = index == len(micro_batches) - 1
+            with gradient_sync(self.train_module, is_last):
+                with self.autocast:
+                    logits_BSV, aux_loss = self.train_module(inputs_BS)
+                    loss = lm_loss(logits_BSV, targets_BS)
+                ((loss + aux_loss) / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+            aux_sum += aux_loss.detach()
+        grad_norm = clip_gradients(self.model, self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        n = len(micro_batches)
+        return StepResult(loss=float(loss_sum) / n, aux_loss=float(aux_sum) / n, grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.train_module.eval()
+        losses = []
+        for inputs_BS, targets_BS in self.val:
+            with self.autocast:
+                logits_BSV, _ = self.train_module(inputs_BS.to(self.device))
+            losses.append(float(lm_loss(logits_BSV, targets_BS.to(self.device))))
+        self.train_module.train()
+        return self.mesh.all_reduce_mean([sum(losses) / len(losses)])[0]
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.env.is_logging_rank:
+            print(f"training {cfg.run.name}: {self.layout.describe()}, "
+                  f"{count_params(self.model)['total']:,} parameters, {cfg.run.steps} steps",
+                  flush=True)
+        interval_start, interval_steps = time.perf_counter(), 0
+        last: dict = {}
+        while self.step < cfg.run.steps:
+            step_start = time.perf_counter()
+            result = self.train_step()
+            step_time = time.perf_counter() - step_start
+            interval_steps += 1
+            log_now = self.step % cfg.logging.log_interval == 0 or self.step == cfg.run.steps
+            eval_now = bool(self.val) and (self.step % cfg.logging.eval_interval == 0
+                                           or self.step == cfg.run.steps)
+            if not (log_now or eval_now):
+                continue
+            loss, aux_loss = self.mesh.all_reduce_mean([result.loss, result.aux_loss])
+            if not math.isfinite(loss):
+                raise TrainingError(f"the loss became {loss} at step {self.step}; "
+                                    "lower optim.lr or check the data")
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_s = self.tokens_per_step * interval_steps / elapsed
+            last = {"loss": loss, "aux_loss": aux_loss, "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": result.grad_norm, "tokens": self.step * self.tokens_per_step,
+                    "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
+                    "step_time_s": step_time,
+                    "tflops": self.flops_per_token * tokens_per_s / 1e12,
+                    "comm_bytes": self.comm_bytes}
+            if eval_now:
+                last["eval_loss"] = self.evaluate()
+            self.logger.log(self.step, last)
+            interval_start, interval_steps = time.perf_counter(), 0
+        self.logger.close(self.step)
+        return {"step": self.step, **last}
+
+    def close(self) -> None:
+        self.mesh.close()
+
+
+def train(recipe: dict) -> dict:
+    """Entry function: run the recipe as this process's rank; returns final metrics."""
+    cfg = recipe_from_dict(recipe)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
