@@ -53,7 +53,6 @@ class TrainWorker:
 def _init_ray(cfg: DictConfig) -> None:
     import ray
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each rank's lines are distinct
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True,
                   logging_level="WARNING")
     if cfg.launch.ray_address:
@@ -146,6 +145,7 @@ def _worker_error(rank: int, exc: BaseException) -> BaseException:
 
 def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the recipe on a Ray worker group; returns each rank's final metrics."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; each rank's lines differ
     import ray
 
     from atoll.trainer.config import to_dict

@@ -104,6 +104,7 @@ class ParallelMesh:
         self.env = env
         self.device = device
         self.mesh: Optional[DeviceMesh] = None
+        self._flattened: dict[str, DeviceMesh] = {}
         layout.check_world(env)
         if env.world_size == 1:
             return
@@ -115,12 +116,13 @@ class ParallelMesh:
                                     timeout=datetime.timedelta(seconds=timeout_s))
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)
         self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
-        self.mesh["dp_mod_ep", "ep"]._flatten("dp")
+        # Flattened dims are kept here: slicing them from the root mesh is deprecated.
+        self._flattened["dp"] = self.mesh["dp_mod_ep", "ep"]._flatten("dp")
 
     def __getitem__(self, name: str) -> DeviceMesh:
         if self.mesh is None:
             raise LayoutError("a single-process run has no device mesh")
-        return self.mesh[name]
+        return self._flattened[name] if name in self._flattened else self.mesh[name]
 
     @property
     def dp_rank(self) -> int:
