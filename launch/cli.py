@@ -9,7 +9,9 @@ print one line and exit 2; a failed run exits 1; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -88,8 +90,15 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (scheduler, `ray job stop`, torchrun) tears down like Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "train":
             return train_command(args)

@@ -126,11 +126,11 @@ class ParallelMesh:
 
     @property
     def dp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+        return 0 if self.mesh is None else self["dp"].get_local_rank()
 
     @property
     def dp_group(self) -> Optional[dist.ProcessGroup]:
-        return None if self.mesh is None else self.mesh["dp"].get_group()
+        return None if self.mesh is None else self["dp"].get_group()
 
     def barrier(self) -> None:
         if self.mesh is not None:

@@ -1,0 +1,236 @@
+"""Trainer overhead: atoll's single-process step vs a minimal hand-written PyTorch loop.
+
+What it measures
+    The steady-state time of one optimizer step of `Trainer.train_step()` (the
+    whole per-step path the trainer runs: data loader, micro-batches, autocast
+    context, gradient-sync context, loss, backward, clipping, AdamW, LR
+    scheduler, zero_grad) against the loop a person would write by hand for the
+    same model and the same batches, in the same process, and prints the ratio
+    of the median step times (atoll / hand-written). Target: <= 1.05.
+
+How
+    - atoll: `Trainer(load_recipe(RECIPE, overrides))` with a single-process
+      layout (launch.backend=local parallel.dp=1, no wandb, no eval, a temp run
+      directory, launch.threads_per_worker=THREADS); each timed call is
+      `trainer.train_step()`.
+    - reference: the same `Transformer` built from the same model config and
+      initialised with `init_weights(seed)`, `torch.optim.AdamW(fused=True)`
+      with the same hyper-parameters and param groups (no decay on 1-D params),
+      the same linear-warmup + cosine LR written inline, and the same batches
+      taken beforehand from a separate `build_data` loader and kept in memory,
+      so data loading is not charged to the reference. Per step: forward,
+      `lm_loss` + aux, backward (divided by the number of micro-batches),
+      `clip_grad_norm_`, step, zero_grad.
+    - Both run the same number of warm-up steps, then alternate blocks of steps
+      (atoll, reference, reference, atoll, ...: the side that goes first
+      switches every round) so machine noise hits both alike. Every step is
+      timed on its own (with a device synchronise on CUDA); the table shows the
+      median, the 10th/90th percentiles and the median of per-round paired
+      ratios. Both sides follow the same trajectory (same weights, batches and
+      learning rates), which the script checks by comparing their losses, so
+      they do the same work (e.g. the same MoE routing).
+    - `torch.set_num_threads(THREADS)` applies to both (one process).
+
+Run (from the repository root):
+    python benchmarks/overhead.py                               # default recipe (MoE)
+    python benchmarks/overhead.py model.moe.num_experts=0       # dense variant
+    python benchmarks/overhead.py --steps 100 --rounds 20 --threads 2 [--recipe NAME] [key=value ...]
+
+It always exits 0: it is a benchmark, not a test; the last line says PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from atoll.trainer.config import DataConfig, as_dataclass, load_recipe, model_config
+from atoll.trainer.data import build_data
+from atoll.trainer.model import Transformer
+from atoll.trainer.optim import lr_multiplier
+from atoll.trainer.train import Trainer, lm_loss
+
+TARGET = 1.05
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Step time of atoll's Trainer.train_step vs a hand-written PyTorch loop.")
+    parser.add_argument("--steps", type=int, default=60,
+                        help="measured steps per side, split evenly over the rounds (default 60)")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="interleaved rounds; each round runs one block per side (default 12)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per side first (default 5)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch intra-op threads for both sides (default: all cores)")
+    parser.add_argument("--recipe", default=None, help="recipe path or shipped name (default: default recipe)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--steps, --rounds and --threads must be positive, --warmup not negative")
+    return args
+
+
+def machine_line(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    line = f"cpu: {cpu}, {cores} cores; torch {torch.__version__}; threads {threads}"
+    if torch.cuda.is_available():
+        line += f"; gpu: {torch.cuda.get_device_name()}"
+    return line
+
+
+class Reference:
+    """The loop a person writes by hand: model, fused AdamW, batches already in memory."""
+
+    def __init__(self, cfg, device: torch.device, total_steps: int, batches: list):
+        self.model = Transformer(model_config(cfg)).to(device)
+        self.model.init_weights(cfg.run.seed)
+        o = cfg.optim
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        self.base_lr, self.warmup, self.min_ratio = o.lr, o.warmup_steps, o.min_lr_ratio
+        self.max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
+        self.total_steps = total_steps
+        self.batches = batches  # per step: list of (inputs_BS, targets_BS) on the device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.step = 0
+        self.losses: list[torch.Tensor] = []
+
+    def train_step(self) -> None:
+        lr = self.base_lr * lr_multiplier(self.step, self.warmup, self.total_steps, self.min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = self.batches[self.step]
+        for inputs_BS, targets_BS in micro_batches:
+            with self.autocast:
+                logits_BSV, aux_loss = self.model(inputs_BS)
+                loss = lm_loss(logits_BSV, targets_BS)
+            ((loss + aux_loss) / len(micro_batches)).backward()
+        self.losses.append(loss.detach())  # last micro-batch only; for the trajectory check
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def timed(step_fn, n: int, sync) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step_fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    block = -(-args.steps // args.rounds)  # ceil: every round runs a full block per side
+    measured = block * args.rounds
+    total_steps = args.warmup + measured
+    big = 1_000_000  # run.steps: the schedule's horizon, far beyond what is run here
+
+    tmp = tempfile.TemporaryDirectory(prefix="atoll-overhead-")
+    overrides = [*args.overrides,
+                 "launch.backend=local", "parallel.dp=1", "logging.wandb=disabled",
+                 "logging.eval_interval=0", "logging.progress=false",
+                 f"run.dir={Path(tmp.name) / 'run'}", f"run.steps={big}",
+                 f"launch.threads_per_worker={args.threads}"]
+    cfg = load_recipe(args.recipe, overrides)
+
+    trainer = Trainer(cfg)
+    torch.set_num_threads(args.threads)  # Trainer already did; the reference shares the process
+    device = trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    # The reference's batches: the same stream from a separate loader, built up front.
+    _, ref_loader = build_data(as_dataclass(cfg.data, DataConfig), cfg.run.seed, 0, 1, cfg.model.vocab_size)
+    batches = [[(x.to(device), y.to(device)) for x, y in ref_loader.next_step()] for _ in range(total_steps)]
+    ref = Reference(cfg, device, big, batches)
+    for (name, a), b in zip(trainer.model.named_parameters(), ref.model.parameters()):
+        if not torch.equal(a, b):
+            raise SystemExit(f"initial weights differ at {name}")
+
+    n_params = sum(p.numel() for p in ref.model.parameters())
+    moe = cfg.model.moe.num_experts
+    print(f"machine: {machine_line(torch.get_num_threads())}")
+    print(f"recipe: {args.recipe or 'default'} {' '.join(args.overrides)}".rstrip())
+    print(f"model: {'MoE ' + str(moe) + ' experts top-' + str(cfg.model.moe.top_k) if moe else 'dense'}, "
+          f"dim {cfg.model.dim}, {cfg.model.layers} layers, {n_params:,} params; batch "
+          f"{cfg.data.micro_batch}x{cfg.data.grad_accum}x{cfg.data.seq_len} tokens; device {device}")
+    print(f"steps: {args.warmup} warm-up + {args.rounds} rounds x {block} steps per side", flush=True)
+
+    atoll_losses = []
+
+    def atoll_step() -> None:
+        atoll_losses.append(trainer.train_step().loss)
+
+    timed(atoll_step, args.warmup, sync)
+    timed(ref.train_step, args.warmup, sync)
+    atoll_times: list[float] = []
+    ref_times: list[float] = []
+    paired: list[float] = []
+    for r in range(args.rounds):
+        sides = [("atoll", atoll_step), ("ref", ref.train_step)]
+        if r % 2:
+            sides.reverse()
+        got = {name: timed(fn, block, sync) for name, fn in sides}
+        atoll_times += got["atoll"]
+        ref_times += got["ref"]
+        paired.append(statistics.median(got["atoll"]) / statistics.median(got["ref"]))
+    trainer.close()
+
+    # Same trajectory => same work. Exact equality is expected on CPU (same ops, same
+    # order); allow float noise. Only the last micro-batch's loss is kept by the reference.
+    if cfg.data.grad_accum == 1:
+        deltas = [abs(a - float(b)) for a, b in zip(atoll_losses, ref.losses)]
+        check = f"max |loss atoll - loss ref| over {len(deltas)} steps = {max(deltas):.2e}"
+    else:
+        check = "loss check skipped (grad_accum > 1)"
+
+    a_med, r_med = statistics.median(atoll_times), statistics.median(ref_times)
+    ratio = a_med / r_med
+    print()
+    print(f"{'side':<22}{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'steps':>7}")
+    for name, times in (("atoll train_step", atoll_times), ("hand-written loop", ref_times)):
+        print(f"{name:<22}{1e3 * statistics.median(times):>11.2f}{1e3 * percentile(times, 0.1):>9.2f}"
+              f"{1e3 * percentile(times, 0.9):>9.2f}{len(times):>7}")
+    print(f"median per-step difference: {1e3 * (a_med - r_med):+.3f} ms; "
+          f"median of per-round ratios: {statistics.median(paired):.3f}")
+    print(f"trajectory: {check}")
+    verdict = "PASS" if ratio <= TARGET else "FAIL"
+    print(f"overhead ratio (atoll / hand-written loop): {ratio:.3f}  target <= {TARGET:.2f}  {verdict}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

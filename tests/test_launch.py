@@ -1,0 +1,72 @@
+"""The Ray worker group as one unit: a dead worker or Ctrl-C ends the whole run cleanly."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from atoll.trainer.metrics import read_jsonl
+from conftest import MARKER, SESSION_ID, TINY_MOE, subprocess_env
+
+
+def start_long_ray_run(short_tmp) -> tuple[subprocess.Popen, object]:
+    run_dir = short_tmp / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atoll.launch", "train", *TINY_MOE, "run.steps=100000",
+         "logging.log_interval=1", f"run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+    deadline = time.time() + 120
+    while not read_jsonl(run_dir / "metrics.jsonl"):  # training is under way
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    return proc, run_dir
+
+
+def workers_of_this_session() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "ray::TrainWorker" in " ".join(p.info["cmdline"] or []) and \
+                    p.environ().get(MARKER) == SESSION_ID:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_gone(processes, timeout=30.0):
+    gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    assert not alive, f"still running: {[p.pid for p in alive]}"
+
+
+@pytest.mark.slow
+def test_dead_worker_ends_run_with_one_line(short_tmp):
+    proc, _ = start_long_ray_run(short_tmp)
+    workers = workers_of_this_session()
+    assert len(workers) == 2
+    workers[1].kill()  # a machine failure, as far as the run can tell
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"atoll: error: worker rank [01] (died|failed): .+", last), last
+    wait_gone(workers)
+
+
+@pytest.mark.slow
+def test_ctrl_c_tears_down_worker_group(short_tmp):
+    proc, _ = start_long_ray_run(short_tmp)
+    workers = workers_of_this_session()
+    driver_children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "atoll: error: interrupted"
+    wait_gone(workers + driver_children)
