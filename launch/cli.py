@@ -9,6 +9,7 @@ print one line and exit 2; a failed run exits 1; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -40,11 +41,12 @@ def split_recipe_args(args: Sequence[str]) -> tuple[Optional[str], list[str]]:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from atoll.checkpoint.manifest import CheckpointError
     from atoll.parallel.layout import LayoutError
     from atoll.trainer.config import RecipeError
     from atoll.trainer.data import DataError
 
-    return RecipeError, LayoutError, DataError
+    return RecipeError, LayoutError, DataError, CheckpointError
 
 
 def fail(message: str, code: int) -> int:
@@ -75,8 +77,15 @@ def train_command(args: argparse.Namespace) -> int:
     if cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     check_run_dir(cfg)
+    if torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        cfg.run.overwrite = False  # a restart resumes; only the first start may overwrite
 
     if cfg.launch.backend == "ray":
+        from atoll.trainer.run_dir import prepare_run_dir
+
+        # The driver prepares the run directory once; workers (and any restart) never wipe it.
+        prepare_run_dir(cfg)
+        cfg.run.overwrite = False
         from atoll.launch.ray_backend import run_on_ray
 
         run_on_ray(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,6 +86,12 @@ class Layout:
                 f"processes (parallel.pp={self.pp} × parallel.dp={self.dp})")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def device_for(env: ProcessEnv) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
@@ -94,8 +101,9 @@ def device_for(env: ProcessEnv) -> torch.device:
 class ParallelMesh:
     """The run's process group and device mesh; one per process.
 
-    With a world of one there is no process group at all, so single-process
-    runs are plain PyTorch (the reference every layout is compared against).
+    With a world of one there is no mesh and no parallel wrapper, so
+    single-process runs are plain PyTorch (the reference every layout is
+    compared against).
     """
 
     def __init__(self, layout: Layout, env: ProcessEnv, device: torch.device,
@@ -106,14 +114,19 @@ class ParallelMesh:
         self.mesh: Optional[DeviceMesh] = None
         self._flattened: dict[str, DeviceMesh] = {}
         layout.check_world(env)
-        if env.world_size == 1:
-            return
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            # Even a world of one gets a (gloo) process group: the checkpoint
+            # writer process coordinates through it. Training itself uses none.
+            if env.world_size == 1:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
+        if env.world_size == 1:
+            return
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)
         self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
         # Flattened dims are kept here: slicing them from the root mesh is deprecated.
@@ -135,6 +148,14 @@ class ParallelMesh:
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of a small picklable object, on every rank."""
+        if self.mesh is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_reduce_mean(self, values: list[float]) -> list[float]:
         """Mean over the data-parallel group of a few scalars (for logging)."""

@@ -122,7 +122,8 @@ def test_existing_run_dir_needs_overwrite(tmp_path, capsys):
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2
-    assert "already holds a run; pass run.overwrite=true" in capsys.readouterr().err
+    assert "already holds a run with no checkpoint to resume; pass run.overwrite=true" in \
+        capsys.readouterr().err
     assert main(args + ["run.overwrite=true"]) == 0
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])

@@ -1,31 +1,50 @@
-"""The run directory: checked before a run starts, prepared by the logging rank.
+"""The run directory: checked before a run starts, prepared once, resumed from.
 
 `check_run_dir` only reads, so every process (and the launcher's driver) can
-call it and fail the same way before any worker starts; `prepare_run_dir`
-creates the folder and writes the resolved recipe.
+call it and fail the same way before any worker starts. `prepare_run_dir`
+creates the folder and writes the resolved recipe; with `run.overwrite=true`
+it first removes what an earlier run wrote (and nothing else).
+`choose_checkpoint` decides what `checkpoint.resume` means for this run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import committed, find_resumable, resolve_checkpoint
 from atoll.trainer.config import RecipeError, run_dir, to_yaml
-from atoll.trainer.metrics import EVENTS_FILE, METRICS_FILE
+from atoll.trainer.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 
 CONFIG_FILE = "config.yaml"
+CHECKPOINTS = "checkpoints"
 # What a run writes; `run.overwrite=true` removes exactly these and nothing else.
-RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVENTS_FILE, "loss.png", "wandb", "wandb_run_id", "checkpoints")
+RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVENTS_FILE, "loss.png", "wandb", "wandb_run_id", CHECKPOINTS)
+
+
+def checkpoints_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg) / CHECKPOINTS
 
 
 def check_run_dir(cfg: DictConfig) -> Path:
     path = run_dir(cfg)
     if path.exists() and not path.is_dir():
         raise RecipeError(f"run.dir {path} exists and is not a directory")
-    if (path / METRICS_FILE).exists() and not cfg.run.overwrite:
-        raise RecipeError(f"run directory {path} already holds a run; "
+    if cfg.run.overwrite or not path.exists():
+        return path
+    has_run = (path / METRICS_FILE).exists()
+    has_checkpoint = bool(committed(path / CHECKPOINTS))
+    resume = cfg.checkpoint.resume
+    if resume == "none" and (has_run or has_checkpoint):
+        raise RecipeError(f"run directory {path} already holds a run and checkpoint.resume=none; "
+                          "pass run.overwrite=true to replace it or choose another run.dir")
+    if resume == "auto" and has_run and not has_checkpoint:
+        raise RecipeError(f"run directory {path} already holds a run with no checkpoint to resume; "
                           "pass run.overwrite=true to replace it or choose another run.dir")
     return path
 
@@ -42,3 +61,29 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(to_yaml(cfg), encoding="utf-8")
     return path
+
+
+def choose_checkpoint(cfg: DictConfig, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+    """The verified checkpoint to resume from, or None to start afresh.
+
+    `auto` takes the run's newest valid checkpoint (falling back past damaged
+    ones); a PATH must verify, else the run stops with the reason.
+    """
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return find_resumable(checkpoints_dir(cfg), warn)
+    path = resolve_checkpoint(Path(mode))
+    return path, verify(path)
+
+
+def truncate_metrics(cfg: DictConfig, step: int) -> None:
+    """Drop metrics logged after the resumed step: they will be logged again."""
+    path = run_dir(cfg) / METRICS_FILE
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(path)

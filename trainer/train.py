@@ -14,21 +14,26 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
+from atoll.checkpoint.checkpointer import Checkpointer
+from atoll.checkpoint.manifest import CheckpointError, read_manifest
+from atoll.checkpoint.state import ModelOptimizerState, ValueState
+from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync, unwrap
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
                                   recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
-from atoll.trainer.metrics import MetricsLogger
+from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import build_optimizer, build_scheduler, clip_gradients
-from atoll.trainer.run_dir import check_run_dir, prepare_run_dir
+from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
+                                   prepare_run_dir, truncate_metrics)
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +78,7 @@ class Trainer:
         if self.env.is_logging_rank:
             prepare_run_dir(cfg)
         self.mesh.barrier()
+        self.is_logging_rank = self.env.is_logging_rank
 
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)
@@ -94,10 +100,55 @@ class Trainer:
         self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" else contextlib.nullcontext())
+
+        ckpt = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            checkpoints_dir(cfg), is_coordinator=self.is_logging_rank,
+            use_async=ckpt.async_, interval=ckpt.interval,
+            keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
+            recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
+        self.progress = ValueState(step=0)
+        # Everything a checkpoint holds; each entry is layout-free.
+        self.states = {"model_optim": ModelOptimizerState(unwrap(self.train_module), self.optimizer),
+                       "scheduler": self.scheduler, "data": self.loader, "train": self.progress}
+        self.resumed_from = self._resume()
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
-                                    enabled=self.env.is_logging_rank, wandb_mode=cfg.logging.wandb,
+                                    enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
                                     recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
                                     name=cfg.run.name)
+        if self.resumed_from is not None:
+            self.logger.event("resume", step=self.step, path=str(self.resumed_from),
+                              layout=self.layout.to_dict())
+
+    def _warn(self, message: str) -> None:
+        print(f"warning: {message}", flush=True)
+
+    def _event(self, kind: str, **fields) -> None:
+        if self.is_logging_rank:
+            record_event(run_dir(self.cfg), kind, **fields)
+
+    def _resume(self) -> Optional[Path]:
+        """Load the checkpoint `checkpoint.resume` names; rank 0 chooses, all follow."""
+        choice: tuple = ("none", None)
+        if self.is_logging_rank:
+            try:
+                found = choose_checkpoint(self.cfg, self._warn)
+                choice = ("load", str(found[0])) if found else ("none", None)
+            except CheckpointError as exc:
+                choice = ("error", str(exc))
+        kind, value = self.mesh.broadcast_object(choice)
+        if kind == "error":
+            raise CheckpointError(value)
+        if kind == "none":
+            return None
+        path = Path(value)
+        self.checkpointer.load(path, read_manifest(path), self.states)
+        self.step = int(self.progress.values["step"])
+        if self.is_logging_rank:
+            truncate_metrics(self.cfg, self.step)
+            print(f"resumed from {path} at step {self.step} "
+                  f"({self.loader.samples_consumed} samples consumed)", flush=True)
+        return path
 
     def train_step(self) -> StepResult:
         micro_batches = self.loader.next_step()
@@ -114,10 +165,15 @@ class Trainer:
             loss_sum += loss.detach()
             aux_sum += aux_loss.detach()
         grad_norm = clip_gradients(self.model, self.optim_cfg.grad_clip)
+        self.checkpointer.wait_staging()  # the step below mutates what a save may be copying
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.progress.values["step"] = self.step
+        self.checkpointer.poll()
+        if self.checkpointer.due(self.step, self.cfg.run.steps):
+            self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
         n = len(micro_batches)
         return StepResult(loss=float(loss_sum) / n, aux_loss=float(aux_sum) / n, grad_norm=grad_norm)
 
@@ -138,6 +194,11 @@ class Trainer:
             print(f"training {cfg.run.name}: {self.layout.describe()}, "
                   f"{count_params(self.model)['total']:,} parameters, {cfg.run.steps} steps",
                   flush=True)
+        if self.step >= cfg.run.steps:
+            if self.is_logging_rank:
+                print(f"run {cfg.run.name} already finished at step {self.step}", flush=True)
+            self.checkpointer.close()
+            return {"step": self.step}
         interval_start, interval_steps = time.perf_counter(), 0
         last: dict = {}
         while self.step < cfg.run.steps:
@@ -160,12 +221,14 @@ class Trainer:
                     "grad_norm": result.grad_norm, "tokens": self.step * self.tokens_per_step,
                     "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
                     "step_time_s": step_time,
+                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
                     "tflops": self.flops_per_token * tokens_per_s / 1e12,
                     "comm_bytes": self.comm_bytes}
             if eval_now:
                 last["eval_loss"] = self.evaluate()
             self.logger.log(self.step, last)
             interval_start, interval_steps = time.perf_counter(), 0
+        self.checkpointer.close()
         self.logger.close(self.step)
         return {"step": self.step, **last}
 

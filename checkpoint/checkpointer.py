@@ -1,0 +1,216 @@
+"""Asynchronous, layout-free checkpoints of a set of `Stateful` objects.
+
+A save (every `checkpoint.interval` steps and at the end) goes:
+1. `save(step)`: wait for the previous save if it is still in flight (at most
+   one), split the states into tensors and JSON, and hand the tensors to
+   `dcp.async_save`: a background thread stages them into shared host
+   buffers while the next forward/backward runs, then a writer process
+   persists them (outside this process's GIL) into `step-N.partial/`.
+2. `wait_staging()` before the next optimizer step: the only point where
+   training must wait, since that step mutates what is being copied.
+3. When the writer is done on every rank (DCP's final gather), the
+   coordinator hashes the files, writes the manifest, renames the folder and
+   rewrites `latest` on a finaliser thread, then applies retention.
+
+With `checkpoint.async=false` the same happens synchronously inside `save`.
+Checkpoint collectives use their own gloo group, so they never interleave
+with training collectives. This module knows state dicts, not models.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.checkpoint.stateful import Stateful
+
+from atoll.checkpoint.dcp_io import (BackgroundStager, SafeFileSystemReader, file_writer,
+                                    quiet_writer_process, tensor_index)
+from atoll.checkpoint.manifest import CheckpointError, write_manifest
+from atoll.checkpoint.state import merge_json, split_state, tensor_prefix
+from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
+
+EventSink = Callable[..., None]
+
+
+class _InFlight:
+    """One save between `save()` and its commit."""
+
+    def __init__(self, step: int, started: float, tensors: dict, state: dict, samples: int):
+        self.step, self.started, self.samples = step, started, samples
+        self.index = tensor_index(tensors)
+        self.state = state
+        self.bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.staged: Optional[Future] = None
+        self.uploaded: Optional[Future] = None
+        self.finalized: Optional[Future] = None
+
+
+class Checkpointer:
+    def __init__(self, root: Path, *, is_coordinator: bool, use_async: bool,
+                 interval: int, keep: int, keep_every: int, layout: dict, recipe: dict,
+                 on_event: EventSink, warn: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.is_coordinator = is_coordinator
+        self.use_async = use_async
+        self.interval, self.keep, self.keep_every = interval, keep, keep_every
+        self.layout, self.recipe = layout, recipe
+        self.on_event, self.warn = on_event, warn
+        self.group = dist.new_group(backend="gloo")
+        self.stager = BackgroundStager() if use_async else None
+        if use_async:
+            quiet_writer_process()
+        self.finaliser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-commit")
+        self.in_flight: Optional[_InFlight] = None
+        self.blocked_s = 0.0  # time training waited on checkpoints since last read
+        self._lock = threading.Lock()
+        if is_coordinator:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for path in remove_partials(self.root):
+                warn(f"removed {path.name}: a save that never committed")
+
+    # ------------------------------------------------------------------ saving
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.interval > 0 and (step % self.interval == 0 or step == last_step)
+
+    def save(self, step: int, states: dict[str, Stateful], samples: int) -> None:
+        start = time.perf_counter()
+        self._wait_in_flight()
+        tensors, json_state = split_state(states)
+        save = _InFlight(step, time.time(), tensors, json_state, samples)
+        target = partial_dir(self.root, step)
+        writer = file_writer(target)
+        if self.use_async:
+            response = dcp.async_save(tensors, storage_writer=writer, process_group=self.group,
+                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                                      async_stager=self.stager)
+            save.staged, save.uploaded = response.staging_completion, response.upload_completion
+            self.in_flight = save
+        else:
+            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            if self.is_coordinator:
+                self._finalise(save)
+        self.blocked_s += time.perf_counter() - start
+
+    def wait_staging(self) -> None:
+        """Call before the optimizer step: the staged copy must be complete."""
+        save = self.in_flight
+        if save is not None and save.staged is not None and not save.staged.done():
+            start = time.perf_counter()
+            save.staged.result()
+            self.blocked_s += time.perf_counter() - start
+
+    def poll(self) -> None:
+        """Start the commit of a save whose files are all written; never blocks."""
+        save = self.in_flight
+        if save is None or not save.uploaded.done():
+            return
+        if save.uploaded.exception() is not None:
+            self._failed(save, save.uploaded.exception())
+            return
+        if self.is_coordinator and save.finalized is None:
+            save.finalized = self.finaliser.submit(self._finalise, save)
+        if not self.is_coordinator or save.finalized.done():
+            if save.finalized is not None and save.finalized.exception() is not None:
+                self._failed(save, save.finalized.exception())
+            self.in_flight = None
+
+    def take_blocked_s(self) -> float:
+        value, self.blocked_s = self.blocked_s, 0.0
+        return value
+
+    def _wait_in_flight(self) -> None:
+        save = self.in_flight
+        if save is None:
+            return
+        try:
+            save.staged.result()
+            save.uploaded.result()
+        except Exception as exc:  # reported; the previous committed checkpoint stays valid
+            self._failed(save, exc)
+            return
+        if self.is_coordinator:
+            if save.finalized is None:
+                save.finalized = self.finaliser.submit(self._finalise, save)
+            try:
+                save.finalized.result()
+            except Exception as exc:
+                self._failed(save, exc)
+                return
+        self.in_flight = None
+
+    def _finalise(self, save: _InFlight) -> None:
+        target = partial_dir(self.root, save.step)
+        write_manifest(target, step=save.step, samples=save.samples, layout=self.layout,
+                       recipe=self.recipe, tensors=save.index, state=save.state)
+        final = commit(self.root, save.step)
+        removed = apply_retention(self.root, self.keep, self.keep_every)
+        total_s = time.time() - save.started
+        size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+        self.on_event("checkpoint_commit", step=save.step, path=str(final), bytes=size,
+                      tensor_bytes=save.bytes, seconds=round(total_s, 4),
+                      bytes_per_s=round(size / max(total_s, 1e-9)), removed=[p.name for p in removed])
+
+    def _failed(self, save: _InFlight, exc: BaseException) -> None:
+        self.in_flight = None
+        message = f"checkpoint of step {save.step} failed: {type(exc).__name__}: {exc}"
+        self.warn(message)
+        if self.is_coordinator:
+            self.on_event("checkpoint_failed", step=save.step, error=message)
+
+    def close(self) -> None:
+        """Wait for the save in flight to commit, then release threads and the writer."""
+        self._wait_in_flight()
+        if self.stager is not None:
+            self.stager.close()
+        self.finaliser.shutdown(wait=True)
+        dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, ckpt_dir: Path, manifest: dict, states: dict[str, Stateful]) -> None:
+        """Load a verified checkpoint into `states`, resharding to this layout."""
+        tensors, _ = split_state(states)
+        check_fits(ckpt_dir, manifest, tensors)
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt_dir)),
+                 process_group=self.group)
+        for name, state in states.items():
+            current = state.state_dict()
+            restored = _put_tensors(current, tensors, tensor_prefix(name, state))
+            state.load_state_dict(merge_json(restored, manifest["state"].get(name, {})))
+
+
+def _put_tensors(node: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """The state dict with its tensors replaced by the loaded ones of the same name."""
+    if isinstance(node, torch.Tensor):
+        return tensors[prefix]
+    if isinstance(node, dict):
+        return {k: _put_tensors(v, tensors, f"{prefix}.{k}" if prefix else str(k))
+                for k, v in node.items()}
+    return node
+
+
+def check_fits(ckpt_dir: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """One line listing every tensor whose name or global shape differs."""
+    saved = manifest["tensors"]
+    wanted = tensor_index(tensors)
+    problems = []
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            problems.append(f"{name} missing from checkpoint")
+        elif name not in wanted:
+            problems.append(f"{name} not in this model")
+        elif saved[name]["shape"] != wanted[name]["shape"]:
+            problems.append(f"{name} {saved[name]['shape']} vs {wanted[name]['shape']}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model ({len(problems)} "
+                              f"mismatched tensors): {shown}")

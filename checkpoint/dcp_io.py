@@ -1,0 +1,139 @@
+"""torch.distributed.checkpoint (DCP) plumbing: safe reading, background staging.
+
+- `SafeFileSystemReader` reads DCP's `.metadata` with an unpickler that only
+  admits DCP's own metadata classes, torch sizes and dtypes: loading a
+  checkpoint never runs arbitrary pickled code. atoll saves only tensors
+  through DCP (non-tensor state lives in the JSON manifest), so no pickled
+  payloads are read either.
+- `BackgroundStager` copies a state dict into reusable shared-memory host
+  buffers on a background thread. Parameters and optimizer state do not change
+  between one optimizer step and the next, so the copy overlaps the next
+  forward/backward and only has to be finished before the next optimizer
+  step (DataStates-LLM's lazy copy); the writer process then reads the shared
+  buffers without another copy.
+- `read_tensors` / `write_tensors`: single-process access for tools (inspect,
+  export, import).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import _async_process_executor as _process_executor
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.staging import AsyncStager
+
+from atoll.checkpoint.manifest import CheckpointError
+
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_ALLOWED_MODULES) or (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                          torch.memory_format)):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, but `.metadata` is unpickled with an allow-list."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+_ORIGINAL_WRITER_MAIN = _process_executor._AsyncCheckpointProcess._checkpointing_subprocess
+
+
+def _quiet_writer_main(*args: Any) -> None:
+    """The writer process's main, minus the INFO lines it logs on every save."""
+    _process_executor._init_logger = lambda rank: logging.getLogger().setLevel(logging.WARNING)
+    _ORIGINAL_WRITER_MAIN(*args)
+
+
+def quiet_writer_process() -> None:
+    """Make DCP's writer process log warnings only (it is spawned, so patch its entry)."""
+    _process_executor._AsyncCheckpointProcess._checkpointing_subprocess = staticmethod(_quiet_writer_main)
+
+
+def file_writer(path: Path) -> FileSystemWriter:
+    """One file per rank, fsynced before DCP reports the save done."""
+    return FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True, thread_count=1)
+
+
+class BackgroundStager(AsyncStager):
+    """Stage (copy to host) on a thread; buffers are allocated once and reused.
+
+    Only one save may be in flight: the caller waits for the previous upload
+    before staging again, since the writer reads these buffers.
+    """
+
+    _synchronize_after_execute = False
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-stage")
+        self._buffers: Optional[dict[str, Any]] = None
+
+    def stage(self, state_dict: dict[str, Any]) -> Future:
+        return self._executor.submit(self._copy, state_dict)
+
+    def _copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if self._buffers is None or set(self._buffers) != set(state_dict):
+            self._buffers = _create_cpu_state_dict(state_dict, share_memory=True)
+        return _copy_state_dict(state_dict, self._buffers)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._buffers = None
+
+
+def read_tensors(ckpt_dir: Path, tensor_index: dict[str, dict],
+                 keys: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """Full tensors of a checkpoint in this process (no process group needed)."""
+    wanted = keys if keys is not None else list(tensor_index)
+    template = {k: torch.empty(tensor_index[k]["shape"], dtype=getattr(torch, tensor_index[k]["dtype"]))
+                for k in wanted}
+    dcp.load(template, storage_reader=SafeFileSystemReader(str(ckpt_dir)), no_dist=True)
+    return template
+
+
+def write_tensors(ckpt_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save full tensors from this process alone (used by importers)."""
+    dcp.save(tensors, storage_writer=file_writer(ckpt_dir), no_dist=True)
+
+
+def tensor_index(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Global name → global shape and dtype (DTensor shapes are global)."""
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in sorted(tensors.items())}

@@ -1,0 +1,101 @@
+"""Stateful containers and the split of their state into tensors and JSON.
+
+The checkpointer sees `{name: Stateful}` and nothing else. Their state dicts
+are split: tensors (model weights, Adam moments) go to DCP under dotted
+global names (`model.layers.0.attention.wq.weight`,
+`optim.state.layers.0.attention.wq.weight.exp_avg`); everything else (step,
+data cursor, schedule, hyper-parameters) goes to the manifest as JSON.
+Neither part depends on the layout that saved it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class ModelOptimizerState(Stateful):
+    """A model and its optimizer, keyed by parameter name with global shapes.
+
+    Its tensors are named `model.<fqn>` and `optim.state.<fqn>.<moment>`
+    whatever name the container is registered under.
+    """
+
+    top_level = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"], options=_OPTIONS)
+
+
+class ValueState(Stateful):
+    """A dict of plain values (train progress, ids) as a Stateful."""
+
+    def __init__(self, **values: Any):
+        self.values = dict(values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.values.update(state_dict)
+
+
+def split_state(states: dict[str, Stateful]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(flat dotted-name tensors, nested JSON of everything that is not a tensor)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, prefix: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[prefix] = node
+            return None
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                kept = walk(value, f"{prefix}.{key}" if prefix else str(key))
+                if kept is not None or not isinstance(value, torch.Tensor):
+                    out[str(key)] = kept
+            return out
+        if isinstance(node, (list, tuple)):
+            if any(isinstance(v, torch.Tensor) for v in node):
+                raise TypeError(f"state entry {prefix} mixes tensors into a list")
+            return [walk(v, prefix) for v in node]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"state entry {prefix} has type {type(node).__name__}, not JSON-able")
+
+    json_state = {name: walk(state.state_dict(), tensor_prefix(name, state))
+                  for name, state in states.items()}
+    return tensors, json_state
+
+
+def tensor_prefix(name: str, state: Stateful) -> str:
+    return "" if getattr(state, "top_level", False) else name
+
+
+def merge_json(template: Any, saved: Any, prefix: str = "") -> Any:
+    """Put saved JSON values into a template state dict, keeping its tensors and tuples."""
+    if isinstance(template, torch.Tensor):
+        return template
+    if isinstance(template, dict) and isinstance(saved, dict):
+        merged = dict(template)
+        for key, value in saved.items():
+            merged[key] = merge_json(template.get(key), value, f"{prefix}.{key}")
+        return merged
+    if isinstance(template, tuple) and isinstance(saved, list):
+        return tuple(saved)
+    return saved

@@ -1,0 +1,199 @@
+"""atoll.checkpoint.deepspeed_universal against real DeepSpeed ZeRO engines (CPU, gloo).
+
+One 2-rank ZeRO-1 engine run covers both directions: it loads a universal
+checkpoint that `write_universal` made from a plain-PyTorch AdamW run (export),
+then trains on and saves a native checkpoint that DeepSpeed's own
+`ds_to_universal` converts for `read_universal` (import).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
+from conftest import free_port, subprocess_env
+from ds_engine_script import build_model, build_optimizer, group_names, loss_fn
+
+SCRIPT = Path(__file__).with_name("ds_engine_script.py")
+EXPORT_LR = 2e-3  # differs from the engine's own lr, so restoring param_groups shows
+
+
+def make_state(steps: int = 4) -> UniversalState:
+    """A few plain-PyTorch AdamW steps on the tiny atoll model, as a UniversalState."""
+    model = build_model(seed=0)
+    opt = build_optimizer(model, lr=EXPORT_LR)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        loss_fn(model, torch.randint(0, 256, (2, 17), generator=generator)).backward()
+        opt.step()
+        opt.zero_grad()
+    named = dict(model.named_parameters())
+    state = {n: opt.state[p] for n, p in named.items()}
+    groups = [{"lr": g["lr"], "betas": g["betas"], "eps": g["eps"],
+               "weight_decay": g["weight_decay"], "params": names}
+              for g, names in zip(opt.param_groups, group_names(model))]
+    return UniversalState(
+        params={n: p.detach().clone() for n, p in named.items()},
+        exp_avg={n: s["exp_avg"].clone() for n, s in state.items()},
+        exp_avg_sq={n: s["exp_avg_sq"].clone() for n, s in state.items()},
+        step=int(state["output.weight"]["step"]), param_groups=groups,
+        extra={"model": {"dim": 32, "layers": 2}, "global_steps": steps, "train_step": steps})
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def assert_same_state(got: UniversalState, want: UniversalState) -> None:
+    for field in ("params", "exp_avg", "exp_avg_sq"):
+        assert_same_tensors(getattr(got, field), getattr(want, field))
+    assert (got.step, got.param_groups, got.extra, got.tags) == \
+        (want.step, want.param_groups, want.extra, want.tags)
+
+
+def run(cmd: list[str], timeout: float = 240) -> str:
+    """Run in its own session; on timeout end that whole process group (ours)."""
+    env = subprocess_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out: {' '.join(cmd)}\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-3000:]}"
+    return out
+
+
+# --- fast: no engine -------------------------------------------------------
+def test_round_trip_keeps_everything(tmp_path):
+    state = make_state(steps=2)
+    # Tags DeepSpeed may attach: row-parallel cat_dim, a vocab tensor, a stacked expert weight.
+    state.params["layers.0.feed_forward.experts.w1"] = torch.randn(4, 32, 8)
+    state.exp_avg["layers.0.feed_forward.experts.w1"] = torch.randn(4, 32, 8)
+    state.exp_avg_sq["layers.0.feed_forward.experts.w1"] = torch.rand(4, 32, 8)
+    state.param_groups[0]["params"].append("layers.0.feed_forward.experts.w1")
+    state.tags = {"layers.0.attention.wo.weight": {"cat_dim": 1},
+                  "tok_embeddings.weight": {"vocab_tensor": True},
+                  "layers.0.feed_forward.experts.w1": {"is_expert_param": True, "ep_num_experts": 4}}
+    root = tmp_path / "uc"
+    folder = write_universal(state, root)
+    assert folder == root / "global_step2" and (root / "latest_universal").read_text() == "global_step2"
+    assert_same_state(read_universal(root), state)
+    assert_same_state(read_universal(folder), state)  # the tag folder itself
+    # Everything written is plain: the strictest torch.load takes every file.
+    files = list(root.rglob("*.pt"))
+    assert len(files) == 2 + 4 * len(state.params)
+    for path in files:
+        torch.load(path, weights_only=True)
+    wo = torch.load(folder / "zero" / "layers.0.attention.wo.weight" / "fp32.pt", weights_only=True)
+    assert wo["cat_dim"] == 1 and torch.equal(wo["param"], state.params["layers.0.attention.wo.weight"])
+    assert torch.load(folder / "zero" / "norm.weight" / "step.pt", weights_only=True).item() == 2.0
+    with pytest.raises(ValueError, match="already exists"):
+        write_universal(state, root)
+
+
+def test_weights_only_state(tmp_path):
+    state = make_state(steps=1)
+    state.exp_avg, state.exp_avg_sq = {}, {}
+    write_universal(state, tmp_path, tag="w")
+    assert not (tmp_path / "w" / "zero" / "norm.weight" / "exp_avg.pt").exists()
+    got = read_universal(tmp_path)
+    assert got.exp_avg == {} and got.step == 0
+    assert_same_tensors(got.params, state.params)
+
+
+def test_sub_param_shape_tag_round_trips(tmp_path):
+    pytest.importorskip("deepspeed")
+    state = make_state(steps=1)
+    shape = {"patterns": [r".*wq\.weight$"], "shape": ((16, 16), 32), "partition_dim": 0}
+    state.tags = {"layers.0.attention.wq.weight": {"sub_param_shape": shape}}
+    write_universal(state, tmp_path)
+    assert read_universal(tmp_path).tags == state.tags
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "latest_universal"))):
+        read_universal(tmp_path)
+    folder = write_universal(make_state(steps=1), tmp_path)
+    missing = folder / "zero" / "layers.1.attention.wk.weight" / "fp32.pt"
+    missing.unlink()
+    with pytest.raises(ValueError, match=re.escape(str(missing))):
+        read_universal(tmp_path)
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    folder = write_universal(make_state(steps=1), tmp_path)
+    bad = folder / "zero" / "norm.weight" / "exp_avg.pt"
+    torch.save({"param": torch.zeros(32), "hook": tempfile.TemporaryDirectory}, bad)
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*weights_only"):
+        read_universal(tmp_path)
+
+
+# --- slow: real DeepSpeed engines -----------------------------------------
+@pytest.fixture(scope="module")
+def engine_run():
+    """Export `make_state()`, load it into a 2-rank ZeRO-1 engine, train on, save, convert."""
+    with tempfile.TemporaryDirectory(prefix="atoll-dsuc-") as tmp:
+        tmp = Path(tmp)
+        state = make_state()
+        write_universal(state, tmp / "export")
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+             "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPT),
+             str(tmp / "result.pt"), "--load", str(tmp / "export"), "--save", str(tmp / "native"),
+             "--steps", "2", "--stage", "1"])
+        result = torch.load(tmp / "result.pt", weights_only=True)
+        tag = f"global_step{result['trained']['global_steps']}"
+        run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+             "--input_folder", str(tmp / "native" / tag),
+             "--output_folder", str(tmp / "native" / f"{tag}_universal"),
+             "--num_extract_workers", "1", "--num_merge_workers", "1"])
+        yield state, result, tmp / "native", tag
+
+
+@pytest.mark.slow
+def test_export_loads_into_deepspeed_engine(engine_run):
+    state, result, _, _ = engine_run
+    loaded = result["loaded"]
+    assert loaded["world_size"] == 2
+    assert_same_tensors(loaded["module"], state.params)
+    assert_same_tensors(loaded["fp32"], state.params)
+    assert_same_tensors(loaded["exp_avg"], state.exp_avg)
+    assert_same_tensors(loaded["exp_avg_sq"], state.exp_avg_sq)
+    assert loaded["steps"] == [float(state.step)] * 2
+    assert loaded["global_steps"] == state.extra["global_steps"]
+    assert [g["lr"] for g in loaded["param_groups"]] == [EXPORT_LR, EXPORT_LR]
+    assert [g["weight_decay"] for g in loaded["param_groups"]] == [0.1, 0.0]
+
+
+@pytest.mark.slow
+def test_import_reads_deepspeed_conversion(engine_run):
+    state, result, native, tag = engine_run
+    trained = result["trained"]
+    for src in (native, native / f"{tag}_universal"):
+        got = read_universal(src)
+        assert_same_tensors(got.params, trained["fp32"])
+        assert_same_tensors(got.params, trained["module"])
+        assert_same_tensors(got.exp_avg, trained["exp_avg"])
+        assert_same_tensors(got.exp_avg_sq, trained["exp_avg_sq"])
+        assert [float(got.step)] * 2 == trained["steps"] == [float(state.step + 2)] * 2
+        assert [g["params"] for g in got.param_groups] == [g["params"] for g in state.param_groups]
+        assert [g["lr"] for g in got.param_groups] == [EXPORT_LR, EXPORT_LR]
+        assert got.extra["global_steps"] == trained["global_steps"]
+        assert got.extra["universal_checkpoint_info"]["universal_checkpoint_version"] == 0.2
+    # And back out: what DeepSpeed wrote survives our writer unchanged.
+    again = native.parent / "again"
+    write_universal(got, again)
+    assert_same_state(read_universal(again), got)
