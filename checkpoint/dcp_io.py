@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -124,13 +125,17 @@ def read_tensors(ckpt_dir: Path, tensor_index: dict[str, dict],
     wanted = keys if keys is not None else list(tensor_index)
     template = {k: torch.empty(tensor_index[k]["shape"], dtype=getattr(torch, tensor_index[k]["dtype"]))
                 for k in wanted}
-    dcp.load(template, storage_reader=SafeFileSystemReader(str(ckpt_dir)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(template, storage_reader=SafeFileSystemReader(str(ckpt_dir)), no_dist=True)
     return template
 
 
 def write_tensors(ckpt_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save full tensors from this process alone (used by importers)."""
-    dcp.save(tensors, storage_writer=file_writer(ckpt_dir), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(tensors, storage_writer=file_writer(ckpt_dir), no_dist=True)
 
 
 def tensor_index(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -38,7 +38,6 @@ import torch
 LATEST = "latest_universal"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 EXTRA_KEY = "atoll_extra"  # engine.load_checkpoint hands this back in client_state
-STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # The DeepSpeed release whose loader this layout follows; stage 1 only checks >= 0.3.17.
 DS_VERSION = "0.19.8"
 DEFAULT_UC_INFO = {"universal_checkpoint_version": 0.2}

@@ -2,8 +2,10 @@
 
 `atoll train [RECIPE] [key=value ...] [--dry-run]` resolves the recipe, picks
 the backend (torchrun when started by torchrun, else `launch.backend`) and
-starts the entry function. Problems a user can fix (recipe, layout, data)
-print one line and exit 2; a failed run exits 1; Ctrl-C exits 130.
+starts the entry function. `atoll ckpt inspect|verify|export|import` work on
+checkpoints offline. Problems a user can fix (recipe, layout, data, a
+checkpoint that does not fit) print one line and exit 2; a failed run or a
+checkpoint that fails `verify` exits 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
     train.add_argument("--dry-run", action="store_true",
                        help="print the resolved recipe and layout, then exit")
+
+    ckpt = commands.add_parser("ckpt", help="inspect, verify, export or import checkpoints")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    inspect = ckpt_commands.add_parser("inspect", help="JSON summary of a checkpoint")
+    inspect.add_argument("path", type=Path, help="checkpoint, checkpoints folder or run folder")
+    verify = ckpt_commands.add_parser("verify", help="re-hash every file against the manifest")
+    verify.add_argument("path", type=Path)
+    export = ckpt_commands.add_parser("export", help="write a checkpoint in another format")
+    export.add_argument("path", type=Path)
+    export.add_argument("--format", required=True, choices=["hf", "deepspeed-universal"])
+    export.add_argument("--out", required=True, type=Path)
+    imp = ckpt_commands.add_parser("import", help="make an atoll checkpoint from another format")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("--format", required=True, choices=["deepspeed-universal"])
+    imp.add_argument("--out", required=True, type=Path, help="checkpoints folder to commit into")
     return parser
 
 
@@ -103,6 +120,30 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def ckpt_command(args: argparse.Namespace) -> int:
+    import json
+
+    from atoll.checkpoint import tools
+    from atoll.checkpoint.manifest import CheckpointError
+
+    if args.ckpt_command == "inspect":
+        print(json.dumps(tools.inspect(args.path), indent=2))
+        return 0
+    if args.ckpt_command == "verify":
+        try:
+            ckpt = tools.verify_path(args.path)
+        except CheckpointError as exc:
+            return fail(str(exc), EXIT_FAILED)
+        print(f"ok: {ckpt} (every file matches its hash)")
+        return 0
+    if args.ckpt_command == "export":
+        writer = tools.export_hf if args.format == "hf" else tools.export_deepspeed
+        print(f"exported {args.format} to {writer(args.path, args.out)}")
+        return 0
+    print(f"imported into {tools.import_deepspeed(args.src, args.out)}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -111,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "train":
             return train_command(args)
+        if args.command == "ckpt":
+            return ckpt_command(args)
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
     except user_errors() as exc:

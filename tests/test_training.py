@@ -118,7 +118,7 @@ def test_existing_run_dir_needs_overwrite(tmp_path, capsys):
     from atoll.launch.cli import main
 
     args = ["train", *TINY_MOE, "run.steps=1", "launch.backend=local", "parallel.dp=1",
-            f"run.dir={tmp_path}"]
+            "checkpoint.interval=0", f"run.dir={tmp_path}"]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2

@@ -34,6 +34,7 @@ class RunConfig:
     dir: Optional[str] = None  # default: runs/<name>
     seed: int = 0
     steps: int = 100
+    stop_at: int = 0  # end this invocation after this step (resumable later); 0 = run.steps
     overwrite: bool = False
 
 
@@ -166,7 +167,7 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE = (
     "model.moe.num_experts", "model.moe.aux_loss_coef", "optim.warmup_steps",
-    "optim.weight_decay", "optim.grad_clip", "checkpoint.interval",
+    "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
     "launch.threads_per_worker",
 )

@@ -116,7 +116,7 @@ class MetricsLogger:
         if self.enabled:
             record_event(self.run_dir, kind, **fields)
 
-    def close(self, final_step: int) -> Optional[str]:
+    def close(self, final_step: int, summary: bool = True) -> Optional[str]:
         """Finish wandb, draw the loss curve and return the one-line summary."""
         if not self.enabled:
             return None
@@ -124,6 +124,8 @@ class MetricsLogger:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if not summary:
+            return None
         losses = [r for r in self.history if "loss" in r]
         elapsed = time.perf_counter() - self.started
         summary = f"done: {final_step} steps in {format_duration(elapsed)}"

@@ -108,6 +108,7 @@ class Trainer:
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
             recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
         self.progress = ValueState(step=0)
+        self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         # Everything a checkpoint holds; each entry is layout-free.
         self.states = {"model_optim": ModelOptimizerState(unwrap(self.train_module), self.optimizer),
                        "scheduler": self.scheduler, "data": self.loader, "train": self.progress}
@@ -172,7 +173,7 @@ class Trainer:
         self.step += 1
         self.progress.values["step"] = self.step
         self.checkpointer.poll()
-        if self.checkpointer.due(self.step, self.cfg.run.steps):
+        if self.checkpointer.due(self.step, self.last_step):
             self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
         n = len(micro_batches)
         return StepResult(loss=float(loss_sum) / n, aux_loss=float(aux_sum) / n, grad_norm=grad_norm)
@@ -194,21 +195,23 @@ class Trainer:
             print(f"training {cfg.run.name}: {self.layout.describe()}, "
                   f"{count_params(self.model)['total']:,} parameters, {cfg.run.steps} steps",
                   flush=True)
-        if self.step >= cfg.run.steps:
+        if self.step >= self.last_step:
             if self.is_logging_rank:
-                print(f"run {cfg.run.name} already finished at step {self.step}", flush=True)
+                print(f"nothing to do: run {cfg.run.name} is already at step {self.step} "
+                      f"(run.steps={cfg.run.steps}, run.stop_at={cfg.run.stop_at})", flush=True)
             self.checkpointer.close()
+            self.logger.close(self.step, summary=False)
             return {"step": self.step}
         interval_start, interval_steps = time.perf_counter(), 0
         last: dict = {}
-        while self.step < cfg.run.steps:
+        while self.step < self.last_step:
             step_start = time.perf_counter()
             result = self.train_step()
             step_time = time.perf_counter() - step_start
             interval_steps += 1
-            log_now = self.step % cfg.logging.log_interval == 0 or self.step == cfg.run.steps
+            log_now = self.step % cfg.logging.log_interval == 0 or self.step == self.last_step
             eval_now = bool(self.val) and (self.step % cfg.logging.eval_interval == 0
-                                           or self.step == cfg.run.steps)
+                                           or self.step == self.last_step)
             if not (log_now or eval_now):
                 continue
             loss, aux_loss = self.mesh.all_reduce_mean([result.loss, result.aux_loss])

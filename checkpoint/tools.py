@@ -1,0 +1,138 @@
+"""Offline checkpoint tools behind `atoll ckpt ...`: inspect, verify, export, import.
+
+They run in one process with no process group and read tensors by their
+global names, so they work on a checkpoint saved under any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from atoll.checkpoint.dcp_io import read_tensors, tensor_index, write_tensors
+from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
+from atoll.checkpoint.manifest import CheckpointError, read_manifest, verify, write_manifest
+from atoll.checkpoint.store import commit, partial_dir, resolve_checkpoint
+
+MODEL_PREFIX = "model."
+MOMENT_PREFIX = "optim.state."
+PARAM_GROUP_PREFIX = "param_groups."
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """Step, samples, layout, tensors with global shapes and size (no hashing)."""
+    ckpt = resolve_checkpoint(path)
+    manifest = read_manifest(ckpt)
+    return {"path": str(ckpt), "step": manifest["step"], "samples": manifest.get("samples"),
+            "layout": manifest.get("layout"), "format_version": manifest["format_version"],
+            "bytes": sum(f["size"] for f in manifest["files"].values()),
+            "files": len(manifest["files"]), "tensors": manifest["tensors"]}
+
+
+def verify_path(path: Path) -> Path:
+    ckpt = resolve_checkpoint(path)
+    verify(ckpt)
+    return ckpt
+
+
+def load_model_and_moments(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
+    """(manifest, every tensor, per-parameter optimizer hyper-parameters) of a verified checkpoint."""
+    manifest = verify(ckpt)
+    tensors = read_tensors(ckpt, manifest["tensors"])
+    optim_json = manifest["state"].get("model_optim", {}).get("optim", {})
+    groups: dict[str, dict] = defaultdict(dict)
+    for key, value in optim_json.items():
+        if key.startswith(PARAM_GROUP_PREFIX):
+            name, _, hyper = key[len(PARAM_GROUP_PREFIX):].rpartition(".")
+            groups[name][hyper] = value
+    return manifest, tensors, dict(groups)
+
+
+def export_hf(path: Path, out: Path) -> Path:
+    """safetensors weights plus a config.json describing the model."""
+    ckpt = resolve_checkpoint(path)
+    manifest, tensors, _ = load_model_and_moments(ckpt)
+    weights = {k[len(MODEL_PREFIX):]: v.contiguous() for k, v in tensors.items()
+               if k.startswith(MODEL_PREFIX)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt",
+                                                                 "atoll_step": str(manifest["step"])})
+    model = manifest["recipe"]["model"]
+    config = {"architectures": ["AtollForCausalLM"], "model_type": "atoll",
+              "hidden_size": model["dim"], "num_hidden_layers": model["layers"],
+              "num_attention_heads": model["heads"], "vocab_size": model["vocab_size"],
+              "rope_theta": model["rope_theta"], "rms_norm_eps": model["norm_eps"],
+              "intermediate_size": model["ffn_hidden"], "num_local_experts": model["moe"]["num_experts"],
+              "num_experts_per_tok": model["moe"]["top_k"], "tie_word_embeddings": False,
+              "torch_dtype": "float32", "atoll": {"model": model, "step": manifest["step"]}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def export_deepspeed(path: Path, out: Path) -> Path:
+    """DeepSpeed's universal checkpoint layout (weights, Adam moments, step)."""
+    ckpt = resolve_checkpoint(path)
+    manifest, tensors, groups = load_model_and_moments(ckpt)
+    params = {k[len(MODEL_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    moments: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
+    for key, value in tensors.items():
+        if key.startswith(MOMENT_PREFIX):
+            name, _, moment = key[len(MOMENT_PREFIX):].rpartition(".")
+            moments[moment][name] = value
+    missing = sorted(set(params) - set(moments["exp_avg"]))
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} has no optimizer moments for {missing[0]}")
+    steps = {int(t.item()) for t in moments["step"].values()}
+    state = UniversalState(params=params, exp_avg=moments["exp_avg"], exp_avg_sq=moments["exp_avg_sq"],
+                           step=max(steps) if steps else 0, param_groups=_group_params(groups),
+                           extra={"model": manifest["recipe"]["model"], "atoll_step": manifest["step"]})
+    return write_universal(state, out)
+
+
+def _group_params(per_param: dict[str, dict]) -> list[dict]:
+    """Parameters with identical hyper-parameters form one group."""
+    grouped: dict[str, dict] = {}
+    for name, hyper in sorted(per_param.items()):
+        key = json.dumps(hyper, sort_keys=True)
+        grouped.setdefault(key, {**hyper, "params": []})["params"].append(name)
+    return list(grouped.values())
+
+
+def import_deepspeed(src: Path, out: Path) -> Path:
+    """A DeepSpeed universal checkpoint as an atoll checkpoint folder under `out`.
+
+    Weights and Adam moments come over exactly; the training step continues
+    from the optimizer's step. DeepSpeed does not record the data position,
+    so the data order restarts from its first sample.
+    """
+    state = read_universal(src)
+    tensors: dict[str, torch.Tensor] = {}
+    optim_json: dict[str, Any] = {}
+    for name, param in state.params.items():
+        tensors[MODEL_PREFIX + name] = param.float().contiguous()
+        tensors[f"{MOMENT_PREFIX}{name}.exp_avg"] = state.exp_avg[name].float().contiguous()
+        tensors[f"{MOMENT_PREFIX}{name}.exp_avg_sq"] = state.exp_avg_sq[name].float().contiguous()
+        tensors[f"{MOMENT_PREFIX}{name}.step"] = torch.tensor(float(state.step))
+    for group in state.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for name in group.get("params", []):
+            for key, value in hyper.items():
+                optim_json[f"{PARAM_GROUP_PREFIX}{name}.{key}"] = value
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    target = partial_dir(root, state.step)
+    write_tensors(target, tensors)
+    json_state = {"model_optim": {"model": {}, "optim": optim_json},
+                  "scheduler": {"last_epoch": state.step, "_step_count": state.step + 1},
+                  "data": {"samples_consumed": 0}, "train": {"step": state.step}}
+    write_manifest(target, step=state.step, samples=0, layout={"world_size": 1, "source": "deepspeed"},
+                   recipe={"imported_from": str(src), "imported_at": time.time(), **state.extra},
+                   tensors=tensor_index(tensors), state=json_state)
+    return commit(root, state.step)
