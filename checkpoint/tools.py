@@ -24,6 +24,9 @@ MODEL_PREFIX = "model."
 MOMENT_PREFIX = "optim.state."
 PARAM_GROUP_PREFIX = "param_groups."
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+# The optimizer settings that cross over; implementation flags (fused, foreach,
+# ...) belong to each framework's own optimizer and are not copied.
+HYPER_PARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
 
 def inspect(path: Path) -> dict[str, Any]:
@@ -97,12 +100,17 @@ def export_deepspeed(path: Path, out: Path) -> Path:
 
 
 def _group_params(per_param: dict[str, dict]) -> list[dict]:
-    """Parameters with identical hyper-parameters form one group."""
+    """Parameters with identical hyper-parameters form one group.
+
+    DeepSpeed matches groups by position; atoll builds its optimizer with the
+    weight-decayed group first, so groups are ordered by decreasing decay.
+    """
     grouped: dict[str, dict] = {}
     for name, hyper in sorted(per_param.items()):
-        key = json.dumps(hyper, sort_keys=True)
-        grouped.setdefault(key, {**hyper, "params": []})["params"].append(name)
-    return list(grouped.values())
+        kept = {k: hyper[k] for k in HYPER_PARAMETERS if k in hyper}
+        key = json.dumps(kept, sort_keys=True)
+        grouped.setdefault(key, {**kept, "params": []})["params"].append(name)
+    return sorted(grouped.values(), key=lambda g: -g.get("weight_decay", 0.0))
 
 
 def import_deepspeed(src: Path, out: Path) -> Path:
@@ -121,7 +129,7 @@ def import_deepspeed(src: Path, out: Path) -> Path:
         tensors[f"{MOMENT_PREFIX}{name}.exp_avg_sq"] = state.exp_avg_sq[name].float().contiguous()
         tensors[f"{MOMENT_PREFIX}{name}.step"] = torch.tensor(float(state.step))
     for group in state.param_groups:
-        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper = {k: v for k, v in group.items() if k in HYPER_PARAMETERS}
         for name in group.get("params", []):
             for key, value in hyper.items():
                 optim_json[f"{PARAM_GROUP_PREFIX}{name}.{key}"] = value
