@@ -1,9 +1,10 @@
 """atoll.checkpoint.deepspeed_universal against real DeepSpeed ZeRO engines (CPU, gloo).
 
 One 2-rank ZeRO-1 engine run covers both directions: it loads a universal
-checkpoint that `write_universal` made from a plain-PyTorch AdamW run (export),
-then trains on and saves a native checkpoint that DeepSpeed's own
-`ds_to_universal` converts for `read_universal` (import).
+checkpoint that `atoll ckpt export` made from an atoll training run, then
+trains on and saves a native checkpoint that DeepSpeed's own
+`ds_to_universal` converts; `atoll ckpt import` brings that back and atoll
+resumes training from it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.launch.cli import main
+from atoll.trainer.metrics import read_jsonl
 from conftest import free_port, subprocess_env
 from ds_engine_script import build_model, build_optimizer, group_names, loss_fn
 
@@ -142,14 +148,25 @@ def test_unsafe_pickle_is_refused(tmp_path):
         read_universal(tmp_path)
 
 
-# --- slow: real DeepSpeed engines -----------------------------------------
+# --- slow: real DeepSpeed engines, through atoll's own CLI ------------------
+ATOLL_TINY_DENSE = ["dense_tiny", "model.dim=32", "model.layers=2", "model.heads=2",
+                    "data.seq_len=16", "data.micro_batch=2", "data.max_bytes=200000",
+                    f"optim.lr={EXPORT_LR}", "optim.warmup_steps=0", "logging.wandb=disabled",
+                    "logging.eval_interval=0", "logging.log_interval=1",
+                    "launch.threads_per_worker=1"]
+
+
 @pytest.fixture(scope="module")
 def engine_run():
-    """Export `make_state()`, load it into a 2-rank ZeRO-1 engine, train on, save, convert."""
+    """atoll trains and exports; a 2-rank ZeRO-1 engine loads it, trains on and saves;
+    DeepSpeed's `ds_to_universal` converts that, and atoll imports the result."""
     with tempfile.TemporaryDirectory(prefix="atoll-dsuc-") as tmp:
         tmp = Path(tmp)
-        state = make_state()
-        write_universal(state, tmp / "export")
+        assert main(["train", *ATOLL_TINY_DENSE, "run.steps=4", "checkpoint.interval=4",
+                     f"run.dir={tmp / 'atoll'}"]) == 0
+        assert main(["ckpt", "export", str(tmp / "atoll"), "--format", "deepspeed-universal",
+                     "--out", str(tmp / "export")]) == 0
+        state = read_universal(tmp / "export")
         run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
              "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPT),
              str(tmp / "result.pt"), "--load", str(tmp / "export"), "--save", str(tmp / "native"),
@@ -160,43 +177,57 @@ def engine_run():
              "--input_folder", str(tmp / "native" / tag),
              "--output_folder", str(tmp / "native" / f"{tag}_universal"),
              "--num_extract_workers", "1", "--num_merge_workers", "1"])
-        yield state, result, tmp / "native", tag
+        yield state, result, tmp, tag
 
 
 @pytest.mark.slow
 def test_export_loads_into_deepspeed_engine(engine_run):
-    state, result, _, _ = engine_run
+    state, result, tmp, _ = engine_run
+    manifest = verify(resolve_checkpoint(tmp / "atoll"))
+    trained = read_tensors(resolve_checkpoint(tmp / "atoll"), manifest["tensors"])
     loaded = result["loaded"]
     assert loaded["world_size"] == 2
     # Not vacuous: the engine started from other weights, and the moments are non-trivial.
     assert not torch.equal(build_model(seed=1).output.weight, state.params["output.weight"])
     assert state.step == 4 and all(t.abs().sum() > 0 for t in state.exp_avg_sq.values())
+    for name, value in state.params.items():  # the export is atoll's trained state, exactly
+        assert torch.equal(value, trained[f"model.{name}"]), name
+        assert torch.equal(state.exp_avg[name], trained[f"optim.state.{name}.exp_avg"]), name
     assert_same_tensors(loaded["module"], state.params)
     assert_same_tensors(loaded["fp32"], state.params)
     assert_same_tensors(loaded["exp_avg"], state.exp_avg)
     assert_same_tensors(loaded["exp_avg_sq"], state.exp_avg_sq)
     assert loaded["steps"] == [float(state.step)] * 2
-    assert loaded["global_steps"] == state.extra["global_steps"]
-    assert [g["lr"] for g in loaded["param_groups"]] == [EXPORT_LR, EXPORT_LR]
+    assert [g["lr"] for g in loaded["param_groups"]] == [g["lr"] for g in state.param_groups]
     assert [g["weight_decay"] for g in loaded["param_groups"]] == [0.1, 0.0]
 
 
 @pytest.mark.slow
-def test_import_reads_deepspeed_conversion(engine_run):
-    state, result, native, tag = engine_run
+def test_deepspeed_checkpoint_imports_and_resumes(engine_run):
+    state, result, tmp, tag = engine_run
     trained = result["trained"]
-    for src in (native, native / f"{tag}_universal"):
-        got = read_universal(src)
-        assert_same_tensors(got.params, trained["fp32"])
-        assert_same_tensors(got.params, trained["module"])
-        assert_same_tensors(got.exp_avg, trained["exp_avg"])
-        assert_same_tensors(got.exp_avg_sq, trained["exp_avg_sq"])
-        assert [float(got.step)] * 2 == trained["steps"] == [float(state.step + 2)] * 2
-        assert [g["params"] for g in got.param_groups] == [g["params"] for g in state.param_groups]
-        assert [g["lr"] for g in got.param_groups] == [EXPORT_LR, EXPORT_LR]
-        assert got.extra["global_steps"] == trained["global_steps"]
-        assert got.extra["universal_checkpoint_info"]["universal_checkpoint_version"] == 0.2
-    # And back out: what DeepSpeed wrote survives our writer unchanged.
-    again = native.parent / "again"
-    write_universal(got, again)
-    assert_same_state(read_universal(again), got)
+    native = tmp / "native"
+    got = read_universal(native / f"{tag}_universal")
+    assert_same_tensors(got.params, trained["fp32"])
+    assert_same_tensors(got.exp_avg, trained["exp_avg"])
+    assert_same_tensors(got.exp_avg_sq, trained["exp_avg_sq"])
+    assert [float(got.step)] * 2 == trained["steps"] == [float(state.step + 2)] * 2
+
+    assert main(["ckpt", "import", str(native / f"{tag}_universal"), "--format",
+                 "deepspeed-universal", "--out", str(tmp / "imported")]) == 0
+    imported = resolve_checkpoint(tmp / "imported")
+    tensors = read_tensors(imported, verify(imported)["tensors"])
+    for name in got.params:
+        assert torch.equal(tensors[f"model.{name}"], trained["fp32"][name]), name
+        assert torch.equal(tensors[f"optim.state.{name}.exp_avg_sq"], trained["exp_avg_sq"][name])
+
+    # atoll resumes from it: the next step is DeepSpeed's step + 1, and training goes on.
+    resumed = tmp / "resumed"
+    assert main(["train", *ATOLL_TINY_DENSE, "run.steps=9", "checkpoint.interval=3",
+                 f"checkpoint.resume={imported}",
+                 f"run.dir={resumed}"]) == 0
+    records = read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in records] == [7, 8, 9]
+    assert all(r["loss"] < 6.0 for r in records)  # trained weights, not a fresh model (ln 256 = 5.5)
+    final = resolve_checkpoint(resumed)
+    assert verify(final)["step"] == 9
