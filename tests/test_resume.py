@@ -1,0 +1,85 @@
+"""Resume from checkpoints: bitwise on the same layout, exact samples on any layout.
+
+Real processes throughout: torchrun and Ray workers save asynchronously
+(DCP writer process), later runs load under the same or another layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atoll.checkpoint.dcp_io import read_tensors
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.launch.cli import main
+from atoll.trainer.metrics import read_jsonl
+from conftest import TINY_MOE, losses, run_cli, subprocess_env
+
+QUIET = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
+         "launch.threads_per_worker=1"]
+
+
+def final_state(run_dir) -> dict[str, torch.Tensor]:
+    ckpt = resolve_checkpoint(run_dir)
+    return read_tensors(ckpt, verify(ckpt)["tensors"])
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact_on_two_workers(short_tmp):
+    """4 steps (Ray, async save) + resume + 4 steps (torchrun) == 8 uninterrupted steps."""
+    default_moe = ["run.steps=8", "checkpoint.interval=4", "checkpoint.async=true",
+                   "data.seq_len=64", "data.micro_batch=4", *QUIET]
+    whole, split = short_tmp / "whole", short_tmp / "split"
+    proc = run_cli(["train", *default_moe, f"run.dir={whole}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc = run_cli(["train", *default_moe, "run.stop_at=4", f"run.dir={split}"],
+                   env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(split / "metrics.jsonl")] == [1, 2, 3, 4]
+    proc = run_cli(["train", *default_moe, f"run.dir={split}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step-00000004" in proc.stdout
+
+    assert losses(split) == losses(whole)  # exactly, not approximately
+    assert len(losses(whole)) == 8
+    got, want = final_state(split), final_state(whole)
+    assert got.keys() == want.keys()
+    assert any(k.endswith(".exp_avg_sq") for k in want)  # optimizer moments compared too
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
+    """Saved by 2-process FSDP; resumed by 1 process and by 2-process DDP."""
+    common = [*TINY_MOE, "run.steps=10", "checkpoint.interval=5"]
+    reference = tmp_path / "reference"
+    assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
+                 f"run.dir={reference}"]) == 0
+    expected = losses(reference)
+
+    saved = tmp_path / "fsdp2"
+    proc = run_cli(["train", *common, "parallel.dp=2", "parallel.dp_shard=fsdp", "run.stop_at=5",
+                    f"run.dir={saved}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = resolve_checkpoint(saved)
+    assert verify(ckpt)["layout"]["dp"] == 2 and verify(ckpt)["samples"] == 5 * 4
+
+    one = tmp_path / "dp1"
+    assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
+                 f"checkpoint.resume={ckpt}", f"run.dir={one}"]) == 0
+    ddp = tmp_path / "ddp2"
+    proc = run_cli(["train", *common, "parallel.dp=2", "parallel.dp_shard=ddp",
+                    f"checkpoint.resume={ckpt}", f"run.dir={ddp}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert [r["step"] for r in read_jsonl(one / "metrics.jsonl")] == [6, 7, 8, 9, 10]
+    assert losses(saved) == pytest.approx(expected[:5], rel=1e-5)
+    assert losses(one) == pytest.approx(expected[5:], rel=1e-5)
+    assert losses(ddp) == pytest.approx(expected[5:], rel=1e-5)
+    # Same samples: every resumed run ends at the same data position as the reference.
+    for run in (one, ddp):
+        assert read_jsonl(run / "metrics.jsonl")[-1]["samples"] == \
+            read_jsonl(reference / "metrics.jsonl")[-1]["samples"] == 40
