@@ -50,11 +50,17 @@ _ALLOWED_GLOBALS = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_ALLOWED_MODULES) or (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                          torch.memory_format)):
-            return getattr(torch, name)
+        # No dotted names: `module.attr.attr` could reach anything a module imports.
+        if "." not in name:
+            if module in _ALLOWED_MODULES:
+                found = super().find_class(module, name)
+                if isinstance(found, type) and found.__module__ == module:
+                    return found  # a class DCP defines for its metadata
+            elif (module, name) in _ALLOWED_GLOBALS:
+                return super().find_class(module, name)
+            elif module == "torch" and isinstance(getattr(torch, name, None),
+                                                  (torch.dtype, torch.layout, torch.memory_format)):
+                return getattr(torch, name)
         raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 

@@ -55,7 +55,7 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,
                  wandb_mode: str = "offline", recipe: Optional[dict] = None,
-                 progress_bar: bool = True, name: str = "atoll"):
+                 progress_bar: bool = True, name: str = "atoll", wandb_run_id: Optional[str] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_steps = total_steps
@@ -64,6 +64,7 @@ class MetricsLogger:
         self.history: list[dict[str, Any]] = []
         self._bar = None
         self._wandb = None
+        self.wandb_run_id: Optional[str] = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,14 +74,17 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step",
                              dynamic_ncols=True, file=sys.stderr)
         if wandb_mode != "disabled":
-            self._wandb = self._start_wandb(wandb_mode, recipe or {}, name)
+            self._wandb = self._start_wandb(wandb_mode, recipe or {}, name, wandb_run_id)
 
-    def _start_wandb(self, mode: str, recipe: dict, name: str):
+    def _start_wandb(self, mode: str, recipe: dict, name: str, saved_id: Optional[str]):
         import wandb
 
+        # The run directory's id wins; else the one a resumed checkpoint carried; else new.
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        run_id = (id_file.read_text().strip() if id_file.exists() else None) or saved_id \
+            or uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
+        self.wandb_run_id = run_id
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(project="atoll", name=name, id=run_id, mode=mode, dir=str(self.run_dir),
                           config=recipe, resume="allow",

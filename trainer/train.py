@@ -116,7 +116,9 @@ class Trainer:
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
                                     recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
-                                    name=cfg.run.name)
+                                    name=cfg.run.name,
+                                    wandb_run_id=self.progress.values.get("wandb_run_id"))
+        self.progress.values["wandb_run_id"] = self.mesh.broadcast_object(self.logger.wandb_run_id)
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
                               layout=self.layout.to_dict())
