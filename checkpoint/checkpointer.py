@@ -70,6 +70,8 @@ class Checkpointer:
         self.finaliser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-commit")
         self.in_flight: Optional[_InFlight] = None
         self.blocked_s = 0.0  # time training waited on checkpoints since last read
+        self.last_error: Optional[str] = None  # of the newest save, if it failed
+        self.closed = False
         self._lock = threading.Lock()
         if is_coordinator:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -152,6 +154,7 @@ class Checkpointer:
         write_manifest(target, step=save.step, samples=save.samples, layout=self.layout,
                        recipe=self.recipe, tensors=save.index, state=save.state)
         final = commit(self.root, save.step)
+        self.last_error = None
         removed = apply_retention(self.root, self.keep, self.keep_every)
         total_s = time.time() - save.started
         size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
@@ -162,12 +165,16 @@ class Checkpointer:
     def _failed(self, save: _InFlight, exc: BaseException) -> None:
         self.in_flight = None
         message = f"checkpoint of step {save.step} failed: {type(exc).__name__}: {exc}"
+        self.last_error = message
         self.warn(message)
         if self.is_coordinator:
             self.on_event("checkpoint_failed", step=save.step, error=message)
 
     def close(self) -> None:
         """Wait for the save in flight to commit, then release threads and the writer."""
+        if self.closed:
+            return
+        self.closed = True
         self._wait_in_flight()
         if self.stager is not None:
             self.stager.close()

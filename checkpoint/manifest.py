@@ -88,6 +88,16 @@ def read_manifest(ckpt_dir: Path) -> dict:
     for key in ("step", "files", "tensors", "state"):
         if key not in manifest:
             raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} lacks '{key}'")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} lists no files")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int)
+                and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} has a malformed entry "
+                                  f"for file {name!r}")
+    if not isinstance(manifest["step"], int):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST} has a malformed step")
     return manifest
 
 

@@ -79,9 +79,10 @@ def apply_retention(root: Path, keep: int, keep_every: int) -> list[Path]:
     keep_steps = {step for step, _ in entries[-keep:]}
     if keep_every:
         keep_steps |= {step for step, _ in entries if step % keep_every == 0}
+    latest = read_latest(root)
     removed = []
-    for step, path in entries[:-1]:  # never the newest
-        if step not in keep_steps:
+    for step, path in entries[:-1]:  # never the newest, never what `latest` names
+        if step not in keep_steps and path != latest:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -110,6 +111,9 @@ def find_resumable(root: Path, warn: Callable[[str], None] = print) -> Optional[
             return candidate, verify(candidate, read_manifest(candidate))
         except CheckpointError as exc:
             warn(f"skipping checkpoint: {exc}")
+    if candidates:  # starting afresh would silently throw the run away
+        raise CheckpointError(f"no valid checkpoint in {root} ({len(candidates)} damaged); "
+                              "pass run.overwrite=true to start afresh")
     return None
 
 

@@ -59,11 +59,12 @@ def split_recipe_args(args: Sequence[str]) -> tuple[Optional[str], list[str]]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from atoll.checkpoint.manifest import CheckpointError
+    from atoll.parallel.kernels import KernelUnavailable
     from atoll.parallel.layout import LayoutError
     from atoll.trainer.config import RecipeError
     from atoll.trainer.data import DataError
 
-    return RecipeError, LayoutError, DataError, CheckpointError
+    return RecipeError, LayoutError, DataError, CheckpointError, KernelUnavailable
 
 
 def fail(message: str, code: int) -> int:

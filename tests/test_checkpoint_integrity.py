@@ -36,17 +36,14 @@ WQ = "layers.0.attention.wq.weight"
 
 def train(run_dir: Path, *extra: str, steps: int = 4) -> int:
     """`atoll train` in this process; returns the exit code."""
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    saved_env = dict(os.environ)  # the run sets MASTER_ADDR/PORT for its 1-rank group
     try:
         return main(["train", *BASE, f"run.steps={steps}", f"run.dir={run_dir}", *extra])
     finally:
         if dist.is_initialized():  # a run that fails while starting leaves its group behind
             dist.destroy_process_group()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def one_error_line(capsys) -> str:
@@ -126,7 +123,7 @@ def test_committed_checkpoint_layout(trained):
         assert event["bytes"] == sum(p.stat().st_size for p in on_disk.values())
     metrics = read_jsonl(trained / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
-    assert all(r["ckpt_block_s"] >= 0 for r in metrics)
+    assert all(r["ckpt_block_s"] >= 0 for r in metrics) and metrics[1]["ckpt_block_s"] > 0
 
 
 # ---------------------------------------------------------------- retention
@@ -143,9 +140,10 @@ def fake_checkpoint(root: Path, step: int) -> Path:
 @pytest.mark.parametrize("keep, keep_every, kept", [
     (2, 4, {4, 8, 9}), (2, 0, {8, 9}), (1, 0, {9}), (1, 5, {5, 9})])
 def test_retention(tmp_path, keep, keep_every, kept):
-    for step in range(1, 10):
+    removed = []
+    for step in range(1, 10):  # as the checkpointer does: retention after each commit
         fake_checkpoint(tmp_path, step)
-    removed = store.apply_retention(tmp_path, keep, keep_every)
+        removed += store.apply_retention(tmp_path, keep, keep_every)
     assert {step for step, _ in store.committed(tmp_path)} == kept
     assert sorted(p.name for p in removed) == [store.step_dir_name(s) for s in range(1, 10)
                                                if s not in kept]
@@ -153,11 +151,15 @@ def test_retention(tmp_path, keep, keep_every, kept):
     assert manifest.verify(tmp_path / "step-00000009")["samples"] == 18
 
 
-def test_retention_after_every_commit_matches(tmp_path):
-    for step in range(1, 10):  # as the checkpointer does: retention after each commit
+def test_retention_keeps_what_latest_names(tmp_path):
+    """Resumed past a corrupt step 4, a run commits step 3: retention must keep it."""
+    for step in (2, 4):
         fake_checkpoint(tmp_path, step)
-        store.apply_retention(tmp_path, keep=2, keep_every=4)
-    assert [step for step, _ in store.committed(tmp_path)] == [4, 8, 9]
+    (tmp_path / "step-00000004" / "data.bin").write_bytes(b"rotten" * 2)
+    fake_checkpoint(tmp_path, 3)
+    store.apply_retention(tmp_path, keep=1, keep_every=0)
+    assert store.read_latest(tmp_path).is_dir()
+    assert store.find_resumable(tmp_path, lambda message: None)[0] == tmp_path / "step-00000003"
 
 
 # ---------------------------------------------------------------- damage is found
@@ -178,6 +180,16 @@ def test_damage_is_reported_and_skipped(run_copy, kind, capsys):
     assert len(warnings) == 1 and S4 in warnings[0] and bad_file in warnings[0], warnings
     if kind == "missing_manifest":  # without a manifest the folder is not a checkpoint
         assert [step for step, _ in store.committed(ckpts)] == [2]
+
+
+def test_manifest_with_a_flipped_bit_in_a_key_is_reported_and_skipped(run_copy, capsys):
+    """A one-bit flip ("size" -> "sizf") leaves valid JSON that lacks a field."""
+    ckpts = run_copy / "checkpoints"
+    path = ckpts / S4 / manifest.MANIFEST
+    path.write_text(path.read_text().replace('"size"', '"sizf"', 1))
+    assert main(["ckpt", "verify", str(ckpts / S4)]) == 1
+    assert S4 in one_error_line(capsys)
+    assert store.find_resumable(ckpts, lambda message: None)[0] == ckpts / S2
 
 
 @pytest.mark.parametrize("kind", ["flipped_byte", "missing_manifest"])
@@ -258,28 +270,24 @@ class _RunsCommand:
         return os.system, (self.command,)
 
 
-def test_metadata_naming_a_foreign_global_is_refused(tmp_path):
-    pwned = tmp_path / "pwned"
-    (tmp_path / ".metadata").write_bytes(pickle.dumps(_RunsCommand(f"touch {pwned}")))
-    with pytest.raises(CheckpointError, match=re.escape(f"{os.system.__module__}.system")):
-        dcp_io.SafeFileSystemReader(str(tmp_path)).read_metadata()
-    assert not pwned.exists()
-
-
-def test_metadata_reaching_a_global_through_an_allowed_module_is_refused(tmp_path):
-    """Protocol 4 resolves dotted names by getattr: the allowed module imports `os`."""
-    pwned = tmp_path / "pwned"
-
+def _smuggled(command: str) -> bytes:
+    """Protocol 4 resolves dotted names by getattr, and the allowed module imports `os`."""
     def text(s: str) -> bytes:
         return b"\x8c" + bytes([len(s)]) + s.encode()
+    return (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system")
+            + b"\x93" + text(command) + b"\x85R.")  # STACK_GLOBAL, TUPLE1, REDUCE
 
-    payload = (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system")
-               + b"\x93" + text(f"touch {pwned}") + b"\x85R.")  # STACK_GLOBAL, TUPLE1, REDUCE
-    (tmp_path / ".metadata").write_bytes(payload)
+
+@pytest.mark.parametrize("payload, named", [
+    (lambda command: pickle.dumps(_RunsCommand(command)), f"{os.system.__module__}.system"),
+    (_smuggled, "os.system")], ids=["foreign_global", "dotted_name_in_allowed_module"])
+def test_metadata_naming_a_foreign_global_is_refused(tmp_path, payload, named):
+    pwned = tmp_path / "pwned"
+    (tmp_path / ".metadata").write_bytes(payload(f"touch {pwned}"))
     with pytest.raises(Exception) as caught:
         dcp_io.SafeFileSystemReader(str(tmp_path)).read_metadata()
     assert not pwned.exists(), "unpickling the checkpoint metadata ran a shell command"
-    assert caught.type is CheckpointError and "os.system" in str(caught.value)
+    assert caught.type is CheckpointError and named in str(caught.value), caught.value
 
 
 def test_real_metadata_loads_through_the_safe_reader(trained):

@@ -19,7 +19,7 @@ BAD_OVERRIDES = [
     (["run.overwrite=maybe"], "recipe key 'run.overwrite' must be true or false, got 'maybe'"),
     (["model.moe.top_k=null"], "recipe key 'model.moe.top_k' must not be null"),
     (["model=3"], "recipe key 'model' must be a section of keys, got '3'"),
-    (["model.moe.kernel=fast"], "recipe key 'model.moe.kernel' must be one of naive, auto, got 'fast'"),
+    (["model.moe.kernel=fast"], "recipe key 'model.moe.kernel' must be one of auto, naive, sorted, grouped_mm, triton, got 'fast'"),
     (["data.seq_len=0"], "recipe key 'data.seq_len' must be at least 1, got 0"),
     (["optim.lr=-1"], "recipe key 'optim.lr' must be positive, got -1.0"),
     (["parallel.dp=3", "parallel.ep=2"], "parallel.ep=2 must divide parallel.dp=3"),

@@ -147,7 +147,7 @@ _SECTION_TYPES[(ModelConfig, "moe")] = MoEConfig
 _KEYWORD_FIELDS = {("checkpoint", "async"): "async_"}
 
 CHOICES = {
-    "model.moe.kernel": ("naive", "auto"),
+    "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
     "model.moe.balance": ("aux_loss", "none"),
     "model.moe.score_func": ("softmax",),
     "data.source": ("stdlib", "folder", "tokens"),

@@ -2,10 +2,9 @@
 
 The router picks top-k experts per token, `GroupedExperts` holds every
 expert's weights stacked as `[num_experts, ...]` (so expert parallelism is a
-sharding of dim 0) and hands the actual computation to a function chosen by
-name from `EXPERT_KERNELS`. `experts_naive` is the readable reference that
-fused kernels (registered into the same dict by atoll.parallel) are tested
-against.
+sharding of dim 0) and hands the actual computation to a kernel chosen by
+name (`model.moe.kernel`) from atoll.parallel.kernels. `experts_naive` here is
+the readable reference that every fused kernel is tested against.
 
 This file must not know about process groups, DTensor, ranks or token
 all-to-all: expert parallelism wraps these modules from outside.
@@ -15,7 +14,6 @@ Shapes: T tokens, D model dim, H expert hidden, E experts, K top-k.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,30 +82,16 @@ def experts_naive(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.
     return out_TD
 
 
-ExpertKernel = Callable[..., torch.Tensor]
-
-# name -> fn(x_TD, gates_TK, experts_TK, w1_EDH, w3_EDH, w2_EHD) -> out_TD.
-# Fused kernels add themselves here; "auto" is resolved by `resolve_kernel`.
-EXPERT_KERNELS: dict[str, ExpertKernel] = {"naive": experts_naive}
-
-
-def resolve_kernel(name: str) -> str:
-    """The registered kernel name that `name` stands for ("auto" picks one)."""
-    if name == "auto":
-        return "naive"  # the only one so far; fused kernels will be preferred here
-    if name not in EXPERT_KERNELS:
-        raise ValueError(f"unknown MoE kernel '{name}' (known: auto, {', '.join(EXPERT_KERNELS)})")
-    return name
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: w1, w3 [E, D, H] and w2 [E, H, D]."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, kernel: str = "naive"):
         super().__init__()
-        resolve_kernel(kernel)  # fail at construction on an unknown name
+        from atoll.parallel.kernels import check_name
+
+        check_name(kernel)
         self.num_experts = num_experts
-        self.kernel = kernel  # resolved per call: kernels registered later are picked up
+        self.kernel = kernel  # resolved per call, for the device and dtype of the input
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -121,7 +105,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> torch.Tensor:
-        kernel = EXPERT_KERNELS[resolve_kernel(self.kernel)]
+        from atoll.parallel.kernels import get_kernel  # kernels are single-device code too
+
+        kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype)
         return kernel(x_TD, gates_TK, experts_TK, self.w1, self.w3, self.w2)
 
 

@@ -50,6 +50,7 @@ def check_run_dir(cfg: DictConfig) -> Path:
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create the folder; with run.overwrite=true first remove what a run wrote there."""
     path = check_run_dir(cfg)
     if cfg.run.overwrite:
         for name in RUN_OUTPUTS:
@@ -59,8 +60,12 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
             elif target.exists():
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(to_yaml(cfg), encoding="utf-8")
     return path
+
+
+def write_config(cfg: DictConfig) -> None:
+    """The resolved recipe, written once the run has really started (after resuming)."""
+    (run_dir(cfg) / CONFIG_FILE).write_text(to_yaml(cfg), encoding="utf-8")
 
 
 def choose_checkpoint(cfg: DictConfig, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:

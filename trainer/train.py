@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.state import ModelOptimizerState, ValueState
+from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync, unwrap
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
@@ -33,7 +34,7 @@ from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import build_optimizer, build_scheduler, clip_gradients
 from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
-                                   prepare_run_dir, truncate_metrics)
+                                   prepare_run_dir, truncate_metrics, write_config)
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +68,15 @@ class Trainer:
     """One process's share of a run: model part, optimizer, data, logger."""
 
     def __init__(self, cfg: DictConfig, env: Optional[ProcessEnv] = None):
+        self.mesh: Optional[ParallelMesh] = None
+        self.checkpointer: Optional[Checkpointer] = None
+        try:
+            self._build(cfg, env)
+        except BaseException:
+            self.close()  # leave no process group or writer behind
+            raise
+
+    def _build(self, cfg: DictConfig, env: Optional[ProcessEnv]) -> None:
         self.cfg = cfg
         self.env = env or ProcessEnv.from_environ()
         self.layout = Layout.from_recipe(cfg)
@@ -80,6 +90,9 @@ class Trainer:
         self.mesh.barrier()
         self.is_logging_rank = self.env.is_logging_rank
 
+        if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
+            resolve_kernel(cfg.model.moe.kernel, self.device,
+                           torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)
         self.flops_per_token = flops_per_token(self.model, cfg)
@@ -119,6 +132,8 @@ class Trainer:
                                     name=cfg.run.name,
                                     wandb_run_id=self.progress.values.get("wandb_run_id"))
         self.progress.values["wandb_run_id"] = self.mesh.broadcast_object(self.logger.wandb_run_id)
+        if self.is_logging_rank:
+            write_config(cfg)
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
                               layout=self.layout.to_dict())
@@ -235,10 +250,20 @@ class Trainer:
             interval_start, interval_steps = time.perf_counter(), 0
         self.checkpointer.close()
         self.logger.close(self.step)
+        if self.checkpointer.interval and self.checkpointer.last_error:
+            raise TrainingError(f"the run finished but its last {self.checkpointer.last_error}")
         return {"step": self.step, **last}
 
     def close(self) -> None:
-        self.mesh.close()
+        if self.checkpointer is not None:
+            try:
+                self.checkpointer.close()
+            except Exception as exc:  # closing must not hide the error that got us here
+                print(f"warning: closing the checkpointer failed: {exc}", flush=True)
+            self.checkpointer = None
+        if self.mesh is not None:
+            self.mesh.close()
+            self.mesh = None
 
 
 def train(recipe: dict) -> dict:

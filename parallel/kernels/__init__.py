@@ -1,0 +1,76 @@
+"""MoE expert-computation kernels: one signature, several implementations.
+
+Every kernel computes, for routed tokens,
+
+    out_TD[t] = sum_k gates_TK[t, k] * swiglu(x_TD[t]; w1[e], w3[e], w2[e]),  e = experts_TK[t, k]
+
+with stacked weights w1_EDH, w3_EDH [E, D, H] and w2_EHD [E, H, D], and is
+differentiable in x, gates and weights. `naive` (trainer/moe.py) is the
+readable reference every other kernel is tested against. Kernels are
+single-device code; expert parallelism calls them on the tokens a rank
+received, with k = 1 and unit gates.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+ExpertKernel = Callable[..., torch.Tensor]
+
+# name -> (module, function); imported on first use so optional backends
+# (Triton) cost nothing unless chosen.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "naive": ("atoll.trainer.moe", "experts_naive"),
+    "sorted": ("atoll.parallel.kernels.sorted", "experts_sorted"),
+    "grouped_mm": ("atoll.parallel.kernels.sorted", "experts_grouped_mm"),
+    "triton": ("atoll.parallel.kernels.triton_moe", "experts_triton"),
+}
+KERNEL_NAMES = ("auto", *_REGISTRY)
+
+
+class KernelUnavailable(ValueError):
+    """The chosen kernel cannot run here; one line naming why."""
+
+
+def triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return dtype == torch.float32
+
+
+def check_name(name: str) -> None:
+    if name not in KERNEL_NAMES:
+        raise KernelUnavailable(f"unknown MoE kernel '{name}' (known: {', '.join(KERNEL_NAMES)})")
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete kernel `name` stands for on this device ("auto" picks the fastest)."""
+    if name == "auto":
+        if device.type == "cuda" and triton_usable(device):
+            return "triton"
+        return "sorted"
+    check_name(name)
+    if name == "triton" and not triton_usable(device):
+        raise KernelUnavailable("model.moe.kernel=triton needs a CUDA GPU with Triton "
+                                "(or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    if name == "grouped_mm" and not grouped_mm_usable(device, dtype):
+        raise KernelUnavailable(f"model.moe.kernel=grouped_mm is not available for {dtype} on "
+                                f"{device.type} with torch {torch.__version__}")
+    return name
+
+
+def get_kernel(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ExpertKernel:
+    module, function = _REGISTRY[resolve(name, device, dtype)]
+    return getattr(importlib.import_module(module), function)
