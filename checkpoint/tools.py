@@ -89,9 +89,10 @@ def export_deepspeed(path: Path, out: Path) -> Path:
         if key.startswith(MOMENT_PREFIX):
             name, _, moment = key[len(MOMENT_PREFIX):].rpartition(".")
             moments[moment][name] = value
-    missing = sorted(set(params) - set(moments["exp_avg"]))
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} has no optimizer moments for {missing[0]}")
+    if not moments["exp_avg"]:
+        raise CheckpointError(f"checkpoint {ckpt} has no optimizer moments")
+    # Buffers (e.g. routers' balancing biases) have no moments; DeepSpeed's format has no place for them.
+    params = {name: value for name, value in params.items() if name in moments["exp_avg"]}
     steps = {int(t.item()) for t in moments["step"].values()}
     state = UniversalState(params=params, exp_avg=moments["exp_avg"], exp_avg_sq=moments["exp_avg_sq"],
                            step=max(steps) if steps else 0, param_groups=_group_params(groups),

@@ -15,24 +15,41 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from atoll.parallel.expert_parallel import expert_params, moe_layers
 from atoll.parallel.layout import ParallelMesh
 
 
 def apply_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
-    """Return the module to train: the model itself, sharded, or DDP-wrapped."""
+    """Return the module to train: the model itself, sharded, or DDP-wrapped.
+
+    Under expert parallelism the expert weights are already split over ep:
+    with FSDP and dp > ep they are sharded again over the dp_mod_ep ranks
+    holding the same experts; otherwise the wrappers leave them alone and
+    `sync_expert_grads` averages their gradients.
+    """
     layout = mesh.layout
     if layout.dp == 1:
         return model
     dp_mesh = mesh["dp"]
+    experts = set(expert_params(model)) if layout.ep > 1 else set()
     if layout.dp_shard == "fsdp":
+        if experts and layout.dp > layout.ep:
+            for _, moe in moe_layers(model):
+                # Averaged over dp_mod_ep by FSDP; sync_expert_grads finishes the mean over dp.
+                fully_shard(moe.experts, mesh=mesh["dp_mod_ep"])
+            experts = set()
         for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh)
+            fully_shard(block, mesh=dp_mesh, ignored_params=experts or None)
         # The root unit holds embeddings, final norm and head; no need to
         # reshard it after forward because backward starts right there.
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=experts or None)
         return model
+    if experts:
+        names = [name for name, p in model.named_parameters() if p in experts]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
                                    device_ids=None if mesh.device.type == "cpu" else [mesh.device])
+
 
 
 def gradient_sync(train_module: nn.Module, is_last_microbatch: bool):

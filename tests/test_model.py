@@ -163,15 +163,17 @@ def test_moe_aux_loss_and_token_counts():
     x = torch.randn(2, 3, 8)
     _, aux = moe(x)
     assert aux.item() == pytest.approx(coef)
-    assert moe.tokens_per_expert_E.sum().item() == 2 * 3 * 2
-    assert "tokens_per_expert_E" not in moe.state_dict()
+    load, dropped = moe.take_load()
+    assert load.sum().item() == 2 * 3 * 2 and dropped.item() == 0
+    assert moe.load_E.sum().item() == 0  # take_load resets
+    assert "load_E" not in moe.state_dict() and "router.expert_bias_E" in moe.state_dict()
 
     torch.manual_seed(1)
     moe = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, aux_loss_coef=coef))
     _, aux = moe(x)
     gates, experts, probs = moe.router(x.reshape(-1, 8))
     torch.testing.assert_close(aux, coef * load_balancing_loss(probs, experts))
-    assert torch.equal(moe.tokens_per_expert_E, torch.bincount(experts.flatten(), minlength=4))
+    assert torch.equal(moe.take_load()[0], torch.bincount(experts.flatten(), minlength=4))
     moe_none = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, balance="none"))
     assert moe_none(x)[1].item() == 0
 

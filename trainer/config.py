@@ -45,9 +45,11 @@ class MoEConfig:
     hidden: Optional[int] = None  # expert hidden size; default: model FFN hidden
     kernel: str = "naive"
     capacity_factor: Optional[float] = None  # None = dropless
-    balance: str = "aux_loss"  # aux_loss | none
+    balance: str = "aux_loss"  # aux_loss | aux_free | none
     aux_loss_coef: float = 0.01
-    score_func: str = "softmax"
+    bias_update_rate: float = 1e-3  # aux_free: bias step per optimizer step
+    groups: int = 0  # group-limited routing: top_k/groups experts from each of `groups` groups
+    score_func: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # renormalise the top-k gates to sum to one
     shared_expert: bool = False
 
@@ -148,8 +150,8 @@ _KEYWORD_FIELDS = {("checkpoint", "async"): "async_"}
 
 CHOICES = {
     "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
-    "model.moe.balance": ("aux_loss", "none"),
-    "model.moe.score_func": ("softmax",),
+    "model.moe.balance": ("aux_loss", "aux_free", "none"),
+    "model.moe.score_func": ("softmax", "sigmoid"),
     "data.source": ("stdlib", "folder", "tokens"),
     "data.token_dtype": ("uint16", "uint32"),
     "parallel.dp_shard": ("fsdp", "ddp"),
@@ -166,7 +168,8 @@ POSITIVE_INTS = (
     "logging.eval_batches",
 )
 NON_NEGATIVE = (
-    "model.moe.num_experts", "model.moe.aux_loss_coef", "optim.warmup_steps",
+    "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.bias_update_rate",
+    "model.moe.groups", "optim.warmup_steps",
     "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
     "launch.threads_per_worker",
@@ -341,16 +344,19 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
     if moe.num_experts and moe.top_k > moe.num_experts:
         raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed model.moe.num_experts={moe.num_experts}")
-    if moe.capacity_factor is not None:
-        raise RecipeError("model.moe.capacity_factor is not supported yet: leave it null (dropless routing)")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise RecipeError(f"model.moe.capacity_factor={moe.capacity_factor} must be positive (null = dropless)")
+    if moe.num_experts and moe.groups > 1 and (moe.num_experts % moe.groups or moe.top_k % moe.groups):
+        raise RecipeError(f"model.moe.groups={moe.groups} must divide model.moe.num_experts={moe.num_experts} "
+                          f"and model.moe.top_k={moe.top_k}")
 
     par = cfg.parallel
     if par.dp % par.ep:
         raise RecipeError(f"parallel.ep={par.ep} must divide parallel.dp={par.dp}")
     if par.ep > 1 and not moe.num_experts:
         raise RecipeError("parallel.ep > 1 needs an MoE model (model.moe.num_experts > 0)")
-    if par.ep > 1:
-        raise RecipeError("parallel.ep > 1 is not supported yet: use parallel.ep=1")
+    if par.ep > 1 and moe.num_experts % par.ep:
+        raise RecipeError(f"parallel.ep={par.ep} must divide model.moe.num_experts={moe.num_experts}")
     if par.pp > 1:
         raise RecipeError("parallel.pp > 1 is not supported yet: use parallel.pp=1")
     if par.pp > model.layers:

@@ -15,6 +15,8 @@ Shapes: T tokens, D model dim, H expert hidden, E experts, K top-k.
 from __future__ import annotations
 
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,27 +38,70 @@ class FeedForward(nn.Module):
 
 
 class Router(nn.Module):
-    """Token-choice top-k router; scores are computed in fp32 for stable softmax."""
+    """Token-choice top-k router, scored in fp32.
 
-    def __init__(self, dim: int, num_experts: int, top_k: int,
-                 score_func: str = "softmax", renormalize: bool = True):
+    - `score_func`: softmax over experts, or an independent sigmoid per expert.
+    - `expert_bias_E` (auxiliary-loss-free balancing): added to the scores only
+      to *select* experts, never to the gates; nudged towards balance from the
+      observed loads before each optimizer step (`update_bias`). Persistent, so
+      checkpoints carry it.
+    - `groups` (group-limited routing): experts form `groups` contiguous
+      groups and each token picks top_k/groups experts in every group, so
+      every group (an expert-parallel rank) receives the same number of
+      assignments.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
+                 renormalize: bool = True, groups: int = 0):
         super().__init__()
-        if score_func != "softmax":
-            raise ValueError(f"unknown router score_func '{score_func}' (known: softmax)")
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown router score_func '{score_func}' (known: softmax, sigmoid)")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if groups > 1 and (num_experts % groups or top_k % groups):
+            raise ValueError(f"groups={groups} must divide num_experts={num_experts} and top_k={top_k}")
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.top_k = top_k
-        self.renormalize = renormalize
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.renormalize = score_func, renormalize
+        self.groups = groups if groups > 1 else 1
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gates_TK fp32, experts_TK long, probs_TE fp32)."""
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        gates_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        probs_TE = logits_TE.softmax(dim=-1) if self.score_func == "softmax" else logits_TE.sigmoid()
+        with torch.no_grad():
+            experts_TK = self._select(probs_TE + self.expert_bias_E)
+        gates_TK = probs_TE.gather(1, experts_TK)
         if self.renormalize:
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         return gates_TK, experts_TK, probs_TE
+
+    def _select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return scores_TE.topk(self.top_k, dim=-1).indices
+        T, per_group = scores_TE.shape[0], self.num_experts // self.groups
+        local_TGk = scores_TE.view(T, self.groups, per_group).topk(self.top_k // self.groups, dim=-1).indices
+        offsets_G1 = torch.arange(self.groups, device=scores_TE.device).unsqueeze(-1) * per_group
+        return (local_TGk + offsets_G1).reshape(T, self.top_k)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Raise the bias of under-loaded experts and lower over-loaded ones by `rate`."""
+        load_E = load_E.float()
+        self.expert_bias_E += rate * torch.sign(load_E.mean() - load_E)
+
+
+def apply_capacity(experts_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """Mask [T, K] of the assignments kept when each expert takes at most
+    ceil(capacity_factor · T·K / E) of them, earlier tokens first."""
+    T, K = experts_TK.shape
+    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    # Slot-major order: every token's first choice ranks before any second choice.
+    flat_N = experts_TK.t().reshape(-1)
+    one_hot_NE = F.one_hot(flat_N, num_experts)
+    position_N = ((one_hot_NE.cumsum(0) - 1) * one_hot_NE).sum(-1)
+    return (position_N < capacity).view(K, T).t()
 
 
 def experts_naive(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.Tensor,
@@ -125,7 +170,12 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
 
 
 class MoE(nn.Module):
-    """Router + grouped experts (+ optional shared expert); returns (out, aux_loss)."""
+    """Router + grouped experts (+ optional shared expert); returns (out, aux_loss).
+
+    While training it accumulates per-expert assignment counts and dropped
+    assignments in `load_E` / `dropped` until the trainer reads and resets
+    them (`take_load`), once per optimizer step.
+    """
 
     def __init__(self, dim: int, hidden: int, moe_cfg: MoEConfig):
         super().__init__()
@@ -134,29 +184,45 @@ class MoE(nn.Module):
         self.top_k = moe_cfg.top_k
         self.balance = moe_cfg.balance
         self.aux_loss_coef = moe_cfg.aux_loss_coef
-        if self.balance not in ("aux_loss", "none"):
-            raise ValueError(f"unknown MoE balance '{self.balance}' (known: aux_loss, none)")
-        self.router = Router(dim, moe_cfg.num_experts, moe_cfg.top_k,
-                             moe_cfg.score_func, moe_cfg.renormalize)
+        self.bias_update_rate = moe_cfg.bias_update_rate
+        self.capacity_factor = moe_cfg.capacity_factor
+        if self.balance not in ("aux_loss", "aux_free", "none"):
+            raise ValueError(f"unknown MoE balance '{self.balance}' (known: aux_loss, aux_free, none)")
+        self.router = Router(dim, moe_cfg.num_experts, moe_cfg.top_k, moe_cfg.score_func,
+                             moe_cfg.renormalize, moe_cfg.groups)
         self.experts = GroupedExperts(moe_cfg.num_experts, dim, hidden, moe_cfg.kernel)
         self.shared_expert = FeedForward(dim, hidden) if moe_cfg.shared_expert else None
-        # Last forward's routing counts, for load metrics; not part of the checkpoint.
-        self.register_buffer("tokens_per_expert_E",
-                             torch.zeros(moe_cfg.num_experts, dtype=torch.long), persistent=False)
+        # Routing statistics since the last `take_load`; not part of the checkpoint.
+        self.register_buffer("load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         gates_TK, experts_TK, probs_TE = self.router(x_TD)
+        kept_TK = None
+        if self.capacity_factor:
+            kept_TK = apply_capacity(experts_TK, self.num_experts, self.capacity_factor)
+            gates_TK = gates_TK * kept_TK  # a dropped assignment contributes nothing
         out_TD = self.experts(x_TD, gates_TK, experts_TK)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
 
-        with torch.no_grad():
-            self.tokens_per_expert_E.copy_(
-                torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts))
+        if self.training:
+            with torch.no_grad():
+                routed = experts_TK if kept_TK is None else experts_TK[kept_TK]
+                self.load_E += torch.bincount(routed.reshape(-1), minlength=self.num_experts)
+                if kept_TK is not None:
+                    self.dropped += (~kept_TK).sum()
         if self.balance == "aux_loss":
             aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, experts_TK)
         else:
             aux_loss = torch.zeros((), device=x_BSD.device)
         return out_TD.reshape(B, S, D), aux_loss
+
+    def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(assignments per expert, dropped assignments) since the last call; resets them."""
+        load_E, dropped = self.load_E.clone(), self.dropped.clone()
+        self.load_E.zero_()
+        self.dropped.zero_()
+        return load_E, dropped

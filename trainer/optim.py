@@ -19,18 +19,23 @@ from atoll.trainer.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    """AdamW; matrices decayed, 1-D parameters not.
+
+    Parameters are grouped by kind as well (plain tensors vs DTensors, e.g.
+    expert shards under DDP), since one fused/foreach call cannot mix them.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **_implementation(decay + no_decay))
+            groups.setdefault((param.ndim >= 2, isinstance(param, DTensor)), []).append(param)
+    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decayed else 0.0}
+                    for (decayed, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **_implementation(list(model.parameters())))
 
 
 def _implementation(params: list[torch.Tensor]) -> dict:
-    """Fused kernels for plain tensors; foreach for DTensors (FSDP/EP shards)."""
+    """Fused kernels for plain tensors; foreach where DTensors (FSDP/EP shards) are present."""
     if params and not any(isinstance(p, DTensor) for p in params):
         return {"fused": True}
     return {"foreach": True}
@@ -49,13 +54,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (across shards) and return it before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"),
-                                          foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)

@@ -25,6 +25,9 @@ from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
+from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
+                                           sync_expert_grads)
+from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync, unwrap
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
@@ -32,7 +35,7 @@ from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_c
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
-from atoll.trainer.optim import build_optimizer, build_scheduler, clip_gradients
+from atoll.trainer.optim import build_optimizer, build_scheduler
 from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
                                    prepare_run_dir, truncate_metrics, write_config)
 
@@ -96,7 +99,9 @@ class Trainer:
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)
         self.flops_per_token = flops_per_token(self.model, cfg)
+        apply_expert_parallel(self.model, self.mesh)
         self.train_module = apply_data_parallel(self.model, self.mesh)
+        self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.run.steps)
@@ -182,7 +187,12 @@ class Trainer:
                 ((loss + aux_loss) / len(micro_batches)).backward()
             loss_sum += loss.detach()
             aux_sum += aux_loss.detach()
-        grad_norm = clip_gradients(self.model, self.optim_cfg.grad_clip)
+        sync_expert_grads(self.model, self.mesh)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.optim_cfg.grad_clip)
+        self.moe_load = reduce_moe_load(self.model, self.mesh)
+        for (_, load_E, _), (_, moe) in zip(self.moe_load, moe_layers(self.model)):
+            if moe.balance == "aux_free":
+                moe.router.update_bias(load_E, moe.bias_update_rate)
         self.checkpointer.wait_staging()  # the step below mutates what a save may be copying
         self.optimizer.step()
         self.scheduler.step()
@@ -194,6 +204,16 @@ class Trainer:
             self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
         n = len(micro_batches)
         return StepResult(loss=float(loss_sum) / n, aux_loss=float(aux_sum) / n, grad_norm=grad_norm)
+
+    def load_metrics(self) -> dict:
+        """Per MoE layer: max and mean assignments per expert in the last step, dropped ones."""
+        metrics = {}
+        for name, load_E, dropped in self.moe_load:
+            layer = name.split(".")[1]  # "layers.<i>.feed_forward"
+            metrics[f"moe.{layer}.max_load"] = float(load_E.max())
+            metrics[f"moe.{layer}.mean_load"] = float(load_E.mean())
+            metrics[f"moe.{layer}.dropped"] = dropped
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -244,6 +264,7 @@ class Trainer:
                     "ckpt_block_s": self.checkpointer.take_blocked_s(),
                     "tflops": self.flops_per_token * tokens_per_s / 1e12,
                     "comm_bytes": self.comm_bytes}
+            last.update(self.load_metrics())
             if eval_now:
                 last["eval_loss"] = self.evaluate()
             self.logger.log(self.step, last)
