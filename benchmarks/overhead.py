@@ -29,6 +29,9 @@ How
       shows the median, minimum and 10th/90th percentiles, the median of per-round
       paired ratios and, on CPU, the process CPU time per step (which another
       process holding a core inflates less than wall time).
+    - Last, the work only the trainer does per step (building the step's
+      batches, the LR scheduler, loss accumulators, contexts and float()
+      conversions) is timed alone, as a noise-free bound on the overhead.
     - Both sides follow the same trajectory (same weights, batches and learning
       rates), which the script checks by comparing their losses, so they do the
       same work (e.g. the same MoE routing).
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from atoll.parallel.data_parallel import gradient_sync
 from atoll.trainer.config import DataConfig, as_dataclass, load_recipe, model_config
 from atoll.trainer.data import build_data
 from atoll.trainer.model import Transformer
@@ -161,6 +165,38 @@ def timed(step_fn, n: int, device: torch.device, cpu_times: list[float] | None =
     return times
 
 
+def median_us(fn, n: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def atoll_only_costs(trainer: Trainer, loader) -> dict[str, float]:
+    """Median µs, timed alone, of the work train_step does that the hand-written loop does not.
+
+    `loader` is a separate loader on the same data (building a step's batches is the
+    same work as the trainer's own loader does). Run after the measurement: it steps
+    the trainer's scheduler.
+    """
+    loss = torch.tensor(2.0)
+
+    def bookkeeping() -> None:  # train_step's accumulators, contexts and float() conversions
+        loss_sum, aux_sum = torch.zeros((), device=trainer.device), torch.zeros((), device=trainer.device)
+        with gradient_sync(trainer.train_module, True), trainer.autocast:
+            pass
+        loss_sum += loss.detach()
+        aux_sum += loss.detach()
+        float(loss_sum), float(aux_sum), float(loss)  # the last one: clip_gradients' float(norm)
+
+    return {"data loader": median_us(loader.next_step), "LR scheduler": median_us(trainer.scheduler.step),
+            "bookkeeping": median_us(bookkeeping)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
@@ -223,6 +259,7 @@ def main(argv: list[str]) -> int:
         atoll_times += got["atoll"]
         ref_times += got["ref"]
         paired.append(statistics.median(got["atoll"]) / statistics.median(got["ref"]))
+    costs = atoll_only_costs(trainer, ref_loader)
     trainer.close()
 
     # Same trajectory => same work. Exact equality is expected on CPU (same ops, same
@@ -246,6 +283,10 @@ def main(argv: list[str]) -> int:
         a_cpu, r_cpu = statistics.median(cpu["atoll"]), statistics.median(cpu["ref"])
         print(f"process CPU time per step (median): atoll {1e3 * a_cpu:.2f} ms, "
               f"hand-written {1e3 * r_cpu:.2f} ms, ratio {a_cpu / r_cpu:.3f}")
+    extra_us = sum(costs.values())
+    print("atoll-only work per step, timed alone (median): "
+          + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items())
+          + f"; total {extra_us / 1e3:.3f} ms = {100 * extra_us / 1e6 / r_med:.2f}% of the reference step")
     print(f"trajectory: {check}")
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"overhead ratio (atoll / hand-written loop): {ratio:.3f}  target <= {TARGET:.2f}  {verdict}")

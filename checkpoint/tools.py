@@ -139,7 +139,7 @@ def import_deepspeed(src: Path, out: Path) -> Path:
     target = partial_dir(root, state.step)
     write_tensors(target, tensors)
     json_state = {"model_optim": {"model": {}, "optim": optim_json},
-                  "scheduler": {"last_epoch": state.step, "_step_count": state.step + 1},
+                  "scheduler": {"last_epoch": state.step},
                   "data": {"samples_consumed": 0}, "train": {"step": state.step}}
     write_manifest(target, step=state.step, samples=0, layout={"world_size": 1, "source": "deepspeed"},
                    recipe={"imported_from": str(src), "imported_at": time.time(), **state.extra},

@@ -68,6 +68,18 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU checks are deselected (not skipped) on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 def _marked_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["pid"]):

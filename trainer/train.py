@@ -35,7 +35,7 @@ from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_c
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
-from atoll.trainer.optim import build_optimizer, build_scheduler
+from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
 from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
                                    prepare_run_dir, truncate_metrics, write_config)
 
@@ -129,7 +129,8 @@ class Trainer:
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         # Everything a checkpoint holds; each entry is layout-free.
         self.states = {"model_optim": ModelOptimizerState(unwrap(self.train_module), self.optimizer),
-                       "scheduler": self.scheduler, "data": self.loader, "train": self.progress}
+                       "scheduler": ScheduleState(self.scheduler), "data": self.loader,
+                       "train": self.progress}
         self.resumed_from = self._resume()
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
