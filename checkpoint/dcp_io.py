@@ -83,6 +83,9 @@ _ORIGINAL_WRITER_MAIN = _process_executor._AsyncCheckpointProcess._checkpointing
 def _quiet_writer_main(*args: Any) -> None:
     """The writer process's main, minus the INFO lines it logs on every save."""
     _process_executor._init_logger = lambda rank: logging.getLogger().setLevel(logging.WARNING)
+    # Staged DTensors arrive before the writer's own process group exists; torch warns
+    # about that on every save, though the writer never looks up the mesh's groups.
+    logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
     _ORIGINAL_WRITER_MAIN(*args)
 
 
