@@ -176,25 +176,76 @@ def median_us(fn, n: int = 50) -> float:
     return 1e6 * statistics.median(times)
 
 
-def atoll_only_costs(trainer: Trainer, loader) -> dict[str, float]:
-    """Median µs, timed alone, of the work train_step does that the hand-written loop does not.
+def atoll_only_costs(trainer: Trainer, ref: "Reference", loader) -> dict[str, float]:
+    """Median µs per step, each piece timed alone, of the work train_step does beyond the loop.
 
-    `loader` is a separate loader on the same data (building a step's batches is the
-    same work as the trainer's own loader does). Run after the measurement: it steps
-    the trainer's scheduler.
+    Run after the measurement (it steps the trainer's schedulers and uses the
+    reference's model for gradients). `loader` is a separate loader on the same
+    data: building a step's batches is the same work as the trainer's own does.
+    A piece whose trainer hook is missing (the trainer changed) is left out.
     """
-    loss = torch.tensor(2.0)
+    costs: dict[str, float] = {"data loader: build the step's batches": median_us(loader.next_step)}
+    schedulers = getattr(trainer, "schedulers", None) or [trainer.scheduler]
+    costs["LR scheduler step"] = median_us(lambda: [s.step() for s in schedulers])
 
-    def bookkeeping() -> None:  # train_step's accumulators, contexts and float() conversions
+    loss = torch.tensor(2.0, device=trainer.device)
+
+    def bookkeeping() -> None:  # accumulators, contexts, parameter list, float() conversions
         loss_sum, aux_sum = torch.zeros((), device=trainer.device), torch.zeros((), device=trainer.device)
         with gradient_sync(trainer.train_module, True), trainer.autocast:
             pass
         loss_sum += loss.detach()
         aux_sum += loss.detach()
-        float(loss_sum), float(aux_sum), float(loss)  # the last one: clip_gradients' float(norm)
+        [p for p in trainer.model.parameters()]
+        float(loss_sum), float(aux_sum)
 
-    return {"data loader": median_us(loader.next_step), "LR scheduler": median_us(trainer.scheduler.step),
-            "bookkeeping": median_us(bookkeeping)}
+    costs["accumulators, contexts, float()"] = median_us(bookkeeping)
+    try:
+        from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load
+
+        if moe_layers(trainer.model):
+            costs["MoE load metrics (reduce_moe_load, moe_layers)"] = median_us(
+                lambda: (reduce_moe_load(trainer.model, trainer.mesh), moe_layers(trainer.model)))
+    except (ImportError, AttributeError):
+        pass
+    checkpointer = getattr(trainer, "checkpointer", None)
+    if checkpointer is not None:
+        costs["checkpointer wait_staging/poll/due"] = median_us(
+            lambda: (checkpointer.wait_staging(), checkpointer.poll(), checkpointer.due(1, 10**9)))
+    try:
+        from atoll.parallel.grad_clip import clip_grad_norm
+    except ImportError:
+        return costs
+    # Clipping: the trainer's clip_grad_norm minus torch's clip_grad_norm_ (what the loop
+    # calls), both on the same real gradients, restored before every call, clipping active.
+    inputs_BS, targets_BS = ref.batches[0][0]
+    with ref.autocast:
+        logits_BSV, aux_loss = ref.model(inputs_BS)
+        loss_ = lm_loss(logits_BSV, targets_BS)
+    (loss_ + aux_loss).backward()
+    params = [p for p in ref.model.parameters() if p.grad is not None]
+    saved = [p.grad.clone() for p in params]
+    max_norm = 0.5 * float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    def clip_time(fn) -> float:
+        torch._foreach_copy_([p.grad for p in params], saved)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    clip_times: dict[str, list[float]] = {"atoll": [], "torch": []}
+    for i in range(43):  # alternate, so load changes hit both; the first 3 pairs warm up
+        for name, fn in (("atoll", lambda: clip_grad_norm(params, max_norm)),
+                         ("torch", lambda: torch.nn.utils.clip_grad_norm_(params, max_norm))):
+            clip_times[name].append(clip_time(fn))
+    atoll_clip, torch_clip = (1e6 * statistics.median(clip_times[k][3:]) for k in ("atoll", "torch"))
+    ref.optimizer.zero_grad(set_to_none=True)
+    costs[f"grad clip: atoll {atoll_clip / 1e3:.2f} ms - torch {torch_clip / 1e3:.2f} ms"] = atoll_clip - torch_clip
+    return costs
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -212,9 +263,11 @@ def main(argv: list[str]) -> int:
     big = 1_000_000  # run.steps: the schedule's horizon, far beyond what is run here
 
     tmp = tempfile.TemporaryDirectory(prefix="atoll-overhead-")
-    overrides = [*args.overrides,
-                 "launch.backend=local", "parallel.dp=1", "logging.wandb=disabled",
-                 "logging.eval_interval=0", "logging.progress=false",
+    # Defaults a user may override (e.g. checkpoint.interval=50 to charge checkpoints to atoll),
+    # then what a single-process, in-process run needs.
+    overrides = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.progress=false",
+                 "checkpoint.interval=0", *args.overrides,
+                 "launch.backend=local", "parallel.dp=1", "parallel.pp=1", "parallel.ep=1",
                  f"run.dir={Path(tmp.name) / 'run'}", f"run.steps={big}",
                  f"launch.threads_per_worker={args.threads}"]
     cfg = load_recipe(args.recipe, overrides)
@@ -259,14 +312,16 @@ def main(argv: list[str]) -> int:
         atoll_times += got["atoll"]
         ref_times += got["ref"]
         paired.append(statistics.median(got["atoll"]) / statistics.median(got["ref"]))
-    costs = atoll_only_costs(trainer, ref_loader)
+    costs = atoll_only_costs(trainer, ref, ref_loader)
     trainer.close()
 
     # Same trajectory => same work. Exact equality is expected on CPU (same ops, same
     # order); allow float noise. Only the last micro-batch's loss is kept by the reference.
     if cfg.data.grad_accum == 1:
         deltas = [abs(a - float(b)) for a, b in zip(atoll_losses, ref.losses)]
-        check = f"max |loss atoll - loss ref| over {len(deltas)} steps = {max(deltas):.2e}"
+        first = next((i for i, d in enumerate(deltas) if d > 0), None)
+        check = (f"max |loss atoll - loss ref| over {len(deltas)} steps = {max(deltas):.2e}"
+                 + ("" if first is None else f" (first differs at step {first}: {deltas[first]:.1e})"))
     else:
         check = "loss check skipped (grad_accum > 1)"
 
@@ -284,9 +339,12 @@ def main(argv: list[str]) -> int:
         print(f"process CPU time per step (median): atoll {1e3 * a_cpu:.2f} ms, "
               f"hand-written {1e3 * r_cpu:.2f} ms, ratio {a_cpu / r_cpu:.3f}")
     extra_us = sum(costs.values())
-    print("atoll-only work per step, timed alone (median): "
-          + ", ".join(f"{k} {v:.0f} us" for k, v in costs.items())
-          + f"; total {extra_us / 1e3:.3f} ms = {100 * extra_us / 1e6 / r_med:.2f}% of the reference step")
+    print()
+    print("work only atoll does per step, each piece timed alone (median):")
+    for name, us in costs.items():
+        print(f"  {name:<52}{us / 1e3:>8.3f} ms{100 * us / 1e6 / r_med:>8.2f}%")
+    print(f"  {'total':<52}{extra_us / 1e3:>8.3f} ms{100 * extra_us / 1e6 / r_med:>8.2f}%"
+          "  (% of the hand-written step's median)")
     print(f"trajectory: {check}")
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"overhead ratio (atoll / hand-written loop): {ratio:.3f}  target <= {TARGET:.2f}  {verdict}")

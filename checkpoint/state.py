@@ -22,24 +22,35 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ModelOptimizerState(Stateful):
-    """A model and its optimizer, keyed by parameter name with global shapes.
+    """Model parts and their optimizers, keyed by parameter name with global shapes.
 
     Its tensors are named `model.<fqn>` and `optim.state.<fqn>.<moment>`
-    whatever name the container is registered under.
+    whatever name the container is registered under. A pipeline rank holds
+    several parts (each a pruned copy of the model with the original names);
+    their state dicts are disjoint and merge into one.
     """
 
     top_level = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, parts: list[tuple[nn.Module, torch.optim.Optimizer]]):
+        self.parts = parts
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
-        return {"model": model_sd, "optim": optim_sd}
+        merged: dict[str, dict] = {"model": {}, "optim": {}}
+        for model, optimizer in self.parts:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+            merged["model"].update(model_sd)
+            merged["optim"].update(optim_sd)
+        return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"], options=_OPTIONS)
+        for model, optimizer in self.parts:
+            own_model, own_optim = get_state_dict(model, optimizer, options=_OPTIONS)
+            set_state_dict(model, optimizer,
+                           model_state_dict={k: state_dict["model"][k] for k in own_model},
+                           optim_state_dict={k: state_dict["optim"][k] for k in own_optim
+                                             if k in state_dict["optim"]},
+                           options=_OPTIONS)
 
 
 class ValueState(Stateful):

@@ -19,8 +19,11 @@ from atoll.parallel.expert_parallel import expert_params, moe_layers
 from atoll.parallel.layout import ParallelMesh
 
 
-def apply_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh) -> nn.Module:
     """Return the module to train: the model itself, sharded, or DDP-wrapped.
+
+    `model` is the root to wrap (the model, or a pipeline stage around a
+    part of it) and `blocks` its transformer blocks (one FSDP unit each).
 
     Under expert parallelism the expert weights are already split over ep:
     with FSDP and dp > ep they are sharded again over the dp_mod_ep ranks
@@ -38,11 +41,14 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
                 # Averaged over dp_mod_ep by FSDP; sync_expert_grads finishes the mean over dp.
                 fully_shard(moe.experts, mesh=mesh["dp_mod_ep"])
             experts = set()
-        for block in model.layers.values():
+        for block in blocks:
             fully_shard(block, mesh=dp_mesh, ignored_params=experts or None)
         # The root unit holds embeddings, final norm and head; no need to
         # reshard it after forward because backward starts right there.
         fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, ignored_params=experts or None)
+        if layout.pp > 1:  # microbatches alternate forward and backward: keep blocks gathered
+            for block in blocks:
+                block.set_reshard_after_forward(False)
         return model
     if experts:
         names = [name for name, p in model.named_parameters() if p in experts]

@@ -145,6 +145,27 @@ class ParallelMesh:
     def dp_group(self) -> Optional[dist.ProcessGroup]:
         return None if self.mesh is None else self["dp"].get_group()
 
+    @property
+    def pp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh["pp"].get_local_rank()
+
+    @property
+    def pp_group(self) -> Optional[dist.ProcessGroup]:
+        return None if self.mesh is None else self.mesh["pp"].get_group()
+
+    @property
+    def stage_world_size(self) -> int:
+        """Ranks that hold (a shard or a copy of) the same pipeline stage: dp."""
+        return self.layout.dp
+
+    def sum_over_stages(self, values: list[float]) -> list[float]:
+        """Sum a few scalars over the pipeline stages (each stage knows its own part)."""
+        if self.mesh is None or self.layout.pp == 1:
+            return list(values)
+        buf = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf, group=self.pp_group)
+        return buf.tolist()
+
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()

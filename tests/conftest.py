@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU interpreter here. Triton reads this when it is
+    # first imported (DeepSpeed imports it too), so it is set before anything else.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import socket
 import subprocess

@@ -2,18 +2,16 @@
 
 Without CUDA the kernels run on Triton's CPU interpreter (fp32 only, slow:
 tiny shapes). TRITON_INTERPRET must be set before the kernel module is
-imported (triton.jit reads it when the kernels are decorated) and while they
-run; it is switched on only for this module's tests so it does not leak into
-other tests or the subprocesses they start.
+imported (triton.jit reads it when the kernels are decorated); tests/conftest.py
+sets it before anything imports triton.
 """
 
 import os
 
 import torch
 
-_SET_HERE = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # also set first thing by conftest.py
 
 import pytest  # noqa: E402
 
@@ -21,18 +19,13 @@ from atoll.parallel.kernels.triton_moe import (  # noqa: E402
     experts_triton, moe_experts, moe_experts_backward)
 from atoll.trainer.moe import GroupedExperts, experts_naive  # noqa: E402
 
-if _SET_HERE:
-    del os.environ["TRITON_INTERPRET"]  # set again per test by the fixture below
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # GPU checks: deselected on machines without CUDA (tests/conftest.py).
 cuda_only = pytest.mark.gpu
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32(monkeypatch):
-    if _SET_HERE:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _exact_fp32():
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield

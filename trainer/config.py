@@ -96,8 +96,10 @@ class ParallelConfig:
     ep: int = 1
     pp: int = 1
     dp_shard: str = "fsdp"  # fsdp | ddp
-    pp_schedule: str = "1f1b"
-    microbatches: Optional[int] = None
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    microbatches: Optional[int] = None  # pipeline microbatches per data micro-batch; default pp
+    pp_virtual_stages: int = 2  # stages per rank with interleaved_1f1b
+    pp_first_last_layers: Optional[int] = None  # layers on the first and last stage; default balanced
 
 
 @dataclass
@@ -358,11 +360,33 @@ def validate(cfg: DictConfig) -> None:
     if par.ep > 1 and moe.num_experts % par.ep:
         raise RecipeError(f"parallel.ep={par.ep} must divide model.moe.num_experts={moe.num_experts}")
     if par.pp > 1:
-        raise RecipeError("parallel.pp > 1 is not supported yet: use parallel.pp=1")
-    if par.pp > model.layers:
-        raise RecipeError(f"parallel.pp={par.pp} exceeds model.layers={model.layers}")
+        _validate_pipeline(cfg)
     if cfg.launch.backend == "local" and world_size(cfg) != 1:
         raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp})")
+
+
+def _validate_pipeline(cfg: DictConfig) -> None:
+    par, layers = cfg.parallel, cfg.model.layers
+    virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
+    microbatches = par.microbatches or par.pp
+    if virtual < 1:
+        raise RecipeError(f"parallel.pp_virtual_stages={virtual} must be at least 1")
+    if par.pp * virtual > layers:
+        raise RecipeError(f"parallel.pp={par.pp} × {virtual} stages per rank exceeds model.layers={layers}")
+    if microbatches < par.pp:
+        raise RecipeError(f"parallel.microbatches={microbatches} must be at least parallel.pp={par.pp}")
+    if cfg.data.micro_batch % microbatches:
+        raise RecipeError(f"data.micro_batch={cfg.data.micro_batch} must be divisible by "
+                          f"parallel.microbatches={microbatches} (each is split into pipeline microbatches)")
+    if par.pp_schedule == "interleaved_1f1b" and microbatches % par.pp:
+        raise RecipeError(f"parallel.microbatches={microbatches} must be a multiple of parallel.pp={par.pp} "
+                          "for interleaved_1f1b")
+    first_last = par.pp_first_last_layers
+    stages = par.pp * virtual
+    if first_last is not None and (stages < 3 or first_last < 1 or
+                                   layers - 2 * first_last < stages - 2):
+        raise RecipeError(f"parallel.pp_first_last_layers={first_last} needs at least 3 stages and must "
+                          f"leave a layer for each middle stage (model.layers={layers}, {stages} stages)")
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -60,23 +60,23 @@ class ScheduleState:
     """The LR schedule's position as a layout-free Stateful.
 
     LambdaLR's own state lists one base lr per parameter group, and the
-    number of groups depends on the layout (e.g. expert shards under DDP form
-    groups of their own). The schedule is a pure function of the step, so
-    the step is all that is saved.
+    number of groups (and optimizers: one per pipeline stage) depends on the
+    layout. The schedule is a pure function of the step, so the step is all
+    that is saved.
     """
 
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
-        self.scheduler = scheduler
+    def __init__(self, schedulers: list[torch.optim.lr_scheduler.LambdaLR]):
+        self.schedulers = schedulers
 
     def state_dict(self) -> dict:
-        return {"last_epoch": self.scheduler.last_epoch}
+        return {"last_epoch": self.schedulers[0].last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        scheduler = self.scheduler
-        scheduler.last_epoch = int(state["last_epoch"])
-        scheduler._step_count = scheduler.last_epoch + 1
-        lrs = [base * fn(scheduler.last_epoch)
-               for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs
+        for scheduler in self.schedulers:
+            scheduler.last_epoch = int(state["last_epoch"])
+            scheduler._step_count = scheduler.last_epoch + 1
+            lrs = [base * fn(scheduler.last_epoch)
+                   for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
@@ -28,7 +29,8 @@ from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
                                            sync_expert_grads)
 from atoll.parallel.grad_clip import clip_grad_norm
-from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync, unwrap
+from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
                                   recipe_from_dict, run_dir, to_dict)
@@ -97,14 +99,16 @@ class Trainer:
             resolve_kernel(cfg.model.moe.kernel, self.device,
                            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = Transformer(model_config(cfg)).to(self.device)
-        self.model.init_weights(cfg.run.seed)
+        self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)
-        apply_expert_parallel(self.model, self.mesh)
-        self.train_module = apply_data_parallel(self.model, self.mesh)
+        self.param_count = count_params(self.model)["total"]
+        param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout)
+        self._build_parts(cfg)
         self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
-        self.optimizer = build_optimizer(self.model, self.optim_cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, cfg.run.steps)
+        self.optimizers = [build_optimizer(part, self.optim_cfg) for part in self.parts]
+        self.schedulers = [build_scheduler(opt, self.optim_cfg, cfg.run.steps) for opt in self.optimizers]
 
         data_cfg = as_dataclass(cfg.data, DataConfig)
         self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
@@ -114,8 +118,6 @@ class Trainer:
                     if cfg.logging.eval_interval else [])
         self.step = 0
         self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
-        param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" else contextlib.nullcontext())
 
@@ -128,8 +130,8 @@ class Trainer:
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         # Everything a checkpoint holds; each entry is layout-free.
-        self.states = {"model_optim": ModelOptimizerState(unwrap(self.train_module), self.optimizer),
-                       "scheduler": ScheduleState(self.scheduler), "data": self.loader,
+        self.states = {"model_optim": ModelOptimizerState(list(zip(self.parts, self.optimizers))),
+                       "scheduler": ScheduleState(self.schedulers), "data": self.loader,
                        "train": self.progress}
         self.resumed_from = self._resume()
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
@@ -143,6 +145,31 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
                               layout=self.layout.to_dict())
+
+    def _build_parts(self, cfg: DictConfig) -> None:
+        """This rank's model parts, parallelised: the whole model, or its pipeline stages."""
+        par = cfg.parallel
+        self.runner: Optional[PipelineRunner] = None
+        if self.layout.pp == 1:
+            self.parts = [self.model]
+            apply_expert_parallel(self.model, self.mesh)
+            self.train_module = apply_data_parallel(self.model, self.model.layers.values(), self.mesh)
+            return
+        virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
+        num_stages = self.layout.pp * virtual
+        layers = stage_layers(cfg.model.layers, num_stages, par.pp_first_last_layers)
+        stage_ids = stages_of_rank(self.mesh.pp_rank, self.layout.pp, virtual)
+        self.parts = split_model(self.model, stage_ids, layers)
+        del self.model  # each rank keeps only its stages
+        wrappers, train_modules = [], []
+        for part in self.parts:
+            apply_expert_parallel(part, self.mesh)
+            wrapper = StageModule(part)
+            wrappers.append(wrapper)
+            train_modules.append(apply_data_parallel(wrapper, part.layers.values(), self.mesh))
+        self.runner = PipelineRunner(train_modules, wrappers, stage_ids, num_stages, par.pp_schedule,
+                                     par.microbatches or self.layout.pp, lm_loss, self.device,
+                                     self.mesh.pp_group)
 
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
@@ -180,24 +207,34 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
             inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
-            is_last = index == len(micro_batches) - 1
-            with gradient_sync(self.train_module, is_last):
-                with self.autocast:
-                    logits_BSV, aux_loss = self.train_module(inputs_BS)
-                    loss = lm_loss(logits_BSV, targets_BS)
-                ((loss + aux_loss) / len(micro_batches)).backward()
+            if self.runner is not None:
+                loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS)
+            else:
+                with gradient_sync(self.train_module, index == len(micro_batches) - 1):
+                    with self.autocast:
+                        logits_BSV, aux_loss = self.train_module(inputs_BS)
+                        loss = lm_loss(logits_BSV, targets_BS)
+                    ((loss + aux_loss) / len(micro_batches)).backward()
             loss_sum += loss.detach()
             aux_sum += aux_loss.detach()
-        sync_expert_grads(self.model, self.mesh)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.optim_cfg.grad_clip)
-        self.moe_load = reduce_moe_load(self.model, self.mesh)
-        for (_, load_E, _), (_, moe) in zip(self.moe_load, moe_layers(self.model)):
+        params = [p for part in self.parts for p in part.parameters()]
+        if self.runner is not None and len(micro_batches) > 1:
+            for param in params:  # the schedule averaged microbatches; average micro-batches too
+                if param.grad is not None:
+                    param.grad.div_(len(micro_batches))
+        for part in self.parts:
+            sync_expert_grads(part, self.mesh)
+        grad_norm = clip_grad_norm(params, self.optim_cfg.grad_clip, self.mesh.stage_world_size)
+        self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
+        for (_, load_E, _), (_, moe) in zip(self.moe_load,
+                                            [m for part in self.parts for m in moe_layers(part)]):
             if moe.balance == "aux_free":
                 moe.router.update_bias(load_E, moe.bias_update_rate)
         self.checkpointer.wait_staging()  # the step below mutates what a save may be copying
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.progress.values["step"] = self.step
         self.checkpointer.poll()
@@ -210,28 +247,40 @@ class Trainer:
         """Per MoE layer: max and mean assignments per expert in the last step, dropped ones."""
         metrics = {}
         for name, load_E, dropped in self.moe_load:
-            layer = name.split(".")[1]  # "layers.<i>.feed_forward"
+            layer = name.split("layers.")[1].split(".")[0]  # "[part.]layers.<i>.feed_forward"
             metrics[f"moe.{layer}.max_load"] = float(load_E.max())
             metrics[f"moe.{layer}.mean_load"] = float(load_E.mean())
             metrics[f"moe.{layer}.dropped"] = dropped
+        if self.layout.pp > 1:  # each stage knows its own layers: gather them
+            gathered = [None] * self.layout.pp
+            dist.all_gather_object(gathered, metrics, group=self.mesh.pp_group)
+            metrics = {k: v for stage in gathered for k, v in stage.items()}
         return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.train_module.eval()
+        modules = self.runner.wrappers if self.runner else [self.train_module]
+        for module in modules:
+            module.eval()
         losses = []
         for inputs_BS, targets_BS in self.val:
+            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            if self.runner is not None:
+                losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
+                continue
             with self.autocast:
-                logits_BSV, _ = self.train_module(inputs_BS.to(self.device))
-            losses.append(float(lm_loss(logits_BSV, targets_BS.to(self.device))))
-        self.train_module.train()
-        return self.mesh.all_reduce_mean([sum(losses) / len(losses)])[0]
+                logits_BSV, _ = self.train_module(inputs_BS)
+            losses.append(float(lm_loss(logits_BSV, targets_BS)))
+        for module in modules:
+            module.train()
+        stage_sum = self.mesh.sum_over_stages([sum(losses) / len(losses)])
+        return self.mesh.all_reduce_mean(stage_sum)[0]
 
     def run(self) -> dict:
         cfg = self.cfg
         if self.env.is_logging_rank:
             print(f"training {cfg.run.name}: {self.layout.describe()}, "
-                  f"{count_params(self.model)['total']:,} parameters, {cfg.run.steps} steps",
+                  f"{self.param_count:,} parameters, {cfg.run.steps} steps",
                   flush=True)
         if self.step >= self.last_step:
             if self.is_logging_rank:
@@ -252,13 +301,14 @@ class Trainer:
                                            or self.step == self.last_step)
             if not (log_now or eval_now):
                 continue
-            loss, aux_loss = self.mesh.all_reduce_mean([result.loss, result.aux_loss])
+            loss, aux_loss = self.mesh.all_reduce_mean(
+                self.mesh.sum_over_stages([result.loss, result.aux_loss]))
             if not math.isfinite(loss):
                 raise TrainingError(f"the loss became {loss} at step {self.step}; "
                                     "lower optim.lr or check the data")
             elapsed = time.perf_counter() - interval_start
             tokens_per_s = self.tokens_per_step * interval_steps / elapsed
-            last = {"loss": loss, "aux_loss": aux_loss, "lr": self.scheduler.get_last_lr()[0],
+            last = {"loss": loss, "aux_loss": aux_loss, "lr": self.schedulers[0].get_last_lr()[0],
                     "grad_norm": result.grad_norm, "tokens": self.step * self.tokens_per_step,
                     "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
                     "step_time_s": step_time,

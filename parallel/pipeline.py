@@ -1,0 +1,163 @@
+"""Pipeline parallelism: the model split into stages over the "pp" mesh dim.
+
+`split_model` deep-copies the single-device model once per stage this rank
+runs and deletes what the stage does not own, so every parameter keeps its
+original name (checkpoints stay universal): embeddings live on the first
+stage, the final norm and output head on the last. Layers are balanced by
+count; `parallel.pp_first_last_layers` gives the first and last stage fewer.
+With `interleaved_1f1b` each rank runs `parallel.pp_virtual_stages` stages,
+round-robin (rank r holds stages r, r+pp, ...).
+
+MoE auxiliary losses cannot ride to the last stage as a loss term, so each
+stage attaches its layers' auxiliary loss to its output with `AttachAux`:
+the forward value is unchanged and backward gives the auxiliary loss the
+same unit gradient a loss term would get. The schedule comes from
+torch.distributed.pipelining and averages over microbatches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
+                                                     ScheduleInterleaved1F1B)
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+class PipelineError(ValueError):
+    """The pipeline layout cannot work; one line naming the recipe key."""
+
+
+def stage_layers(num_layers: int, num_stages: int, first_last: Optional[int] = None) -> list[list[int]]:
+    """Contiguous layer ids per stage: balanced by count, or `first_last` on the end stages."""
+    if num_stages > num_layers:
+        raise PipelineError(f"{num_stages} pipeline stages need at least as many layers, "
+                            f"model.layers={num_layers}")
+    if first_last is not None:
+        middle_layers = num_layers - 2 * first_last
+        if first_last < 1 or middle_layers < num_stages - 2:
+            raise PipelineError(f"parallel.pp_first_last_layers={first_last} leaves too few layers "
+                                f"for {num_stages - 2} middle stages")
+        sizes = [first_last] + _balanced(middle_layers, num_stages - 2) + [first_last]
+    else:
+        sizes = _balanced(num_layers, num_stages)
+    bounds = [sum(sizes[:i]) for i in range(num_stages + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(num_stages)]
+
+
+def _balanced(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class AttachAux(torch.autograd.Function):
+    """Identity on `x` whose backward also gives `aux` the gradient of a loss term."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape = aux.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        return grad_x, torch.ones(ctx.aux_shape, dtype=grad_x.dtype, device=grad_x.device)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: a pruned copy of the model, with its aux loss attached.
+
+    `part` keeps the original parameter names (`part` is never what the
+    checkpointer sees: it is handed `part` itself, not this wrapper).
+    """
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+        self.aux_values: list[torch.Tensor] = []  # detached, per microbatch, for logging
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, aux = self.part(x)
+        if self.training:
+            self.aux_values.append(aux.detach())
+        if aux.requires_grad:
+            out = AttachAux.apply(out, aux)
+        return out
+
+
+def split_model(model: nn.Module, stage_ids: list[int], layers_per_stage: list[list[int]]) -> list[nn.Module]:
+    """Pruned copies of `model` for the given stages (original names kept)."""
+    num_stages = len(layers_per_stage)
+    parts = []
+    for stage in stage_ids:
+        part = copy.deepcopy(model)
+        keep = {str(i) for i in layers_per_stage[stage]}
+        for name in list(part.layers.keys()):
+            if name not in keep:
+                del part.layers[name]
+        if stage != 0:
+            part.tok_embeddings = None
+        if stage != num_stages - 1:
+            part.norm = None
+            part.output = None
+        parts.append(part)
+    return parts
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    return [pp_rank + i * pp for i in range(virtual)]
+
+
+def build_schedule(wrappers: list[nn.Module], stage_ids: list[int], num_stages: int, schedule: str,
+                   microbatches: int, loss_fn: Callable, device: torch.device, group) -> object:
+    stages = [PipelineStage(w, stage_id, num_stages, device, group=group)
+              for w, stage_id in zip(wrappers, stage_ids)]
+    cls = SCHEDULES[schedule]
+    if cls is ScheduleInterleaved1F1B:
+        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+
+
+class PipelineRunner:
+    """Forward/backward of one step's micro-batches through this rank's stages.
+
+    Each data micro-batch is split into `microbatches` pipeline microbatches;
+    the schedule runs forward and backward and scales gradients by
+    1/microbatches. Only the last stage sees the loss; only the first the
+    tokens.
+    """
+
+    def __init__(self, train_modules: list[nn.Module], wrappers: list[StageModule],
+                 stage_ids: list[int], num_stages: int, schedule: str, microbatches: int,
+                 loss_fn: Callable, device: torch.device, group):
+        self.wrappers = wrappers
+        self.is_first = 0 in stage_ids
+        self.is_last = num_stages - 1 in stage_ids
+        self.schedule = build_schedule(train_modules, stage_ids, num_stages, schedule, microbatches,
+                                       loss_fn, device, group)
+
+    def _run(self, run, inputs_BS, targets_BS) -> list[torch.Tensor]:
+        losses: list[torch.Tensor] = []
+        args = (inputs_BS,) if self.is_first else ()
+        kwargs = {"target": targets_BS, "losses": losses} if self.is_last else {}
+        run(*args, **kwargs)
+        return losses
+
+    def forward_backward(self, inputs_BS, targets_BS) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over microbatches on the last stage else 0, this stage's mean aux loss)."""
+        for wrapper in self.wrappers:
+            wrapper.aux_values.clear()
+        losses = self._run(self.schedule.step, inputs_BS, targets_BS)
+        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
+        aux_values = [a for w in self.wrappers for a in w.aux_values]
+        count = max(1, len(aux_values) // len(self.wrappers))  # microbatches per stage
+        aux = torch.stack(aux_values).sum() / count if aux_values else torch.zeros(())
+        return loss, aux
+
+    @torch.no_grad()
+    def evaluate(self, inputs_BS, targets_BS) -> torch.Tensor:
+        losses = self._run(self.schedule.eval, inputs_BS, targets_BS)
+        return torch.stack(losses).mean() if losses else torch.zeros(())
