@@ -45,7 +45,6 @@ class _InFlight:
 
     def __init__(self, step: int, started: float, tensors: dict, state: dict, samples: int):
         self.step, self.started, self.samples = step, started, samples
-        self.index = tensor_index(tensors)
         self.state = state
         self.bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         self.staged: Optional[Future] = None
@@ -152,7 +151,7 @@ class Checkpointer:
     def _finalise(self, save: _InFlight) -> None:
         target = partial_dir(self.root, save.step)
         write_manifest(target, step=save.step, samples=save.samples, layout=self.layout,
-                       recipe=self.recipe, tensors=save.index, state=save.state)
+                       recipe=self.recipe, tensors=saved_tensor_index(target), state=save.state)
         final = commit(self.root, save.step)
         self.last_error = None
         removed = apply_retention(self.root, self.keep, self.keep_every)
@@ -186,7 +185,10 @@ class Checkpointer:
     def load(self, ckpt_dir: Path, manifest: dict, states: dict[str, Stateful]) -> None:
         """Load a verified checkpoint into `states`, resharding to this layout."""
         tensors, _ = split_state(states)
-        check_fits(ckpt_dir, manifest, tensors)
+        # Every rank holds part of the model (pipeline stages): check the union, the same everywhere.
+        pieces = [None] * dist.get_world_size()
+        dist.all_gather_object(pieces, tensor_index(tensors), group=self.group)
+        check_fits(ckpt_dir, manifest, {k: v for piece in pieces for k, v in piece.items()})
         dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt_dir)),
                  process_group=self.group)
         for name, state in states.items():
@@ -205,10 +207,16 @@ def _put_tensors(node: Any, tensors: dict[str, torch.Tensor], prefix: str) -> An
     return node
 
 
-def check_fits(ckpt_dir: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+def saved_tensor_index(ckpt_dir: Path) -> dict[str, dict]:
+    """Global names, shapes and dtypes of what every rank wrote (DCP's metadata)."""
+    metadata = SafeFileSystemReader(str(ckpt_dir)).read_metadata()
+    return {name: {"shape": list(meta.size), "dtype": str(meta.properties.dtype).removeprefix("torch.")}
+            for name, meta in sorted(metadata.state_dict_metadata.items())}
+
+
+def check_fits(ckpt_dir: Path, manifest: dict, wanted: dict[str, dict]) -> None:
     """One line listing every tensor whose name or global shape differs."""
     saved = manifest["tensors"]
-    wanted = tensor_index(tensors)
     problems = []
     for name in sorted(set(saved) | set(wanted)):
         if name not in saved:

@@ -81,7 +81,7 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, aux = self.part(x)
-        if self.training:
+        if self.training and torch.is_grad_enabled() and not aux.is_meta:  # not shape inference
             self.aux_values.append(aux.detach())
         if aux.requires_grad:
             out = AttachAux.apply(out, aux)
@@ -152,9 +152,9 @@ class PipelineRunner:
             wrapper.aux_values.clear()
         losses = self._run(self.schedule.step, inputs_BS, targets_BS)
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
-        aux_values = [a for w in self.wrappers for a in w.aux_values]
-        count = max(1, len(aux_values) // len(self.wrappers))  # microbatches per stage
-        aux = torch.stack(aux_values).sum() / count if aux_values else torch.zeros(())
+        # Mean over microbatches of each stage's aux loss, summed over this rank's stages.
+        aux = sum((torch.stack(w.aux_values).mean() for w in self.wrappers if w.aux_values),
+                  torch.zeros(()))
         return loss, aux
 
     @torch.no_grad()
