@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.checkpoint.dcp_io import (BackgroundStager, SafeFileSystemReader, file_writer,
-                                    quiet_writer_process, tensor_index)
+                                    nest_by_prefix, quiet_writer_process, stop_writer_process,
+                                    tensor_index)
 from atoll.checkpoint.manifest import CheckpointError, write_manifest
 from atoll.checkpoint.state import merge_json, split_state, tensor_prefix
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
@@ -90,13 +91,13 @@ class Checkpointer:
         target = partial_dir(self.root, step)
         writer = file_writer(target)
         if self.use_async:
-            response = dcp.async_save(tensors, storage_writer=writer, process_group=self.group,
+            response = dcp.async_save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group,
                                       async_checkpointer_type=AsyncCheckpointerType.PROCESS,
                                       async_stager=self.stager)
             save.staged, save.uploaded = response.staging_completion, response.upload_completion
             self.in_flight = save
         else:
-            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            dcp.save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group)
             if self.is_coordinator:
                 self._finalise(save)
         self.blocked_s += time.perf_counter() - start
@@ -177,6 +178,7 @@ class Checkpointer:
         self._wait_in_flight()
         if self.stager is not None:
             self.stager.close()
+            stop_writer_process()
         self.finaliser.shutdown(wait=True)
         dist.barrier(group=self.group)
 
