@@ -40,16 +40,16 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1) -> float:
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for grad in grads:
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        total += local.detach().double().pow(2).sum() / _copies(grad, stage_world)
+    if not grads:
+        return 0.0
+    pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    copies = torch.tensor([_copies(g, stage_world) for g in grads], dtype=torch.float64,
+                          device=pieces[0].device)
+    norms = torch.stack(torch._foreach_norm(pieces, 2)).double()  # one fused pass over all pieces
+    total = (norms.pow(2) / copies).sum()
     if world > 1:
         dist.all_reduce(total)
     norm = math.sqrt(float(total))
     if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for grad in grads:
-            (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(scale)
+        torch._foreach_mul_(pieces, max_norm / (norm + 1e-6))
     return norm

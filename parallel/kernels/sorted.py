@@ -43,13 +43,24 @@ def sort_assignments(experts_TK: torch.Tensor, num_experts: int):
     return token_N, order_N, counts_E
 
 
-def _segments(counts: list[int]):
-    """(expert, slice of sorted rows) of every expert that has rows."""
-    start = 0
+# Rows per chunk of consecutive experts in `sorted`: elementwise work, gathers and
+# scatters run once per chunk (few ops, temporaries of at most about this many rows
+# unless one expert has more), the GEMMs once per expert.
+CHUNK_ROWS = 4096
+
+
+def _chunks(counts: list[int]):
+    """(slice of sorted rows, [(expert, slice within the chunk), ...]) over the experts with rows."""
+    chunk_rows = CHUNK_ROWS
+    start = end = 0
+    segments = []
     for e, count in enumerate(counts):
         if count:
-            yield e, slice(start, start + count)
-        start += count
+            segments.append((e, slice(end - start, end - start + count)))
+            end += count
+        if segments and (end - start >= chunk_rows or e == len(counts) - 1):
+            yield slice(start, end), segments
+            start, segments = end, []
 
 
 def _empty_grad(w: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -91,13 +102,18 @@ class _SortedExperts(torch.autograd.Function):
             offs_E = None
             N = token_N.numel()
             a_NH, b_NH = x_TD.new_empty(N, H), x_TD.new_empty(N, H)
-            for e, rows in _segments(counts):
-                x_CD = x_TD.index_select(0, token_N[rows])
-                torch.mm(x_CD, w1_EDH[e], out=a_NH[rows])
-                torch.mm(x_CD, w3_EDH[e], out=b_NH[rows])
-                h_CH = F.silu(a_NH[rows]).mul_(b_NH[rows])
-                y_CD = torch.mm(h_CH, w2_EHD[e]).mul_(gate_N1[rows])
-                out_TD.index_add_(0, token_N[rows], y_CD)
+            for rows, segments in _chunks(counts):
+                token_C = token_N[rows]
+                x_CD = x_TD.index_select(0, token_C)
+                a_CH, b_CH = a_NH[rows], b_NH[rows]
+                for e, seg in segments:
+                    torch.mm(x_CD[seg], w1_EDH[e], out=a_CH[seg])
+                    torch.mm(x_CD[seg], w3_EDH[e], out=b_CH[seg])
+                h_CH = F.silu(a_CH).mul_(b_CH)
+                y_CD = x_CD  # same shape, no longer needed
+                for e, seg in segments:
+                    torch.mm(h_CH[seg], w2_EHD[e], out=y_CD[seg])
+                out_TD.index_add_(0, token_C, y_CD.mul_(gate_N1[rows]))
         ctx.counts = counts
         ctx.save_for_backward(x_TD, gates_TK, w1_EDH, w3_EDH, w2_EHD, a_NH, b_NH,
                               token_N, order_N, gate_N1, offs_E)
@@ -122,32 +138,38 @@ def _backward_loop(ctx, grad_TD):
     dw1 = _empty_grad(w1_EDH, counts) if need_w1 else None
     dw3 = _empty_grad(w3_EDH, counts) if need_w3 else None
     dw2 = _empty_grad(w2_EHD, counts) if need_w2 else None
-    for e, rows in _segments(counts):
+    for rows, segments in _chunks(counts):
         token_C, a_CH, b_CH, gate_C1 = token_N[rows], a_NH[rows], b_NH[rows], gate_N1[rows]
         dy_CD = grad_TD.index_select(0, token_C)
-        dh_CH = torch.mm(dy_CD, w2_EHD[e].t())  # d(h) of the ungated output
+        dh_CH = torch.empty_like(a_CH)  # d(h) of the ungated output
+        for e, seg in segments:
+            torch.mm(dy_CD[seg], w2_EHD[e].t(), out=dh_CH[seg])
         silu_CH = F.silu(a_CH)
         if need_gates or need_w2:
             h_CH = silu_CH * b_CH
             if need_gates:
                 dgate_N[rows] = torch.linalg.vecdot(dh_CH, h_CH)
             if need_w2:
-                torch.mm(h_CH.t(), dy_CD.mul_(gate_C1), out=dw2[e])
+                dy_CD.mul_(gate_C1)
+                for e, seg in segments:
+                    torch.mm(h_CH[seg].t(), dy_CD[seg], out=dw2[e])
             del h_CH
-        del dy_CD
         dh_CH.mul_(gate_C1)
         db_CH = silu_CH.mul_(dh_CH)
         da_CH = torch.ops.aten.silu_backward(dh_CH, a_CH).mul_(b_CH)
         del dh_CH
         if need_w1 or need_w3:
             x_CD = x_TD.index_select(0, token_C)
-            if need_w1:
-                torch.mm(x_CD.t(), da_CH, out=dw1[e])
-            if need_w3:
-                torch.mm(x_CD.t(), db_CH, out=dw3[e])
+            for e, seg in segments:
+                if need_w1:
+                    torch.mm(x_CD[seg].t(), da_CH[seg], out=dw1[e])
+                if need_w3:
+                    torch.mm(x_CD[seg].t(), db_CH[seg], out=dw3[e])
             del x_CD
         if need_x:
-            dx_CD = torch.mm(da_CH, w1_EDH[e].t()).addmm_(db_CH, w3_EDH[e].t())
+            dx_CD = dy_CD  # same shape, no longer needed
+            for e, seg in segments:
+                torch.mm(da_CH[seg], w1_EDH[e].t(), out=dx_CD[seg]).addmm_(db_CH[seg], w3_EDH[e].t())
             dx_TD.index_add_(0, token_C, dx_CD)
     dgates = _scatter_grad_gates(dgate_N, order_N, gates_TK) if need_gates else None
     return dx_TD, dgates, None, dw1, dw3, dw2
