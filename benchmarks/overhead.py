@@ -35,11 +35,12 @@ How
       load metrics, checkpointer polling, and its own gradient clipping minus
       torch's `clip_grad_norm_`) is timed alone: an accounting of the overhead
       that machine noise disturbs far less than the ratio of two step times.
-    - Both sides follow the same trajectory (same weights, batches and learning
-      rates), which the script checks by comparing their losses, so they do the
-      same work (e.g. the same MoE routing). Bitwise equal with optim.grad_clip=0;
-      with clipping the losses drift apart at the 1e-7 level from step 1 on,
-      because atoll computes the gradient norm in fp64 and torch in fp32.
+    - Both sides start from the same weights and see the same batches and learning
+      rates. The script compares their losses to check that they do the same work
+      (e.g. the same MoE routing). With optim.grad_clip=0 the losses are bitwise
+      equal. With clipping they drift apart from the 1e-7 level within a few
+      steps (a tiny, growing difference in the trajectory), because atoll adds up the squared per-tensor norms in fp64 and torch
+      in fp32 (the norm's last bits differ, and so does the clip factor).
     - `torch.set_num_threads(THREADS)` applies to both (one process).
 
 Run (from the repository root):
@@ -329,7 +330,7 @@ def main(argv: list[str]) -> int:
     trainer.close()
 
     # Same trajectory => same work. Bitwise equal on CPU with optim.grad_clip=0; with clipping
-    # the fp64 (atoll) vs fp32 (torch) gradient norm makes the losses drift apart slowly.
+    # the norm summed in fp64 (atoll) vs fp32 (torch) makes the losses drift apart slowly.
     # Only the last micro-batch's loss is kept by the reference, hence grad_accum == 1.
     if cfg.data.grad_accum == 1:
         deltas = [abs(a - float(b)) for a, b in zip(atoll_losses, ref.losses)]
