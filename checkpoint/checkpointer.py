@@ -170,8 +170,12 @@ class Checkpointer:
         if self.is_coordinator:
             self.on_event("checkpoint_failed", step=save.step, error=message)
 
-    def close(self) -> None:
-        """Wait for the save in flight to commit, then release threads and the writer."""
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Wait for the save in flight to commit, then release threads and the writer.
+
+        `wait_for_peers=False` is for the error path: a peer that failed will
+        never reach the final barrier, and waiting for it would hang the job.
+        """
         if self.closed:
             return
         self.closed = True
@@ -180,7 +184,8 @@ class Checkpointer:
             self.stager.close()
             stop_writer_process()
         self.finaliser.shutdown(wait=True)
-        dist.barrier(group=self.group)
+        if wait_for_peers:
+            dist.barrier(group=self.group)
 
     # ------------------------------------------------------------------ loading
 

@@ -53,8 +53,12 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh) -> nn.Modu
     if experts:
         names = [name for name, p in model.named_parameters() if p in experts]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    # Pipeline stages drive DDP's reducer from torch's stage code, once per step;
+    # DDP's bucket rebuild after the first step miscounts there, and
+    # find_unused_parameters is what turns that rebuild off.
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
-                                   device_ids=None if mesh.device.type == "cpu" else [mesh.device])
+                                   device_ids=None if mesh.device.type == "cpu" else [mesh.device],
+                                   find_unused_parameters=layout.pp > 1)
 
 
 

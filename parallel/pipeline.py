@@ -26,6 +26,8 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                      ScheduleInterleaved1F1B)
 
+from atoll.parallel.expert_parallel import moe_layers
+
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
@@ -72,20 +74,42 @@ class StageModule(nn.Module):
 
     `part` keeps the original parameter names (`part` is never what the
     checkpointer sees: it is handed `part` itself, not this wrapper).
+
+    The schedule may run extra forwards on placeholder tensors before a
+    step's real ones, to infer shapes (on its first step, and again after an
+    eval). So each training forward records its aux loss and takes its MoE
+    layers' loads, and `finish_step` keeps only the step's last
+    `microbatches` records: those are the real microbatches.
     """
 
     def __init__(self, part: nn.Module):
         super().__init__()
         self.part = part
-        self.aux_values: list[torch.Tensor] = []  # detached, per microbatch, for logging
+        self.moe = [moe for _, moe in moe_layers(part)]
+        # Per training forward: (aux loss, [(load_E, dropped) per MoE layer]).
+        self.records: list[tuple[torch.Tensor, list]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, aux = self.part(x)
-        if self.training and torch.is_grad_enabled() and not aux.is_meta:  # not shape inference
-            self.aux_values.append(aux.detach())
+        if self.training and torch.is_grad_enabled() and not aux.is_meta:
+            self.records.append((aux.detach(), [moe.take_load() for moe in self.moe]))
         if aux.requires_grad:
             out = AttachAux.apply(out, aux)
         return out
+
+    def finish_step(self, microbatches: int) -> torch.Tensor:
+        """Mean aux loss of the step's microbatches; their MoE loads go back to the layers."""
+        if len(self.records) < microbatches:
+            raise RuntimeError(f"pipeline stage ran {len(self.records)} training forwards "
+                               f"for {microbatches} microbatches")
+        real = self.records[-microbatches:]
+        self.records = []
+        for index, moe in enumerate(self.moe):
+            for _, loads in real:
+                load_E, dropped = loads[index]
+                moe.load_E += load_E
+                moe.dropped += dropped
+        return torch.stack([aux for aux, _ in real]).mean()
 
 
 def split_model(model: nn.Module, stage_ids: list[int], layers_per_stage: list[list[int]]) -> list[nn.Module]:
@@ -134,6 +158,7 @@ class PipelineRunner:
                  stage_ids: list[int], num_stages: int, schedule: str, microbatches: int,
                  loss_fn: Callable, device: torch.device, group):
         self.wrappers = wrappers
+        self.microbatches = microbatches
         self.is_first = 0 in stage_ids
         self.is_last = num_stages - 1 in stage_ids
         self.schedule = build_schedule(train_modules, stage_ids, num_stages, schedule, microbatches,
@@ -148,13 +173,10 @@ class PipelineRunner:
 
     def forward_backward(self, inputs_BS, targets_BS) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over microbatches on the last stage else 0, this stage's mean aux loss)."""
-        for wrapper in self.wrappers:
-            wrapper.aux_values.clear()
         losses = self._run(self.schedule.step, inputs_BS, targets_BS)
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
         # Mean over microbatches of each stage's aux loss, summed over this rank's stages.
-        aux = sum((torch.stack(w.aux_values).mean() for w in self.wrappers if w.aux_values),
-                  torch.zeros(()))
+        aux = sum((w.finish_step(self.microbatches) for w in self.wrappers), torch.zeros(()))
         return loss, aux
 
     @torch.no_grad()

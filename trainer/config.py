@@ -381,9 +381,6 @@ def _validate_pipeline(cfg: DictConfig) -> None:
     if par.pp_schedule == "interleaved_1f1b" and microbatches % par.pp:
         raise RecipeError(f"parallel.microbatches={microbatches} must be a multiple of parallel.pp={par.pp} "
                           "for interleaved_1f1b")
-    if par.dp > 1 and par.dp_shard == "ddp":
-        raise RecipeError("parallel.dp_shard=ddp with parallel.pp > 1 is not supported yet: "
-                          "use parallel.dp_shard=fsdp")
     first_last = par.pp_first_last_layers
     stages = par.pp * virtual
     if first_last is not None and (stages < 3 or first_last < 1 or

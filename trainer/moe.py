@@ -208,7 +208,7 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
 
-        if self.training:
+        if self.training and not experts_TK.is_meta:  # meta: a shape-only pass
             with torch.no_grad():
                 routed = experts_TK if kept_TK is None else experts_TK[kept_TK]
                 self.load_E += torch.bincount(routed.reshape(-1), minlength=self.num_experts)

@@ -327,9 +327,10 @@ class Trainer:
         return {"step": self.step, **last}
 
     def close(self) -> None:
+        """Release everything without collectives: `run` closes cleanly, this is the error path."""
         if self.checkpointer is not None:
             try:
-                self.checkpointer.close()
+                self.checkpointer.close(wait_for_peers=False)
             except Exception as exc:  # closing must not hide the error that got us here
                 print(f"warning: closing the checkpointer failed: {exc}", flush=True)
             self.checkpointer = None
