@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -70,6 +69,9 @@ from pathlib import Path
 import psutil
 import torch
 import torch.distributed.checkpoint as dcp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cores, load_line, machine_line, percentile  # noqa: E402
 
 from atoll.checkpoint.manifest import data_files, hash_file
 from atoll.checkpoint.state import split_state
@@ -111,37 +113,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steps % INTERVAL or args.steps < INTERVAL or args.rounds < 1 or min(args.threads) < 1:
         parser.error(f"--steps must be a positive multiple of {INTERVAL}; --rounds and --threads positive")
     return args
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    line = (f"cpu: {cpu}, {cores()} cores; {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
-            f"torch {torch.__version__}")
-    if torch.cuda.is_available():
-        line += f"; gpu: {torch.cuda.get_device_name()}"
-    return line
-
-
-def load_line() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def median(values: list[float]) -> float:

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -62,6 +61,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import load_line, machine_line  # noqa: E402
 
 from atoll.parallel.kernels import get_kernel, grouped_mm_usable, triton_usable
 
@@ -102,26 +104,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     return args
-
-
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0))
-    line = f"cpu: {cpu}, {cores} cores; torch {torch.__version__}; threads {threads}"
-    if torch.cuda.is_available():
-        line += f"; gpu: {torch.cuda.get_device_name()}"
-    return line
-
-
-def load_line() -> str:
-    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 # ---------------------------------------------------------------- kernel table

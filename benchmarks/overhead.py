@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -64,6 +63,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import load_line, machine_line, percentile  # noqa: E402
 
 from atoll.parallel.data_parallel import gradient_sync
 from atoll.trainer.config import DataConfig, as_dataclass, load_recipe, model_config
@@ -91,29 +93,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps, --rounds and --threads must be positive, --warmup not negative")
     return args
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    line = f"cpu: {cpu}, {cores} cores; torch {torch.__version__}; threads {threads}"
-    if torch.cuda.is_available():
-        line += f"; gpu: {torch.cuda.get_device_name()}"
-    return line
 
 
 class Reference:
@@ -261,13 +240,6 @@ def atoll_only_costs(trainer: Trainer, ref: "Reference", loader) -> dict[str, fl
     return costs
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     block = -(-args.steps // args.rounds)  # ceil: every round runs a full block per side
@@ -300,7 +272,7 @@ def main(argv: list[str]) -> int:
     n_params = sum(p.numel() for p in ref.model.parameters())
     moe = cfg.model.moe.num_experts
     print(f"machine: {machine_line(torch.get_num_threads())}")
-    load_before = load_average()
+    load_before = load_line()
     print(f"recipe: {args.recipe or 'default'} {' '.join(args.overrides)}".rstrip())
     print(f"model: {'MoE ' + str(moe) + ' experts top-' + str(cfg.model.moe.top_k) if moe else 'dense'}, "
           f"dim {cfg.model.dim}, {cfg.model.layers} layers, {n_params:,} params; batch "
@@ -361,11 +333,10 @@ def main(argv: list[str]) -> int:
     print(f"  {'total':<52}{extra_us / 1e3:>8.3f} ms{100 * extra_us / 1e6 / r_med:>8.2f}%"
           "  (% of the hand-written step's median)")
     print(f"trajectory: {check}")
-    load_after = load_average()
+    load_after = load_line()
     # This process alone loads the machine by about `threads`; more means other work ran too.
-    busy = any(float(load.split()[0]) > args.threads + 0.5
-               for load in (load_before, load_after) if load != "unknown")
-    print(f"load average (1/5/15 min) before: {load_before}, after: {load_after}"
+    busy = any(float(load.split()[2]) > args.threads + 0.5 for load in (load_before, load_after))
+    print(f"before: {load_before}, after: {load_after}"
           + ("  (other processes were running: the step times are noisy; the CPU-time line and "
              "the pieces above are the steadier evidence)" if busy else ""))
     verdict = "PASS" if ratio <= TARGET else "FAIL"
