@@ -7,19 +7,26 @@ LOCAL_RANK / MASTER_ADDR / MASTER_PORT in its environment, and waits. The
 group is created, watched and torn down as one unit: if any worker fails,
 every actor is killed at once (survivors would otherwise wait out a
 collective timeout) and the run ends with a one-line error naming the rank.
-Worker output reaches the driver prefixed with the worker's rank.
+Ctrl-C or SIGTERM only sets a flag that the wait loop checks: an interrupt
+raised at an arbitrary point inside Ray's own calls could leave the driver
+unable to tear the group down. Worker output reaches the driver prefixed with
+the worker's rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
 PLACEMENT_TIMEOUT_S = 120.0
+WAIT_POLL_S = 0.5  # how often the driver looks for an interrupt while workers train
 
 
 class WorkerFailed(RuntimeError):
@@ -108,15 +115,24 @@ class WorkerGroup:
             refs[actor.run.remote(env, recipe)] = rank
         results: dict[int, dict] = {}
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            rank = refs[done[0]]
-            try:
-                results[rank] = ray.get(done[0])
-            except Exception as exc:  # a worker raised or died: end the whole group now
-                self.shutdown()
-                raise _worker_error(rank, exc) from None
+        with _signals_set(threading.Event()) as stop:
+            while pending:
+                if stop.is_set():
+                    self.shutdown()
+                    raise KeyboardInterrupt("interrupted")
+                done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_POLL_S)
+                if done:
+                    self._collect(refs[done[0]], done[0], results)
         return [results[rank] for rank in range(self.world)]
+
+    def _collect(self, rank: int, ref, results: dict[int, dict]) -> None:
+        import ray
+
+        try:
+            results[rank] = ray.get(ref)
+        except Exception as exc:  # a worker raised or died: end the whole group now
+            self.shutdown()
+            raise _worker_error(rank, exc) from None
 
     def shutdown(self) -> None:
         import ray
@@ -127,6 +143,21 @@ class WorkerGroup:
         if getattr(self, "pg", None) is not None:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
+
+
+@contextlib.contextmanager
+def _signals_set(event: threading.Event):
+    """SIGINT and SIGTERM set `event` instead of raising, while the group runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    handler = lambda signum, frame: event.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _worker_error(rank: int, exc: BaseException) -> BaseException:
