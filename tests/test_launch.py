@@ -1,4 +1,4 @@
-"""The Ray worker group as one unit: a dead worker or Ctrl-C ends the whole run cleanly."""
+"""The worker group as one unit: a dead or stopped worker, or Ctrl-C, ends the whole run cleanly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from atoll.trainer.metrics import read_jsonl
-from conftest import MARKER, SESSION_ID, TINY_MOE, subprocess_env
+from conftest import MARKER, SESSION_ID, TINY_MOE, free_port, subprocess_env
 
 
 def start_long_ray_run(short_tmp) -> tuple[subprocess.Popen, object]:
@@ -70,3 +70,29 @@ def test_ctrl_c_tears_down_worker_group(short_tmp):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "atoll: error: interrupted"
     wait_gone(workers + driver_children)
+
+
+@pytest.mark.slow
+def test_torchrun_rank_stopped_alone_ends_the_job(tmp_path):
+    """SIGTERM to one rank (a preempted process): it stops without waiting for its peers, so
+    torchrun sees it exit and ends the job, instead of every rank waiting on the others."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+         "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "atoll.launch", "train",
+         *TINY_MOE, "run.steps=100000", "parallel.dp=2",
+         "checkpoint.interval=0", f"run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.time() + 120
+    while not read_jsonl(run_dir / "metrics.jsonl"):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "atoll.launch" in " ".join(p.cmdline())}
+    assert set(ranks) == {"0", "1"}
+    ranks["1"].send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "atoll: error: interrupted" in err
+    wait_gone(list(ranks.values()))
