@@ -76,8 +76,8 @@ class StageModule(nn.Module):
     checkpointer sees: it is handed `part` itself, not this wrapper).
 
     The schedule may run extra forwards on placeholder tensors before a
-    step's real ones, to infer shapes (on its first step, and again after an
-    eval). So each training forward records its aux loss and takes its MoE
+    step's real ones, to infer shapes (torch 2.13: on its first step, with
+    grad, and again after an eval; torch 2.11: once, under no_grad). So each training forward records its aux loss and takes its MoE
     layers' loads, and `finish_step` keeps only the step's last
     `microbatches` records: those are the real microbatches.
     """
@@ -91,7 +91,7 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, aux = self.part(x)
-        if self.training and torch.is_grad_enabled() and not aux.is_meta:
+        if self.training and not aux.is_meta:  # shape inference may run under no_grad
             self.records.append((aux.detach(), [moe.take_load() for moe in self.moe]))
         if aux.requires_grad:
             out = AttachAux.apply(out, aux)
