@@ -39,6 +39,8 @@ from atoll.checkpoint.state import merge_json, split_state, tensor_prefix
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
 
 EventSink = Callable[..., None]
+# On the error path, how long a save in flight may still finish before it is abandoned.
+ABANDON_SAVE_AFTER_S = 60.0
 
 
 class _InFlight:
@@ -129,13 +131,13 @@ class Checkpointer:
         value, self.blocked_s = self.blocked_s, 0.0
         return value
 
-    def _wait_in_flight(self) -> None:
+    def _wait_in_flight(self, timeout: Optional[float] = None) -> None:
         save = self.in_flight
         if save is None:
             return
         try:
-            save.staged.result()
-            save.uploaded.result()
+            save.staged.result(timeout=timeout)
+            save.uploaded.result(timeout=timeout)
         except Exception as exc:  # reported; the previous committed checkpoint stays valid
             self._failed(save, exc)
             return
@@ -175,11 +177,14 @@ class Checkpointer:
 
         `wait_for_peers=False` is for the error path: a peer that failed will
         never reach the final barrier, and waiting for it would hang the job.
+        Nor may the save in flight, whose writers wait on each other, hold it
+        for longer than ABANDON_SAVE_AFTER_S: then it stays a `.partial`
+        folder, never loaded and removed by the next run.
         """
         if self.closed:
             return
         self.closed = True
-        self._wait_in_flight()
+        self._wait_in_flight(timeout=None if wait_for_peers else ABANDON_SAVE_AFTER_S)
         if self.stager is not None:
             self.stager.close()
             stop_writer_process()

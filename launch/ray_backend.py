@@ -27,6 +27,9 @@ from omegaconf import DictConfig
 
 PLACEMENT_TIMEOUT_S = 120.0
 WAIT_POLL_S = 0.5  # how often the driver looks for an interrupt while workers train
+# Worker output reaches the driver through Ray's log monitor, after the result
+# does: give the last lines (the run summary, a traceback) time to arrive.
+LOG_DRAIN_S = 2.0
 
 
 class WorkerFailed(RuntimeError):
@@ -81,18 +84,44 @@ def _local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
 
 
 class WorkerGroup:
-    def __init__(self, cfg: DictConfig):
+    """One actor per rank in one placement group, created, watched and killed as a unit.
+
+    Every wait polls `stop` (set by Ctrl-C or SIGTERM) and raises
+    KeyboardInterrupt from here, never from inside a Ray call.
+    """
+
+    def __init__(self, cfg: DictConfig, stop: threading.Event):
+        self.cfg, self.stop = cfg, stop
+        self.world = cfg.parallel.pp * cfg.parallel.dp
+        self.actors: list = []
+        self.pg = None
+
+    def _wait(self, refs: list, num_returns: int, timeout: Optional[float] = None) -> tuple[list, list]:
+        """ray.wait in short slices, checking for an interrupt between them."""
+        import ray
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done: list = []
+        while True:
+            if self.stop.is_set():
+                raise KeyboardInterrupt("interrupted")
+            left = WAIT_POLL_S if deadline is None else min(WAIT_POLL_S, deadline - time.monotonic())
+            ready, refs = ray.wait(refs, num_returns=min(num_returns - len(done), len(refs)),
+                                   timeout=max(left, 0.0))
+            done += ready
+            if len(done) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+                return done, refs
+
+    def start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.world = cfg.parallel.pp * cfg.parallel.dp
-        cpus = cfg.launch.cpus_per_worker
+        cpus = self.cfg.launch.cpus_per_worker
         self.pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = self._wait([self.pg.ready()], 1, timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             have = ray.cluster_resources().get("CPU", 0)
-            ray.util.remove_placement_group(self.pg)
             raise WorkerFailed(f"cannot place {self.world} workers × {cpus} CPU: the Ray cluster "
                                f"has {have:g} CPUs (lower launch.cpus_per_worker or the layout)")
         actor_cls = ray.remote(num_cpus=cpus, max_restarts=0)(TrainWorker)
@@ -104,7 +133,9 @@ class WorkerGroup:
     def run(self, recipe: dict) -> list[dict]:
         import ray
 
-        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        address_refs = [actor.address.remote() for actor in self.actors]
+        self._wait(list(address_refs), len(address_refs))
+        addresses = ray.get(address_refs)
         master_addr, master_port, _ = addresses[0]
         local = _local_ranks([node for _, _, node in addresses])
         refs = {}
@@ -115,14 +146,9 @@ class WorkerGroup:
             refs[actor.run.remote(env, recipe)] = rank
         results: dict[int, dict] = {}
         pending = list(refs)
-        with _signals_set(threading.Event()) as stop:
-            while pending:
-                if stop.is_set():
-                    self.shutdown()
-                    raise KeyboardInterrupt("interrupted")
-                done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_POLL_S)
-                if done:
-                    self._collect(refs[done[0]], done[0], results)
+        while pending:
+            done, pending = self._wait(pending, 1)
+            self._collect(refs[done[0]], done[0], results)
         return [results[rank] for rank in range(self.world)]
 
     def _collect(self, rank: int, ref, results: dict[int, dict]) -> None:
@@ -137,21 +163,29 @@ class WorkerGroup:
     def shutdown(self) -> None:
         import ray
 
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
-        if getattr(self, "pg", None) is not None:
+        if self.pg is not None:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
 
 
 @contextlib.contextmanager
 def _signals_set(event: threading.Event):
-    """SIGINT and SIGTERM set `event` instead of raising, while the group runs."""
+    """SIGINT and SIGTERM set `event` instead of raising, while the group runs.
+
+    A second signal raises at once: the user insists, even if a Ray call is cut short.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
-    handler = lambda signum, frame: event.set()  # noqa: E731
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt(f"signal {signum} again")
+        event.set()
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield event
@@ -182,13 +216,18 @@ def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
     from atoll.trainer.config import to_dict
 
     started = time.perf_counter()
-    _init_ray(cfg)
-    group: Optional[WorkerGroup] = None
-    try:
-        group = WorkerGroup(cfg)
-        return group.run(to_dict(cfg))
-    finally:
-        if group is not None:
+    with _signals_set(threading.Event()) as stop:
+        group = WorkerGroup(cfg, stop)
+        try:
+            _init_ray(cfg)
+            group.start()
+            results = group.run(to_dict(cfg))
+            time.sleep(LOG_DRAIN_S)
+            return results
+        except WorkerFailed:
+            time.sleep(LOG_DRAIN_S)
+            raise
+        finally:
             group.shutdown()
-        ray.shutdown()
-        print(f"ray worker group closed after {time.perf_counter() - started:.1f}s", flush=True)
+            ray.shutdown()
+            print(f"ray worker group closed after {time.perf_counter() - started:.1f}s", flush=True)

@@ -4,7 +4,9 @@
 one unit per transformer block plus the root) or replicates them with DDP,
 over the mesh's "dp" dimension. `gradient_sync` tells either wrapper whether
 the current micro-batch is the last of the step, so gradient accumulation
-reduces once per step.
+reduces once per step. Under pipeline parallelism torch's schedule drives the
+wrappers itself and reduces at the end of each data micro-batch's pipeline
+run (once per step with the default data.grad_accum=1).
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh) -> nn.Modu
     if experts:
         names = [name for name, p in model.named_parameters() if p in experts]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    # Pipeline stages drive DDP's reducer from torch's stage code, once per step;
-    # DDP's bucket rebuild after the first step miscounts there, and
-    # find_unused_parameters is what turns that rebuild off.
+    # Pipeline stages drive DDP's reducer from torch's stage code, and DDP's
+    # bucket rebuild after the first step also counts the schedule's
+    # shape-inference backward; find_unused_parameters turns that rebuild off.
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
                                    device_ids=None if mesh.device.type == "cpu" else [mesh.device],
                                    find_unused_parameters=layout.pp > 1)

@@ -88,6 +88,11 @@ class StageModule(nn.Module):
         self.moe = [moe for _, moe in moe_layers(part)]
         # Per training forward: (aux loss, [(load_E, dropped) per MoE layer]).
         self.records: list[tuple[torch.Tensor, list]] = []
+        self.carried: list = []  # loads of earlier micro-batches of this optimizer step
+
+    def start_step(self) -> None:
+        """Set aside the loads counted so far, so no forward record holds them."""
+        self.carried = [moe.take_load() for moe in self.moe]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, aux = self.part(x)
@@ -105,10 +110,10 @@ class StageModule(nn.Module):
         real = self.records[-microbatches:]
         self.records = []
         for index, moe in enumerate(self.moe):
-            for _, loads in real:
-                load_E, dropped = loads[index]
+            for load_E, dropped in [self.carried[index]] + [loads[index] for _, loads in real]:
                 moe.load_E += load_E
                 moe.dropped += dropped
+        self.carried = []
         return torch.stack([aux for aux, _ in real]).mean()
 
 
@@ -173,6 +178,8 @@ class PipelineRunner:
 
     def forward_backward(self, inputs_BS, targets_BS) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over microbatches on the last stage else 0, this stage's mean aux loss)."""
+        for wrapper in self.wrappers:
+            wrapper.start_step()
         losses = self._run(self.schedule.step, inputs_BS, targets_BS)
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
         # Mean over microbatches of each stage's aux loss, summed over this rank's stages.

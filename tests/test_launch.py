@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -83,16 +84,27 @@ def test_torchrun_rank_stopped_alone_ends_the_job(tmp_path):
          *TINY_MOE, "run.steps=100000", "parallel.dp=2",
          "checkpoint.interval=0", f"run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    deadline = time.time() + 120
-    while not read_jsonl(run_dir / "metrics.jsonl"):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.5)
-    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
-             if "atoll.launch" in " ".join(p.cmdline())}
-    assert set(ranks) == {"0", "1"}
-    ranks["1"].send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "atoll: error: interrupted" in err
-    wait_gone(list(ranks.values()))
+    try:
+        deadline = time.time() + 120
+        while not read_jsonl(run_dir / "metrics.jsonl"):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "atoll.launch" in " ".join(child.cmdline()):
+                    ranks[child.environ().get("RANK")] = child
+        assert set(ranks) == {"0", "1"}
+        ranks["1"].send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert "atoll: error: interrupted" in err
+        wait_gone(list(ranks.values()))
+    finally:  # a hung job must not outlive the test
+        if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+            proc.kill()
+            proc.wait()
