@@ -127,6 +127,10 @@ class Checkpointer:
                 self._failed(save, save.finalized.exception())
             self.in_flight = None
 
+    def wait(self) -> None:
+        """Until the save in flight (if any) has committed or failed."""
+        self._wait_in_flight()
+
     def take_blocked_s(self) -> float:
         value, self.blocked_s = self.blocked_s, 0.0
         return value

@@ -113,8 +113,28 @@ def train_command(args: argparse.Namespace) -> int:
                                "start with `torchrun --nproc-per-node N -m atoll.launch train ...`")
     from atoll.trainer.train import train
 
-    train(to_dict(cfg))
+    control = torchrun_control(cfg) if torchrun else None
+    train(to_dict(cfg), control)
+    if control is not None and control.snapshot_store is not None and \
+            os.environ.get("LOCAL_RANK", "0") == "0":
+        control.snapshot_store.clear()  # the run is done: nothing left in /dev/shm
     return 0
+
+
+def torchrun_control(cfg):
+    """Under torchrun the memory tier is /dev/shm, shared by the ranks of a node and by
+    the restarts torchrun makes of them (same run id), so a restart resumes from memory."""
+    from atoll.checkpoint.snapshot import ShmSnapshotStore, shm_root
+    from atoll.trainer.config import run_dir
+    from atoll.trainer.hooks import RunControl
+
+    if not cfg.checkpoint.memory_interval:
+        return RunControl()
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    root = shm_root(str(run_dir(cfg)), run_id)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        ShmSnapshotStore.remove_stale(root)  # left by an earlier job of this run directory
+    return RunControl(snapshot_store=ShmSnapshotStore(root))
 
 
 def _interrupt(signum, frame):

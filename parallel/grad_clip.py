@@ -10,6 +10,7 @@ world gives the norm of the whole model's gradient.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,24 +33,32 @@ def _copies(grad: torch.Tensor, stage_world: int) -> int:
     return copies
 
 
-def clip_grad_norm(params, max_norm: float, stage_world: int = 1) -> float:
+def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
+                   extra: Sequence[torch.Tensor] = ()) -> tuple[float, list[float]]:
     """Scale gradients so their global L2 norm is at most `max_norm` (0: no clipping).
 
-    Returns the norm before clipping. The all-reduce spans every rank, so
-    the norm covers all pipeline stages.
+    Returns the norm before clipping and the world sums of the `extra`
+    scalars, which ride on the same all-reduce (the train loop's per-step
+    loss and non-finite checks cost no collective of their own). The
+    all-reduce spans every rank, so the norm covers all pipeline stages.
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if not grads:
-        return 0.0
     pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    copies = torch.tensor([_copies(g, stage_world) for g in grads], dtype=torch.float64,
-                          device=pieces[0].device)
-    norms = torch.stack(torch._foreach_norm(pieces, 2)).double()  # one fused pass over all pieces
-    total = (norms.pow(2) / copies).sum()
+    device = pieces[0].device if pieces else (extra[0].device if extra else torch.device("cpu"))
+    if pieces:
+        copies = torch.tensor([_copies(g, stage_world) for g in grads], dtype=torch.float64,
+                              device=device)
+        norms = torch.stack(torch._foreach_norm(pieces, 2)).double()  # one fused pass over all pieces
+        total = (norms.pow(2) / copies).sum().reshape(1)
+    else:
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+    summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1)
+                                  for v in extra])
     if world > 1:
-        dist.all_reduce(total)
-    norm = math.sqrt(float(total))
-    if max_norm > 0 and norm > max_norm:
+        dist.all_reduce(summed)
+    values = summed.tolist()
+    norm = math.sqrt(values[0]) if math.isfinite(values[0]) else float("nan")
+    if pieces and max_norm > 0 and norm > max_norm:
         torch._foreach_mul_(pieces, max_norm / (norm + 1e-6))
-    return norm
+    return norm, values[1:]

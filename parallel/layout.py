@@ -11,6 +11,7 @@ whether Ray, torchrun or a local spawner started the process.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -92,6 +93,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rendezvous_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The run's key-value store, listening on MASTER_ADDR only.
+
+    torch's TCPStore binds its server to every interface; handed a socket
+    that is already bound, it listens where that socket does. On loopback
+    gloo is kept there too, and DCP's writer processes join this store
+    instead of starting stores of their own.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if _is_loopback(addr):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
+    if env.rank != 0:
+        return dist.TCPStore(addr, port, env.world_size, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.listen(1024)
+    return dist.TCPStore(addr, port, env.world_size, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
 def device_for(env: ProcessEnv) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
@@ -123,8 +153,13 @@ class ParallelMesh:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
                 os.environ.setdefault("MASTER_PORT", str(_free_port()))
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            if running_under_torchrun():  # torchrun's agent holds the store
+                dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                        timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, store=rendezvous_store(env, timeout),
+                                        rank=env.rank, world_size=env.world_size, timeout=timeout)
         if env.world_size == 1:
             return
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)

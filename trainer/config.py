@@ -118,6 +118,20 @@ class CheckpointConfig:
     keep: int = 3
     keep_every: int = 0
     resume: str = "auto"  # auto | none | PATH
+    memory_interval: int = 1  # steps between in-memory snapshots (fault recovery); 0 = off
+    memory_replicas: int = 1  # copies of each snapshot on other nodes (Ray)
+
+
+@dataclass
+class FaultToleranceConfig:
+    max_restarts: int = 3  # group restarts after crashes before the run fails; 0 = none
+    restart_backoff_s: float = 0.0  # wait before the n-th restart: backoff × 2^(n-1), capped at 30 s
+    min_workers: int = 0  # smallest world to shrink to when the full one cannot be placed; 0 = no shrinking
+    hang_timeout_s: float = 60.0  # no step completed by some rank for this long: a hang
+    placement_timeout_s: float = 30.0  # how long to wait for the full world's resources after a failure
+    collective_timeout_s: float = 300.0  # process-group timeout of every training collective
+    spike_factor: float = 0.0  # a loss above this × the running median is an anomaly; 0 = off
+    max_bad_steps: int = 3  # anomalous steps in a row before rolling back to the last good state
 
 
 @dataclass
@@ -138,6 +152,7 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -174,8 +189,12 @@ NON_NEGATIVE = (
     "model.moe.groups", "optim.warmup_steps",
     "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
-    "launch.threads_per_worker",
+    "launch.threads_per_worker", "checkpoint.memory_interval", "checkpoint.memory_replicas",
+    "fault_tolerance.max_restarts", "fault_tolerance.restart_backoff_s",
+    "fault_tolerance.min_workers", "fault_tolerance.spike_factor",
 )
+POSITIVE = ("fault_tolerance.hang_timeout_s", "fault_tolerance.placement_timeout_s",
+            "fault_tolerance.collective_timeout_s", "fault_tolerance.max_bad_steps")
 
 
 # --------------------------------------------------------------------------- loading
@@ -328,8 +347,9 @@ def validate(cfg: DictConfig) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise RecipeError(f"recipe key '{key}' must not be negative, got {_get(cfg, key)}")
-    if not 0 < cfg.optim.lr:
-        raise RecipeError(f"recipe key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    for key in ("optim.lr",) + POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise RecipeError(f"recipe key '{key}' must be positive, got {_get(cfg, key)}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
     if not 0 < cfg.data.val_fraction < 0.5:
@@ -361,6 +381,12 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"parallel.ep={par.ep} must divide model.moe.num_experts={moe.num_experts}")
     if par.pp > 1:
         _validate_pipeline(cfg)
+    ft = cfg.fault_tolerance
+    if ft.spike_factor and ft.spike_factor <= 1:
+        raise RecipeError(f"fault_tolerance.spike_factor={ft.spike_factor} must be above 1 (0 = off)")
+    if ft.min_workers > world_size(cfg):
+        raise RecipeError(f"fault_tolerance.min_workers={ft.min_workers} exceeds the layout's "
+                          f"{world_size(cfg)} workers")
     if cfg.launch.backend == "local" and world_size(cfg) != 1:
         raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp})")
 

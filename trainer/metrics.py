@@ -43,8 +43,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def record_event(run_dir: Path, kind: str, **fields: Any) -> None:
-    append_jsonl(Path(run_dir) / EVENTS_FILE, {"event": kind, "time": time.time(), **fields})
+def record_event(run_dir: Path, event: str, /, **fields: Any) -> None:
+    append_jsonl(Path(run_dir) / EVENTS_FILE, {"event": event, "time": time.time(), **fields})
 
 
 def format_duration(seconds: float) -> str:
@@ -116,9 +116,9 @@ class MetricsLogger:
             print(f"step {step}/{self.total_steps} | " + " | ".join(parts)
                   + f" | eta {format_duration(eta)}", flush=True)
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, event: str, /, **fields: Any) -> None:
         if self.enabled:
-            record_event(self.run_dir, kind, **fields)
+            record_event(self.run_dir, event, **fields)
 
     def close(self, final_step: int, summary: bool = True) -> Optional[str]:
         """Finish wandb, draw the loss curve and return the one-line summary."""

@@ -4,13 +4,15 @@
 backend started it. It reads its rank from the environment, builds the
 single-device model, lets `atoll.parallel` shard it, and runs the loop:
 micro-batches with gradient accumulation, clipping, AdamW, schedule, eval and
-metrics. It never asks who started it.
+metrics. It never asks who started it: what a launcher adds (a snapshot
+store, a heartbeat, a stop request) arrives as a `RunControl`. The loop does
+the training step and hands every other concern (disk checkpoints, memory
+snapshots, metrics, heartbeat) to its step hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
+from atoll.checkpoint.store import find_resumable
 from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
@@ -35,6 +38,9 @@ from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
                                   recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
+from atoll.trainer.guard import AnomalyGuard
+from atoll.trainer.hooks import (DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook, MetricsHook,
+                                 RunControl, StepHook)
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -48,9 +54,12 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class StepResult:
+    """Global values of one step (the same on every rank)."""
+
     loss: float
     aux_loss: float
     grad_norm: float
+    skipped: bool = False  # an anomaly: no optimizer step was taken
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -72,9 +81,13 @@ def set_threads(cfg: DictConfig, env: ProcessEnv) -> None:
 class Trainer:
     """One process's share of a run: model part, optimizer, data, logger."""
 
-    def __init__(self, cfg: DictConfig, env: Optional[ProcessEnv] = None):
+    def __init__(self, cfg: DictConfig, env: Optional[ProcessEnv] = None,
+                 control: Optional[RunControl] = None):
         self.mesh: Optional[ParallelMesh] = None
         self.checkpointer: Optional[Checkpointer] = None
+        self.snapshotter = None  # a MemorySnapshotter when the launcher gave a store
+        self.hooks: list[StepHook] = []
+        self.control = control or RunControl()
         try:
             self._build(cfg, env)
         except BaseException:
@@ -89,7 +102,8 @@ class Trainer:
         check_run_dir(cfg)
         set_threads(cfg, self.env)
         self.device = device_for(self.env)
-        self.mesh = ParallelMesh(self.layout, self.env, self.device)
+        self.mesh = ParallelMesh(self.layout, self.env, self.device,
+                                 timeout_s=cfg.fault_tolerance.collective_timeout_s)
         if self.env.is_logging_rank:
             prepare_run_dir(cfg)
         self.mesh.barrier()
@@ -127,12 +141,23 @@ class Trainer:
             use_async=ckpt.async_, interval=ckpt.interval,
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
             recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
+        store = self.control.snapshot_store
+        if store is not None and ckpt.memory_interval:
+            from atoll.checkpoint.snapshot import MemorySnapshotter
+            self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
+                                                 is_coordinator=self.is_logging_rank,
+                                                 interval=ckpt.memory_interval, warn=self._warn)
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
+        self.stop_after: Optional[int] = None  # set when the launcher asks for a clean stop
+        ft = cfg.fault_tolerance
+        self.guard = AnomalyGuard(ft.spike_factor, ft.max_bad_steps)
         # Everything a checkpoint holds; each entry is layout-free.
         self.states = {"model_optim": ModelOptimizerState(list(zip(self.parts, self.optimizers))),
                        "scheduler": ScheduleState(self.schedulers), "data": self.loader,
-                       "train": self.progress}
+                       "train": self.progress, "guard": self.guard}
+        self.resumed_step: Optional[int] = None
+        self.resume_source: Optional[str] = None
         self.resumed_from = self._resume()
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
@@ -144,7 +169,11 @@ class Trainer:
             write_config(cfg)
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
-                              layout=self.layout.to_dict())
+                              source=self.resume_source, layout=self.layout.to_dict())
+        # Order matters: snapshot before the disk save reads the same state, metrics and
+        # the heartbeat last, so a step counts as done only once its snapshot has started.
+        self.hooks = ([MemorySnapshotHook()] if self.snapshotter else []) + \
+            [DiskCheckpointHook(), MetricsHook(), HeartbeatHook(self.control)]
 
     def _build_parts(self, cfg: DictConfig) -> None:
         """This rank's model parts, parallelised: the whole model, or its pipeline stages."""
@@ -174,17 +203,20 @@ class Trainer:
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
 
-    def _event(self, kind: str, **fields) -> None:
+    def _event(self, event: str, /, **fields) -> None:
         if self.is_logging_rank:
-            record_event(run_dir(self.cfg), kind, **fields)
+            record_event(run_dir(self.cfg), event, **fields)
 
     def _resume(self) -> Optional[Path]:
-        """Load the checkpoint `checkpoint.resume` names; rank 0 chooses, all follow."""
+        """Load the newest state: a memory snapshot or the checkpoint `checkpoint.resume` names.
+
+        Rank 0 chooses, all follow. With `checkpoint.resume: auto` a complete
+        memory snapshot wins over a disk checkpoint that is not newer.
+        """
         choice: tuple = ("none", None)
         if self.is_logging_rank:
             try:
-                found = choose_checkpoint(self.cfg, self._warn)
-                choice = ("load", str(found[0])) if found else ("none", None)
+                choice = self._choose_resume()
             except CheckpointError as exc:
                 choice = ("error", str(exc))
         kind, value = self.mesh.broadcast_object(choice)
@@ -192,16 +224,42 @@ class Trainer:
             raise CheckpointError(value)
         if kind == "none":
             return None
-        path = Path(value)
-        self.checkpointer.load(path, read_manifest(path), self.states)
+        if kind == "memory":
+            from atoll.checkpoint.snapshot import restore_snapshot
+            restore_snapshot(self.control.snapshot_store, int(value), self.states,
+                             self.checkpointer.group)
+            path = Path(f"memory:step-{int(value)}")
+        else:
+            path = Path(value)
+            self.checkpointer.load(path, read_manifest(path), self.states)
         self.step = int(self.progress.values["step"])
+        self.resumed_step, self.resume_source = self.step, ("memory" if kind == "memory" else "disk")
         if self.is_logging_rank:
             truncate_metrics(self.cfg, self.step)
             print(f"resumed from {path} at step {self.step} "
                   f"({self.loader.samples_consumed} samples consumed)", flush=True)
         return path
 
+    def _choose_resume(self) -> tuple:
+        found = choose_checkpoint(self.cfg, self._warn)
+        disk_step = read_manifest(found[0])["step"] if found else -1
+        store = self.control.snapshot_store
+        if store is not None and self.cfg.checkpoint.resume == "auto":
+            memory_step = store.latest()
+            if memory_step is not None and memory_step >= disk_step:
+                return "memory", memory_step
+        return ("disk", str(found[0])) if found else ("none", None)
+
+    def snapshot_extra(self) -> dict:
+        return {"step": self.step, "samples": self.loader.samples_consumed,
+                "layout": self.layout.to_dict()}
+
+    def at_boundary(self) -> bool:
+        """The last step of this invocation: save whatever the next one resumes from."""
+        return self.step == self.last_step or self.step == self.stop_after
+
     def train_step(self) -> StepResult:
+        """Forward, backward, checks and one optimizer step (skipped on an anomaly)."""
         micro_batches = self.loader.next_step()
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
@@ -224,24 +282,70 @@ class Trainer:
                     param.grad.div_(len(micro_batches))
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
-        grad_norm = clip_grad_norm(params, self.optim_cfg.grad_clip, self.mesh.stage_world_size)
+        n = len(micro_batches)
+        stop = self.control.stop_request is not None and bool(self.control.stop_request())
+        # Loss, aux loss and the stop request ride on the gradient norm's all-reduce: every
+        # rank gets the same global values, so every rank takes the same decision below.
+        grad_norm, (loss_total, aux_total, stops) = clip_grad_norm(
+            params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
+            extra=[loss_sum / n, aux_sum / n, torch.tensor(float(stop))])
+        result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
+                            grad_norm=grad_norm)
+        if stops and self.stop_after is None:
+            self.stop_after = self.step + 1
         self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
+        anomaly = self.guard.check(result.loss, grad_norm)
+        if anomaly is not None:
+            self._anomaly(*anomaly, result)
+            return result
+        for hook in self.hooks:  # e.g. a snapshot still copying what the step below mutates
+            hook.before_optimizer_step(self)
         for (_, load_E, _), (_, moe) in zip(self.moe_load,
                                             [m for part in self.parts for m in moe_layers(part)]):
             if moe.balance == "aux_free":
                 moe.router.update_bias(load_E, moe.bias_update_rate)
-        self.checkpointer.wait_staging()  # the step below mutates what a save may be copying
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.progress.values["step"] = self.step
-        self.checkpointer.poll()
-        if self.checkpointer.due(self.step, self.last_step):
-            self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
-        n = len(micro_batches)
-        return StepResult(loss=float(loss_sum) / n, aux_loss=float(aux_sum) / n, grad_norm=grad_norm)
+        return result
+
+    def _anomaly(self, kind: str, value: float, action: str, result: StepResult) -> None:
+        """Drop the step's gradients; after too many in a row, roll back to the last good state."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        result.skipped = True
+        self._event("anomaly", step=self.step + 1, kind=kind, value=str(value), action=action)
+        self._warn(f"{kind} loss or gradient ({value}) at step {self.step + 1}: {action}")
+        if action == "rollback":
+            self._rollback()
+
+    def _rollback(self) -> None:
+        """Back to the newest snapshot or checkpoint; the data stream goes on past the bad batches."""
+        position, from_step = self.loader.samples_consumed, self.step
+        if self.snapshotter is not None:
+            self.snapshotter.wait()
+        store = self.control.snapshot_store if self.snapshotter is not None else None
+        memory_step = store.latest() if store is not None else None
+        if memory_step is not None:
+            from atoll.checkpoint.snapshot import restore_snapshot
+            restore_snapshot(store, memory_step, self.states, self.checkpointer.group)
+        else:
+            self.checkpointer.wait()
+            found = find_resumable(checkpoints_dir(self.cfg), self._warn)
+            if found is None:
+                raise TrainingError(f"the loss diverged at step {from_step + 1} and there is no "
+                                    "snapshot or checkpoint to roll back to; lower optim.lr or "
+                                    "check the data")
+            self.checkpointer.load(found[0], found[1], self.states)
+        self.step = int(self.progress.values["step"])
+        skipped = position - self.loader.samples_consumed
+        self.loader.samples_consumed = position  # skip the offending batches, never replay them
+        self._event("rollback", from_step=from_step, to_step=self.step, skipped_samples=skipped)
+        self._warn(f"rolled back from step {from_step} to step {self.step}, "
+                   f"skipping {skipped} samples")
 
     def load_metrics(self) -> dict:
         """Per MoE layer: max and mean assignments per expert in the last step, dropped ones."""
@@ -276,58 +380,67 @@ class Trainer:
         stage_sum = self.mesh.sum_over_stages([sum(losses) / len(losses)])
         return self.mesh.all_reduce_mean(stage_sum)[0]
 
+    def step_metrics(self, result: StepResult, steps: int, elapsed: float) -> dict:
+        """The metrics.jsonl row of a log step (`steps` steps took `elapsed` seconds)."""
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        metrics = {"loss": result.loss, "aux_loss": result.aux_loss,
+                   "lr": self.schedulers[0].get_last_lr()[0], "grad_norm": result.grad_norm,
+                   "tokens": self.step * self.tokens_per_step,
+                   "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
+                   "step_time_s": elapsed / steps,
+                   "ckpt_block_s": self.checkpointer.take_blocked_s(),
+                   "tflops": self.flops_per_token * tokens_per_s / 1e12,
+                   "comm_bytes": self.comm_bytes}
+        metrics.update(self.load_metrics())
+        return metrics
+
+    def one_step(self) -> StepResult:
+        """A training step, then every hook that follows one."""
+        result = self.train_step()
+        if not result.skipped:
+            for hook in self.hooks:
+                hook.after_step(self, result)
+        return result
+
     def run(self) -> dict:
         cfg = self.cfg
         if self.env.is_logging_rank:
             print(f"training {cfg.run.name}: {self.layout.describe()}, "
                   f"{self.param_count:,} parameters, {cfg.run.steps} steps",
                   flush=True)
+        for hook in self.hooks:
+            if isinstance(hook, HeartbeatHook):
+                hook.beat(self)  # started (and resumed): the launcher may time the next step
         if self.step >= self.last_step:
             if self.is_logging_rank:
                 print(f"nothing to do: run {cfg.run.name} is already at step {self.step} "
                       f"(run.steps={cfg.run.steps}, run.stop_at={cfg.run.stop_at})", flush=True)
-            self.checkpointer.close()
+            self._close_hooks()
             self.logger.close(self.step, summary=False)
             return {"step": self.step}
-        interval_start, interval_steps = time.perf_counter(), 0
-        last: dict = {}
-        while self.step < self.last_step:
-            step_start = time.perf_counter()
-            result = self.train_step()
-            step_time = time.perf_counter() - step_start
-            interval_steps += 1
-            log_now = self.step % cfg.logging.log_interval == 0 or self.step == self.last_step
-            eval_now = bool(self.val) and (self.step % cfg.logging.eval_interval == 0
-                                           or self.step == self.last_step)
-            if not (log_now or eval_now):
-                continue
-            loss, aux_loss = self.mesh.all_reduce_mean(
-                self.mesh.sum_over_stages([result.loss, result.aux_loss]))
-            if not math.isfinite(loss):
-                raise TrainingError(f"the loss became {loss} at step {self.step}; "
-                                    "lower optim.lr or check the data")
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_s = self.tokens_per_step * interval_steps / elapsed
-            last = {"loss": loss, "aux_loss": aux_loss, "lr": self.schedulers[0].get_last_lr()[0],
-                    "grad_norm": result.grad_norm, "tokens": self.step * self.tokens_per_step,
-                    "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
-                    "step_time_s": step_time,
-                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
-                    "tflops": self.flops_per_token * tokens_per_s / 1e12,
-                    "comm_bytes": self.comm_bytes}
-            last.update(self.load_metrics())
-            if eval_now:
-                last["eval_loss"] = self.evaluate()
-            self.logger.log(self.step, last)
-            interval_start, interval_steps = time.perf_counter(), 0
-        self.checkpointer.close()
-        self.logger.close(self.step)
+        while self.step < self.last_step and self.step != self.stop_after:
+            self.one_step()
+        self._close_hooks()
+        stopped = self.step == self.stop_after and self.step < self.last_step
+        self.logger.close(self.step, summary=not stopped)
         if self.checkpointer.interval and self.checkpointer.last_error:
             raise TrainingError(f"the run finished but its last {self.checkpointer.last_error}")
-        return {"step": self.step, **last}
+        last = next((h.last for h in self.hooks if isinstance(h, MetricsHook)), {})
+        return {"step": self.step, "stopped": stopped, **last}
+
+    def _close_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.close(self, clean=True)
+        self.checkpointer.close()
 
     def close(self) -> None:
         """Release everything without collectives: `run` closes cleanly, this is the error path."""
+        for hook in self.hooks:
+            try:
+                hook.close(self, clean=False)
+            except Exception as exc:  # closing must not hide the error that got us here
+                print(f"warning: closing {type(hook).__name__} failed: {exc}", flush=True)
+        self.hooks = []
         if self.checkpointer is not None:
             try:
                 self.checkpointer.close(wait_for_peers=False)
@@ -339,10 +452,10 @@ class Trainer:
             self.mesh = None
 
 
-def train(recipe: dict) -> dict:
+def train(recipe: dict, control: Optional[RunControl] = None) -> dict:
     """Entry function: run the recipe as this process's rank; returns final metrics."""
     cfg = recipe_from_dict(recipe)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, control=control)
     try:
         return trainer.run()
     finally:

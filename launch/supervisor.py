@@ -1,0 +1,344 @@
+"""The supervisor: what to do when a worker group fails, shrinks or can grow back.
+
+A small state machine over worker groups:
+
+    starting -> running -> finished
+                   |   \\-> failed            (user error, or past max_restarts)
+                   |-> restarting -> starting (a crash, a death, a hang, a lost node)
+                   \\-> resizing  -> starting (shrink after a failure, grow back when resources return)
+
+It watches a group only through `poll()` (per-rank state and heartbeat) and
+acts only through the group's `create / start / request_stop / shutdown`
+and the factory's `capacity()`, so it runs the same against Ray and
+against the fake group of its unit tests. Decisions:
+
+- failure policy: a user error (recipe, data, checkpoint) ends the run at
+  once; anything else kills the whole group and starts a new one, at most
+  `fault_tolerance.max_restarts` times, after `restart_backoff_s` × 2^(n-1).
+  A rank whose step has not advanced for `hang_timeout_s` is hung.
+- scaling policy: when the full world cannot be placed within
+  `placement_timeout_s` and `min_workers` allows, the largest valid smaller
+  layout runs with a larger `data.grad_accum` (same global batch); once the
+  capacity is back, the group stops at a step boundary and the full layout
+  resumes from that step.
+
+Every decision is an event (DESIGN §7): workers, failure, restart, resize.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
+
+BACKOFF_CAP_S = 30.0
+STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a group
+GROW_CHECK_S = 1.0  # how often a shrunk run looks for its missing capacity
+# A rank that raised usually did so because a peer died: wait this long for the death to show.
+SETTLE_S = 0.5
+
+
+class WorkerFailed(RuntimeError):
+    """The run failed for good; the message names the rank and the cause."""
+
+
+class UserError(RuntimeError):
+    """A rank failed on something a user must fix; carries the original type name."""
+
+    def __init__(self, type_name: str, message: str):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class WorkerGroup(Protocol):
+    world: int
+    ranks: list[RankInfo]
+
+    def create(self) -> list[RankInfo]: ...
+    def start(self, recipe: dict, store: Any = None) -> None: ...
+    def poll(self, timeout_s: float) -> list[RankStatus]: ...
+    def request_stop(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class GroupFactory(Protocol):
+    def group(self, recipe: dict, world: int, placement_timeout_s: float) -> WorkerGroup: ...
+    def capacity(self, running_world: int) -> int: ...
+    def snapshot_store(self) -> Any: ...
+
+
+@dataclass
+class Failure:
+    rank: int
+    kind: str  # died | hang | error | node_lost
+    step: int
+    detected_s: float
+    message: str
+    user: bool = False
+    type_name: str = ""
+
+
+def fit_layout(recipe: dict, workers: int, min_workers: int) -> Optional[dict]:
+    """The recipe resized to the largest valid world of at most `workers`, or None.
+
+    pp stays; dp shrinks to a divisor of dp × grad_accum so that grad_accum
+    absorbs the change (same global batch); ep becomes its largest divisor
+    that divides the new dp (so it still divides the expert count).
+    """
+    par, data = recipe["parallel"], recipe["data"]
+    pp, full_dp, accum = par["pp"], par["dp"], data["grad_accum"]
+    batch_units = full_dp * accum
+    for dp in range(min(full_dp, workers // pp), 0, -1):
+        if batch_units % dp or pp * dp < max(min_workers, 1):
+            continue
+        resized = copy.deepcopy(recipe)
+        resized["parallel"]["dp"] = dp
+        resized["parallel"]["ep"] = max(e for e in range(1, par["ep"] + 1)
+                                        if par["ep"] % e == 0 and dp % e == 0)
+        resized["data"]["grad_accum"] = batch_units // dp
+        return resized
+    return None
+
+
+def world_of(recipe: dict) -> int:
+    return recipe["parallel"]["pp"] * recipe["parallel"]["dp"]
+
+
+def layout_of(recipe: dict) -> dict:
+    par = recipe["parallel"]
+    return {"pp": par["pp"], "dp": par["dp"], "ep": par["ep"], "dp_shard": par["dp_shard"],
+            "grad_accum": recipe["data"]["grad_accum"]}
+
+
+class Supervisor:
+    def __init__(self, recipe: dict, factory: GroupFactory, emit: Callable[..., None], *,
+                 has_disk_checkpoint: Callable[[], bool] = lambda: False,
+                 poll_s: float = 0.1, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 interrupted: Callable[[], bool] = lambda: False,
+                 log: Callable[[str], None] = print):
+        self.recipe, self.factory, self.emit = recipe, factory, emit
+        ft = recipe["fault_tolerance"]
+        self.max_restarts, self.backoff_s = ft["max_restarts"], ft["restart_backoff_s"]
+        self.min_workers, self.hang_timeout_s = ft["min_workers"], ft["hang_timeout_s"]
+        self.placement_timeout_s = ft["placement_timeout_s"]
+        self.has_disk_checkpoint = has_disk_checkpoint
+        self.poll_s, self.clock, self.sleep = poll_s, clock, sleep
+        self.interrupted, self.log = interrupted, log
+        self.state = "starting"
+        self.attempt = 0
+        self.restarts = 0
+        self.group: Optional[WorkerGroup] = None
+        self._failure: Optional[tuple[Failure, float, int]] = None  # failure, when detected, last step
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> list[dict]:
+        current = self.recipe
+        try:
+            while True:
+                group = self._start_group(current)
+                if group is None:  # could not place: resized or waiting
+                    current = self._shrink(current)
+                    continue
+                outcome = self._watch(group, current)
+                ranks = group.ranks
+                group.shutdown()  # every process of the group, survivors included
+                self.group = None
+                if isinstance(outcome, Failure):
+                    self._handle_failure(outcome, ranks)
+                    current = self._restart_recipe(self.recipe)
+                    continue
+                if outcome == "grow":
+                    step = max(s.beat.get("step", 0) for s in self._last_statuses)
+                    self.emit("resize", from_world=world_of(current), to_world=world_of(self.recipe),
+                              layout=layout_of(self.recipe),
+                              grad_accum=self.recipe["data"]["grad_accum"], step=step)
+                    self.state = "resizing"
+                    current = self._restart_recipe(self.recipe)
+                    continue
+                self.state = "finished"
+                return outcome
+        finally:
+            if self.group is not None:
+                self.group.shutdown()
+                self.group = None
+
+    def _start_group(self, recipe: dict) -> Optional[WorkerGroup]:
+        world = world_of(recipe)
+        # The full layout gets the placement timeout; a smaller one is placed on what exists now.
+        timeout = self.placement_timeout_s
+        group = self.factory.group(recipe, world, timeout)
+        self.group = group
+        try:
+            ranks = group.create()
+        except PlacementTimeout as exc:
+            group.shutdown()
+            self.group = None
+            if not self.min_workers or world <= self.min_workers:
+                raise WorkerFailed(str(exc)) from None
+            self.log(f"supervisor: {exc}")
+            return None
+        self.emit("workers", attempt=self.attempt, world=world, layout=layout_of(recipe),
+                  ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node} for r in ranks])
+        group.start(recipe, self.factory.snapshot_store())
+        self.state = "running"
+        return group
+
+    def _shrink(self, current: dict) -> dict:
+        capacity = self.factory.capacity(0)
+        resized = fit_layout(self.recipe, min(capacity, world_of(current) - 1), self.min_workers)
+        if resized is None:
+            raise WorkerFailed(f"cannot place the run: {capacity} workers fit in the cluster, "
+                               f"fewer than fault_tolerance.min_workers={self.min_workers}")
+        step = self._failure[2] if self._failure else 0
+        self.emit("resize", from_world=world_of(current), to_world=world_of(resized),
+                  layout=layout_of(resized), grad_accum=resized["data"]["grad_accum"], step=step)
+        self.log(f"supervisor: shrinking to {world_of(resized)} workers "
+                 f"(dp={resized['parallel']['dp']}, grad_accum={resized['data']['grad_accum']})")
+        self.state = "resizing"
+        return self._restart_recipe(resized)
+
+    def _restart_recipe(self, recipe: dict) -> dict:
+        """A later group resumes this run: from memory, else from the run's own checkpoints."""
+        out = copy.deepcopy(recipe)
+        out["run"]["overwrite"] = False
+        if self.has_disk_checkpoint():
+            out["checkpoint"]["resume"] = "auto"
+        return out
+
+    # ------------------------------------------------------------------ watching
+
+    def _watch(self, group: WorkerGroup, recipe: dict):
+        """Poll until the group finishes (results), fails (Failure) or should grow ("grow")."""
+        started = self.clock()
+        last_change = {r: started for r in range(group.world)}  # the rank's step last moved
+        last_answer = {r: started for r in range(group.world)}  # the rank last answered alive
+        last_step = {r: None for r in range(group.world)}
+        first_step_seen = False
+        next_grow_check = started + GROW_CHECK_S
+        stopping = False
+        shrunk = world_of(recipe) < world_of(self.recipe)
+        self._last_statuses: list[RankStatus] = []
+        while True:
+            if self.interrupted():
+                raise KeyboardInterrupt("interrupted")
+            statuses = group.poll(self.poll_s)
+            now = self.clock()
+            self._last_statuses = statuses
+            for status in statuses:
+                if status.state not in ("running", "finished"):
+                    continue
+                last_answer[status.rank] = now
+                step = status.beat.get("step")
+                if step != last_step[status.rank]:
+                    last_step[status.rank], last_change[status.rank] = step, now
+            failure = self._failure_in(group, statuses, now, last_change, last_answer,
+                                       first_step_seen)
+            if failure is not None:
+                return failure
+            if not first_step_seen:
+                first_step_seen = self._note_first_step(group, recipe, statuses, now)
+            if all(s.state == "finished" for s in statuses):
+                results = [s.result or {} for s in sorted(statuses, key=lambda s: s.rank)]
+                if any(r.get("stopped") for r in results):
+                    return "grow"
+                return results
+            if shrunk and not stopping and now >= next_grow_check:
+                next_grow_check = now + GROW_CHECK_S
+                if self.factory.capacity(group.world) >= world_of(self.recipe):
+                    self.log("supervisor: capacity for the full layout is back; growing at the "
+                             "next step boundary")
+                    group.request_stop()
+                    stopping = True
+            self.sleep(self.poll_s)
+
+    def _note_first_step(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus],
+                         now: float) -> bool:
+        beats = [s.beat for s in statuses if s.beat.get("step") is not None]
+        done = [b for b in beats if b.get("step", 0) > (b.get("resumed_step") or 0)]
+        if not done:
+            return False
+        if self._failure is not None:
+            failure, detected_at, failed_step = self._failure
+            resumed = beats[0].get("resumed_step")
+            self.emit("restart", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
+                      resume_step=resumed or 0, source=beats[0].get("resume_source") or "none",
+                      recovery_s=round(now - detected_at + failure.detected_s, 3),
+                      lost_steps=max(0, failed_step - (resumed or 0)))
+            self._failure = None
+        return True
+
+    def _failure_in(self, group: WorkerGroup, statuses: list[RankStatus], now: float,
+                    last_change: dict[int, float], last_answer: dict[int, float],
+                    started: bool) -> Optional[Failure]:
+        by_rank = {s.rank: s for s in statuses}
+        steps = [s.beat.get("step") or 0 for s in statuses]
+        top = max(steps) if steps else 0
+        user = [s for s in statuses if s.state == "failed" and (s.error or {}).get("user")]
+        if user:
+            return self._failure_of(user[0], "error", top, 0.0)
+        dead = [s for s in statuses if s.state in ("dead", "node_lost")]
+        failed = [s for s in statuses if s.state == "failed"]
+        if failed and not dead:
+            # A rank that raised often did so because a peer died: let the death show first.
+            self.sleep(SETTLE_S)
+            later = group.poll(self.poll_s)
+            dead = [s for s in later if s.state in ("dead", "node_lost")]
+            user = [s for s in later if s.state == "failed" and (s.error or {}).get("user")]
+            if user:
+                return self._failure_of(user[0], "error", top, 0.0)
+        if dead:
+            status = dead[0]
+            kind = "node_lost" if status.state == "node_lost" else "died"
+            # It died after it last answered: the detection took at most this long.
+            return self._failure_of(status, kind, top, now - last_answer[status.rank])
+        if failed:
+            return self._failure_of(failed[0], "error", top, 0.0)
+        limit = self.hang_timeout_s + (0 if started else STARTUP_GRACE_S)
+        stuck = [r for r, s in by_rank.items()
+                 if s.state in ("running", "unanswered") and now - last_change[r] > limit]
+        if stuck:
+            unanswered = [r for r in stuck if by_rank[r].state == "unanswered"]
+            rank = (unanswered or sorted(stuck, key=lambda r: last_change[r]))[0]
+            return Failure(rank, "hang", top, now - last_change[rank],
+                           f"no step completed for {now - last_change[rank]:.1f}s "
+                           f"(fault_tolerance.hang_timeout_s={self.hang_timeout_s:g})")
+        return None
+
+    def _failure_of(self, status: RankStatus, kind: str, step: int, detected_s: float) -> Failure:
+        error = status.error or {}
+        return Failure(status.rank, kind, step, detected_s, error.get("message", status.state),
+                       user=bool(error.get("user")), type_name=error.get("type", ""))
+
+    # ------------------------------------------------------------------ deciding
+
+    def _handle_failure(self, failure: Failure, ranks: list[RankInfo]) -> None:
+        info = next((r for r in ranks if r.rank == failure.rank), None)
+        self.emit("failure", attempt=self.attempt, rank=failure.rank,
+                  pid=info.pid if info else None, node=info.node if info else None,
+                  kind=failure.kind, step=failure.step, detected_s=round(failure.detected_s, 3),
+                  message=failure.message[:500])
+        if failure.user:
+            self.state = "failed"
+            raise UserError(failure.type_name, failure.message)
+        if self.restarts >= self.max_restarts:
+            self.state = "failed"
+            raise WorkerFailed(f"worker rank {failure.rank} {_verb(failure.kind)}: {failure.message} "
+                               f"(gave up after {self.restarts} restarts, "
+                               f"fault_tolerance.max_restarts={self.max_restarts})")
+        self.restarts += 1
+        self.attempt += 1
+        self.state = "restarting"
+        self._failure = (failure, self.clock(), failure.step)
+        self.log(f"supervisor: rank {failure.rank} {_verb(failure.kind)} at step {failure.step} "
+                 f"({failure.message[:200]}); restart {self.restarts}/{self.max_restarts}")
+        if self.backoff_s:
+            self.sleep(min(BACKOFF_CAP_S, self.backoff_s * 2 ** (self.restarts - 1)))
+
+
+def _verb(kind: str) -> str:
+    return {"died": "died", "hang": "hung", "error": "failed", "node_lost": "was lost with its node"}[kind]

@@ -1,0 +1,229 @@
+"""A Ray worker group: one actor per rank, created, polled and shut down as one unit.
+
+Each `TrainWorker` actor runs the entry function on a thread of its own, so
+the actor keeps answering the driver while it trains: `status()` returns the
+rank's state (`running`, `finished`, `failed`) and its heartbeat (last
+completed step, when, how it resumed). `RayWorkerGroup.poll()` asks every
+rank at once and reports a rank whose process is gone as `dead` (or
+`node_lost` when its node died) and one that does not answer in time as
+`unanswered`; it decides nothing. What to do about it is the supervisor's
+business (launch/supervisor.py).
+
+The group binds every rendezvous to the address Ray gave its node, which is
+127.0.0.1 on a cluster atoll started itself (launch/ray_backend.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+
+class PlacementTimeout(RuntimeError):
+    """The cluster cannot hold the requested workers within the placement timeout."""
+
+
+@dataclass
+class RankStatus:
+    """What the driver knows of one rank after a poll."""
+
+    rank: int
+    state: str  # running | finished | failed | dead | node_lost | unanswered
+    beat: dict = field(default_factory=dict)  # the rank's last heartbeat
+    error: Optional[dict] = None  # {type, message, user, traceback} of a failed rank
+    result: Optional[dict] = None  # the entry function's return value once finished
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    pid: int
+    node: str
+    ip: str
+
+
+class TrainWorker:
+    """One rank of the run (wrapped with ray.remote when the group starts)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.state = "idle"
+        self.beat: dict = {}
+        self.error: Optional[dict] = None
+        self.result: Optional[dict] = None
+        self.stop = False
+        self.thread: Optional[threading.Thread] = None
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"rank{self.rank}"
+
+    def info(self) -> dict:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as sock:  # a free port for the rendezvous store, on Ray's address
+            sock.bind((ip, 0))
+            port = sock.getsockname()[1]
+        return {"ip": ip, "port": port, "node": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
+
+    def warm_up(self) -> bool:
+        """Import what training needs now, while the driver waits for the other ranks."""
+        import atoll.trainer.train  # noqa: F401  (torch, the model, DCP)
+
+        return True
+
+    def start(self, env: dict[str, str], recipe: dict, store: Any = None) -> None:
+        os.environ.update(env)
+        self.state, self.beat = "running", {"time": time.time()}
+        self.thread = threading.Thread(target=self._train, args=(recipe, store), daemon=True,
+                                       name=f"atoll-train-rank{self.rank}")
+        self.thread.start()
+
+    def _train(self, recipe: dict, store: Any) -> None:
+        from atoll.launch.cli import user_errors
+        from atoll.trainer.hooks import RunControl
+        from atoll.trainer.train import TrainingError, train
+
+        control = RunControl(snapshot_store=store, heartbeat=self._heartbeat,
+                             stop_request=lambda: self.stop)
+        try:
+            self.result = train(recipe, control)
+            self.state = "finished"
+        except BaseException as exc:  # reported to the driver, which decides
+            self.error = {"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
+                          "user": isinstance(exc, user_errors() + (TrainingError,)),
+                          "traceback": traceback.format_exc()[-4000:]}
+            self.state = "failed"
+
+    def _heartbeat(self, info: dict) -> None:
+        self.beat = dict(info)
+
+    def status(self) -> dict:
+        return {"state": self.state, "beat": self.beat, "error": self.error, "result": self.result}
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+
+def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
+    """(local rank, workers on that node) for each global rank."""
+    seen: dict[str, int] = {}
+    local = []
+    for node in node_ids:
+        local.append(seen.get(node, 0))
+        seen[node] = seen.get(node, 0) + 1
+    return [(rank, seen[node]) for rank, node in zip(local, node_ids)]
+
+
+class RayWorkerGroup:
+    """`world` actors in one placement group; started, polled and killed together."""
+
+    def __init__(self, cpus_per_worker: int, world: int, placement_timeout_s: float):
+        self.cpus, self.world = cpus_per_worker, world
+        self.placement_timeout_s = placement_timeout_s
+        self.actors: list = []
+        self.pg = None
+        self.ranks: list[RankInfo] = []
+        self._pending: dict[int, Any] = {}  # rank -> status call not answered yet
+
+    def create(self) -> list[RankInfo]:
+        """Reserve the resources and start the actors (torch imported); raises PlacementTimeout."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cpus = self.cpus
+        self.pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
+        if not ready:
+            have = ray.available_resources().get("CPU", 0)
+            self.shutdown()
+            raise PlacementTimeout(f"cannot place {self.world} workers × {cpus} CPU within "
+                                   f"{self.placement_timeout_s:g}s: {have:g} CPUs free in the Ray cluster")
+        actor_cls = ray.remote(num_cpus=cpus, max_restarts=0)(TrainWorker)
+        self.actors = [
+            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=rank)).remote(rank)
+            for rank in range(self.world)]
+        infos = ray.get([actor.info.remote() for actor in self.actors])
+        ray.get([actor.warm_up.remote() for actor in self.actors])
+        self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"])
+                      for rank, info in enumerate(infos)]
+        self._master = infos[0]
+        return self.ranks
+
+    def start(self, recipe: dict, store: Any = None) -> None:
+        local = local_ranks([r.node for r in self.ranks])
+        for rank, actor in enumerate(self.actors):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
+                   "LOCAL_RANK": str(local[rank][0]), "LOCAL_WORLD_SIZE": str(local[rank][1]),
+                   "MASTER_ADDR": self._master["ip"], "MASTER_PORT": str(self._master["port"])}
+            actor.start.remote(env, recipe, store)
+
+    def poll(self, timeout_s: float) -> list[RankStatus]:
+        """Every rank's status; one outstanding call per rank, never more."""
+        import ray
+
+        for rank, actor in enumerate(self.actors):
+            if rank not in self._pending:
+                self._pending[rank] = actor.status.remote()
+        refs = list(self._pending.values())
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        statuses = []
+        for rank in range(len(self.actors)):
+            ref = self._pending[rank]
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                statuses.append(RankStatus(rank, "unanswered"))
+                continue
+            del self._pending[rank]
+            try:
+                answer = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                statuses.append(RankStatus(rank, self._death_kind(rank),
+                                           error={"type": type(exc).__name__,
+                                                  "message": _first_line(exc), "user": False}))
+                continue
+            statuses.append(RankStatus(rank, answer["state"], answer["beat"] or {},
+                                       answer["error"], answer["result"]))
+        return statuses
+
+    def _death_kind(self, rank: int) -> str:
+        """`node_lost` when the rank's node is gone too, else `dead`."""
+        import ray
+
+        node = self.ranks[rank].node if rank < len(self.ranks) else None
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return "dead" if node in alive else "node_lost"
+
+    def request_stop(self) -> None:
+        for actor in self.actors:
+            actor.request_stop.remote()
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone with its node
+                pass
+        self.actors, self._pending = [], {}
+        if self.pg is not None:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]

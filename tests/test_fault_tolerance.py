@@ -1,0 +1,176 @@
+"""Fault tolerance on a real local Ray cluster and under torchrun: kill, hang, recover, bit-exact.
+
+Every run here is real: worker processes are killed with SIGKILL or stopped
+with SIGSTOP by their OS process id (from the `workers` events), and the
+final parameters and optimizer moments are compared bitwise with a run that
+never failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from atoll.checkpoint.dcp_io import read_tensors
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.trainer.metrics import read_jsonl
+from conftest import MARKER, SESSION_ID, TINY_MOE, losses, run_cli, subprocess_env
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = resolve_checkpoint(run_dir)
+    return read_tensors(ckpt, verify(ckpt)["tensors"])
+
+
+def assert_same_state(got_dir: Path, want_dir: Path) -> None:
+    got, want = final_state(got_dir), final_state(want_dir)
+    assert got.keys() == want.keys()
+    assert any(k.endswith(".exp_avg_sq") for k in want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == kind]
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended while waiting for {what}: {proc.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def last_step(run_dir: Path) -> int:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return rows[-1]["step"] if rows else 0
+
+
+def start_ray_run(args: list[str], short_tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "atoll.launch", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+
+
+@contextlib.contextmanager
+def ended(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def listening_addresses() -> set[tuple[str, str]]:
+    """(process name, address) of every listening socket of this session's processes."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get(MARKER) != SESSION_ID:
+                continue
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((proc.info["name"], conn.laddr.ip))
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+CHAOS = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=10",
+         "checkpoint.memory_interval=1", "fault_tolerance.max_restarts=10"]
+
+
+@pytest.mark.slow
+def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
+    """Six SIGKILLs of random ranks (one while a disk checkpoint is in flight, one while the
+    group restarts); the run finishes with the state of a run that never failed."""
+    reference = short_tmp / "reference"
+    proc = run_cli(["train", *CHAOS, f"run.dir={reference}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_dir = short_tmp / "chaos"
+    rng = random.Random(0)
+    proc = start_ray_run([*CHAOS, f"run.dir={run_dir}"], short_tmp)
+    with ended(proc):
+        def kill_random(reason: str) -> None:
+            pids = [r["pid"] for r in events(run_dir, "workers")[-1]["ranks"]]
+            victim = rng.choice(pids)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+            kills.append((reason, victim))
+
+        def progressed(steps: int):
+            start = last_step(run_dir)
+            return lambda: last_step(run_dir) >= start + steps
+
+        kills: list = []
+        wait_for(lambda: last_step(run_dir) >= 3, 120, proc, "training to start")
+        for _ in range(2):
+            kill_random("training")
+            wait_for(lambda: len(events(run_dir, "restart")) == len(kills), 60, proc, "a restart")
+            wait_for(progressed(2), 60, proc, "progress after a restart")
+        # While a disk checkpoint is in flight: its .partial folder exists.
+        wait_for(lambda: list((run_dir / "checkpoints").glob("*.partial")), 60, proc, "a save")
+        kill_random("saving")
+        # During the restart: the new group exists but has not stepped yet.
+        workers_seen = len(events(run_dir, "workers"))
+        wait_for(lambda: len(events(run_dir, "workers")) > workers_seen, 60, proc, "a new group")
+        kill_random("restarting")
+        wait_for(lambda: len(events(run_dir, "restart")) >= 3, 60, proc, "a restart")
+        for _ in range(2):
+            wait_for(progressed(2), 60, proc, "progress")
+            restarts = len(events(run_dir, "restart"))
+            kill_random("training")
+            wait_for(lambda: len(events(run_dir, "restart")) > restarts, 60, proc, "a restart")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    failures = events(run_dir, "failure")
+    assert len(failures) == len(kills) == 6
+    assert {f["pid"] for f in failures} == {pid for _, pid in kills}
+    assert all(f["kind"] == "died" and f["detected_s"] <= 1.0 for f in failures), failures
+    restarts = events(run_dir, "restart")
+    assert all(r["source"] == "memory" and r["lost_steps"] <= 1 for r in restarts[1:]), restarts
+    assert losses(run_dir) == losses(reference)
+    assert_same_state(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_default_run_listens_on_loopback_only(short_tmp):
+    """The default recipe on the Ray cluster atoll starts itself: every listening socket of
+    every process of the run (Ray's servers, the rendezvous store, gloo, DCP's writer) is
+    on loopback."""
+    run_dir = short_tmp / "default"
+    proc = start_ray_run(["run.steps=100000", "logging.log_interval=1", "checkpoint.interval=2",
+                          "logging.eval_interval=0", "logging.wandb=disabled", f"run.dir={run_dir}"],
+                         short_tmp)
+    with ended(proc):
+        wait_for(lambda: events(run_dir, "checkpoint_commit"), 180, proc, "a checkpoint")
+        found = listening_addresses()
+        names = {name for name, _ in found}
+        assert {"gcs_server", "raylet"} <= names, found
+        assert len(found) > 5
+        assert {addr for _, addr in found} <= LOOPBACK, sorted(found)

@@ -1,0 +1,246 @@
+"""Supervisor decisions against a fake worker group: no Ray, no processes, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed, fit_layout
+from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
+from atoll.trainer.config import load_recipe, to_dict
+
+
+def recipe(**ft) -> dict:
+    overrides = ["parallel.dp=2", "data.grad_accum=1"] + [f"fault_tolerance.{k}={v}" for k, v in ft.items()]
+    return to_dict(load_recipe(None, overrides))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeGroup:
+    """Ranks that step once per poll; `script(poll, rank)` may override a rank's status."""
+
+    def __init__(self, factory: "FakeFactory", recipe: dict, world: int):
+        self.factory, self.recipe, self.world = factory, recipe, world
+        self.script = None
+        self.ranks: list[RankInfo] = []
+        self.polls = 0
+        self.stop_requested_at = None
+        self.shut = False
+        self.resumed = factory.resume_step
+
+    def create(self):
+        if self.world > self.factory.capacity_now:
+            raise PlacementTimeout(f"cannot place {self.world} workers")
+        scripts = self.factory.scripts
+        self.script = scripts.pop(0) if scripts else (lambda g, r, s: None)
+        self.ranks = [RankInfo(r, 1000 * (len(self.factory.groups)) + r, f"node{r % 2}", "127.0.0.1")
+                      for r in range(self.world)]
+        return self.ranks
+
+    def start(self, recipe, store=None):
+        self.started_recipe = recipe
+
+    def poll(self, timeout_s):
+        self.polls += 1
+        statuses = []
+        for rank in range(self.world):
+            step = self.resumed + self.polls
+            if self.stop_requested_at is not None and self.polls > self.stop_requested_at + 1:
+                status = RankStatus(rank, "finished", {"step": step}, result={"step": step, "stopped": True})
+            elif step >= self.factory.total_steps:
+                status = RankStatus(rank, "finished", {"step": self.factory.total_steps},
+                                    result={"step": self.factory.total_steps, "rank": rank})
+            else:
+                status = RankStatus(rank, "running", {"step": step, "resumed_step": self.resumed,
+                                                      "resume_source": "memory" if self.resumed else None})
+            statuses.append(self.script(self, rank, status) or status)
+        self.factory.last_step = max(s.beat.get("step", 0) for s in statuses)
+        return statuses
+
+    def request_stop(self):
+        self.stop_requested_at = self.polls
+
+    def shutdown(self):
+        self.shut = True
+
+
+class FakeFactory:
+    def __init__(self, scripts, capacity=2, total_steps=10):
+        self.scripts = list(scripts)
+        self.capacity_now = capacity
+        self.capacities: list[int] = []  # capacity after each group start, if given
+        self.total_steps = total_steps
+        self.groups: list[FakeGroup] = []
+        self.resume_step = 0
+        self.last_step = 0
+
+    def group(self, recipe, world, placement_timeout_s):
+        self.resume_step = self.last_step - 1 if self.groups else 0  # one step lost to each failure
+        group = FakeGroup(self, recipe, world)
+        self.groups.append(group)
+        return group
+
+    def capacity(self, running_world):
+        return self.capacity_now
+
+    def snapshot_store(self):
+        return None
+
+
+def supervise(factory, rec, clock=None):
+    clock = clock or Clock()
+    events = []
+    sup = Supervisor(rec, factory, lambda event, /, **f: events.append({"event": event, **f}),
+                     clock=clock, sleep=clock.sleep, log=lambda line: None)
+    return sup, events, clock
+
+
+def kinds(events):
+    return [e["event"] for e in events]
+
+
+def test_a_healthy_group_finishes_with_every_rank_result():
+    factory = FakeFactory([])
+    sup, events, _ = supervise(factory, recipe())
+    results = sup.run()
+    assert [r["rank"] for r in results] == [0, 1]
+    assert kinds(events) == ["workers"]
+    assert events[0]["ranks"] == [{"rank": 0, "pid": 1000, "node": "node0"}, {"rank": 1, "pid": 1001, "node": "node1"}]
+    assert sup.state == "finished" and factory.groups[0].shut
+
+
+def dies_at(poll, rank_to_kill):
+    def script(group, rank, status):
+        if group.polls >= poll and rank == rank_to_kill:
+            return RankStatus(rank, "dead", error={"type": "ActorDiedError", "message": "killed", "user": False})
+    return script
+
+
+def test_a_dead_rank_restarts_the_whole_group_and_reports_recovery():
+    factory = FakeFactory([dies_at(4, 1)])
+    sup, events, _ = supervise(factory, recipe())
+    sup.run()
+    assert kinds(events) == ["workers", "failure", "workers", "restart"]
+    failure, restart = events[1], events[3]
+    assert failure["rank"] == 1 and failure["kind"] == "died" and failure["pid"] == 1001
+    assert failure["node"] == "node1" and failure["step"] == 4 and failure["attempt"] == 0
+    assert restart["attempt"] == 1 and restart["source"] == "memory"
+    assert restart["resume_step"] == 3 and restart["lost_steps"] == 1
+    assert restart["recovery_s"] >= 0
+    assert factory.groups[0].shut and len(factory.groups) == 2
+
+
+def test_a_peer_error_waits_for_the_death_that_caused_it():
+    def script(group, rank, status):
+        if group.polls == 3 and rank == 0:
+            return RankStatus(rank, "failed", error={"type": "DistBackendError", "message": "peer gone",
+                                                      "user": False})
+        if group.polls >= 4 and rank == 1:
+            return RankStatus(rank, "dead", error={"message": "killed", "user": False})
+    sup, events, _ = supervise(FakeFactory([script]), recipe())
+    sup.run()
+    assert events[1]["kind"] == "died" and events[1]["rank"] == 1
+
+
+def test_a_user_error_ends_the_run_at_once():
+    def script(group, rank, status):
+        if group.polls == 2 and rank == 1:
+            return RankStatus(rank, "failed", error={"type": "DataError", "message": "token id 300 >= 256",
+                                                      "user": True})
+    factory = FakeFactory([script])
+    sup, events, _ = supervise(factory, recipe())
+    with pytest.raises(UserError) as info:
+        sup.run()
+    assert info.value.type_name == "DataError" and "token id 300" in str(info.value)
+    assert len(factory.groups) == 1 and kinds(events) == ["workers", "failure"]
+    assert sup.state == "failed"
+
+
+def test_past_max_restarts_the_run_fails_naming_the_last_failure():
+    factory = FakeFactory([dies_at(2, 0)] * 3)
+    sup, events, clock = supervise(factory, recipe(max_restarts=2, restart_backoff_s=1))
+    with pytest.raises(WorkerFailed, match=r"worker rank 0 died: killed \(gave up after 2 restarts"):
+        sup.run()
+    assert kinds(events).count("failure") == 3 and len(factory.groups) == 3
+    assert [s for s in clock.sleeps if s >= 1] == [1, 2]  # backoff doubles
+
+
+def test_a_rank_without_progress_is_a_hang():
+    def script(group, rank, status):
+        if group.polls >= 3 and rank == 1:
+            return RankStatus(rank, "unanswered")  # stopped: its status call never returns
+    factory = FakeFactory([script], total_steps=1000)
+    sup, events, clock = supervise(factory, recipe(hang_timeout_s=2))
+    sup.run()
+    failure = events[1]
+    assert failure["kind"] == "hang" and failure["rank"] == 1
+    assert 2 <= failure["detected_s"] <= 2 + 2 * sup.poll_s
+
+
+def test_no_room_for_the_full_world_shrinks_then_grows_back():
+    def lose_node(group, rank, status):
+        if group.polls >= 3 and rank == 1:
+            group.factory.capacity_now = 1
+            return RankStatus(rank, "node_lost", error={"message": "node died", "user": False})
+
+    def regain(group, rank, status):
+        if group.polls == 3:
+            group.factory.capacity_now = 2
+
+    factory = FakeFactory([lose_node, regain], total_steps=1000)
+    sup, events, _ = supervise(factory, recipe(min_workers=1, placement_timeout_s=1))
+    factory.total_steps = 40
+    sup.run()
+    assert kinds(events) == ["workers", "failure", "resize", "workers", "restart", "resize",
+                             "workers", "restart"][:len(events)]
+    assert events[1]["kind"] == "node_lost"
+    shrink = events[2]
+    assert shrink["from_world"] == 2 and shrink["to_world"] == 1 and shrink["grad_accum"] == 2
+    placed = [g for g in factory.groups if g.ranks]
+    small = placed[1].started_recipe
+    assert small["parallel"]["dp"] == 1 and small["data"]["grad_accum"] == 2
+    grow = [e for e in events if e["event"] == "resize"][1]
+    assert grow["from_world"] == 1 and grow["to_world"] == 2 and grow["grad_accum"] == 1
+    assert placed[-1].started_recipe["parallel"]["dp"] == 2 and len(placed) == 3
+
+
+def test_without_min_workers_a_placement_timeout_fails_the_run():
+    factory = FakeFactory([dies_at(2, 0)])
+    factory.groups_capacity = None
+
+    def lose(group, rank, status):
+        group.factory.capacity_now = 1
+        return dies_at(2, 0)(group, rank, status)
+
+    factory.scripts = [lose]
+    sup, _, _ = supervise(factory, recipe(placement_timeout_s=1))
+    with pytest.raises(WorkerFailed, match="cannot place 2 workers"):
+        sup.run()
+
+
+@pytest.mark.parametrize("dp, ep, accum, workers, min_workers, want", [
+    (4, 2, 1, 3, 0, (2, 2, 2)),
+    (4, 2, 1, 1, 0, (1, 1, 4)),
+    (4, 4, 1, 2, 0, (2, 2, 2)),
+    (2, 1, 3, 1, 0, (1, 1, 6)),
+    (4, 2, 1, 1, 2, None),
+])
+def test_fit_layout_keeps_the_global_batch(dp, ep, accum, workers, min_workers, want):
+    rec = to_dict(load_recipe(None, [f"parallel.dp={dp}", f"parallel.ep={ep}", f"data.grad_accum={accum}"]))
+    got = fit_layout(rec, workers, min_workers)
+    if want is None:
+        assert got is None
+        return
+    assert (got["parallel"]["dp"], got["parallel"]["ep"], got["data"]["grad_accum"]) == want
+    assert got["parallel"]["dp"] * got["data"]["grad_accum"] == dp * accum

@@ -1,0 +1,123 @@
+"""Step hooks: what the train loop does around each optimizer step besides training.
+
+The loop (`Trainer.run`) calls every hook in order: `before_optimizer_step`
+once the gradients are final (a copy of the state that is still being taken
+must finish before the step mutates it), `after_step` once the step counter
+has advanced, and `close` at the end. Disk checkpoints, memory snapshots,
+metrics and the heartbeat to the launcher are hooks; DiLoCo's outer sync is
+one more. `RunControl` is what a launcher hands to `train()`: a snapshot
+store, a heartbeat sink and a stop request, all optional, none of them Ray
+(the launcher wraps its own machinery in these plain callables).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from atoll.checkpoint.snapshot import SnapshotStore
+    from atoll.trainer.train import StepResult, Trainer
+
+
+@dataclass
+class RunControl:
+    """The launcher's side of a run, as plain objects.
+
+    - `snapshot_store`: where memory snapshots go (None: no memory tier).
+    - `heartbeat(info)`: called after every step with the step, samples and
+      how the run started (resumed step and source), so a supervisor can
+      tell progress from a hang.
+    - `stop_request()`: True once the launcher wants the run to stop cleanly
+      at the next step boundary (with a snapshot), e.g. to grow the group
+      back. Ranks see the request at different moments; the loop agrees on
+      the step through its per-step all-reduce.
+    """
+
+    snapshot_store: Optional["SnapshotStore"] = None
+    heartbeat: Optional[Callable[[dict], None]] = None
+    stop_request: Optional[Callable[[], bool]] = None
+
+
+class StepHook:
+    """One concern of the loop; every method is optional."""
+
+    def before_optimizer_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        pass
+
+    def close(self, trainer: "Trainer", clean: bool) -> None:
+        """`clean=False` on the error path: no collectives, a peer may be gone."""
+
+
+class DiskCheckpointHook(StepHook):
+    """Asynchronous disk checkpoints every `checkpoint.interval` steps and at the end."""
+
+    def before_optimizer_step(self, trainer: "Trainer") -> None:
+        trainer.checkpointer.wait_staging()
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        ckpt = trainer.checkpointer
+        ckpt.poll()
+        # A clean stop (to resize) resumes from its memory snapshot when there is one.
+        boundary = trainer.step == trainer.last_step or (
+            trainer.step == trainer.stop_after and trainer.snapshotter is None)
+        if ckpt.interval and (trainer.step % ckpt.interval == 0 or boundary):
+            ckpt.save(trainer.step, trainer.states, trainer.loader.samples_consumed)
+
+
+class MemorySnapshotHook(StepHook):
+    """Snapshots into the launcher's store every `checkpoint.memory_interval` steps."""
+
+    def before_optimizer_step(self, trainer: "Trainer") -> None:
+        trainer.snapshotter.wait_copied()
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        snap = trainer.snapshotter
+        if snap.due(trainer.step) or trainer.at_boundary():
+            snap.save(trainer.step, trainer.states, trainer.snapshot_extra())
+
+    def close(self, trainer: "Trainer", clean: bool) -> None:
+        trainer.snapshotter.close(wait_for_peers=clean)
+
+
+class MetricsHook(StepHook):
+    """metrics.jsonl, progress and eval on log steps."""
+
+    def __init__(self) -> None:
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+        self.last: dict[str, Any] = {}
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        self.interval_steps += 1
+        cfg, step = trainer.cfg, trainer.step
+        end = step == trainer.last_step
+        log_now = step % cfg.logging.log_interval == 0 or end
+        eval_now = bool(trainer.val) and (step % cfg.logging.eval_interval == 0 or end)
+        if not (log_now or eval_now):
+            return
+        elapsed = time.perf_counter() - self.interval_start
+        self.last = trainer.step_metrics(result, self.interval_steps, elapsed)
+        if eval_now:
+            self.last["eval_loss"] = trainer.evaluate()
+        trainer.logger.log(step, self.last)
+        self.interval_start, self.interval_steps = time.perf_counter(), 0
+
+
+class HeartbeatHook(StepHook):
+    """Tells the launcher each completed step."""
+
+    def __init__(self, control: RunControl):
+        self.control = control
+
+    def beat(self, trainer: "Trainer") -> None:
+        if self.control.heartbeat is not None:
+            self.control.heartbeat({"step": trainer.step, "samples": trainer.loader.samples_consumed,
+                                    "time": time.time(), "resumed_step": trainer.resumed_step,
+                                    "resume_source": trainer.resume_source})
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        self.beat(trainer)
