@@ -94,8 +94,9 @@ def train_command(args: argparse.Namespace) -> int:
     cfg.run.dir = str(run_dir(cfg).resolve())
     if cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    check_run_dir(cfg)
-    if torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    restarting = torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    check_run_dir(cfg, restarting=restarting)
+    if restarting:
         cfg.run.overwrite = False  # a restart resumes; only the first start may overwrite
 
     if cfg.launch.backend == "ray":
@@ -128,13 +129,14 @@ def torchrun_control(cfg):
     from atoll.trainer.config import run_dir
     from atoll.trainer.hooks import RunControl
 
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not cfg.checkpoint.memory_interval:
-        return RunControl()
+        return RunControl(attempt=attempt)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     root = shm_root(str(run_dir(cfg)), run_id)
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         ShmSnapshotStore.remove_stale(root)  # left by an earlier job of this run directory
-    return RunControl(snapshot_store=ShmSnapshotStore(root))
+    return RunControl(snapshot_store=ShmSnapshotStore(root), attempt=attempt)
 
 
 def _interrupt(signum, frame):

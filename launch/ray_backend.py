@@ -28,7 +28,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed
-from atoll.launch.worker_group import RayWorkerGroup
+from atoll.launch.worker_group import ActorPool, RayWorkerGroup
 
 # Worker output reaches the driver through Ray's log monitor, after the result
 # does: give the last lines (the run summary, a traceback) time to arrive.
@@ -75,9 +75,10 @@ class RayGroupFactory:
         self.cpus = cfg.launch.cpus_per_worker
         self.memory = cfg.checkpoint.memory_interval > 0
         self.keepers: dict[str, Any] = {}
+        self.pool = ActorPool()
 
     def group(self, recipe: dict, world: int, placement_timeout_s: float) -> RayWorkerGroup:
-        return RayWorkerGroup(self.cpus, world, placement_timeout_s)
+        return RayWorkerGroup(self.cpus, world, placement_timeout_s, self.pool)
 
     def capacity(self, running_world: int) -> int:
         import ray
@@ -97,6 +98,7 @@ class RayGroupFactory:
     def close(self) -> None:
         import ray
 
+        self.pool.close()
         for keeper in self.keepers.values():
             with contextlib.suppress(Exception):
                 ray.kill(keeper, no_restart=True)

@@ -51,8 +51,8 @@ class RankInfo:
 class TrainWorker:
     """One rank of the run (wrapped with ray.remote when the group starts)."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int = -1):
+        self.rank = rank  # -1 for a spare that no group has taken yet
         self.state = "idle"
         self.beat: dict = {}
         self.error: Optional[dict] = None
@@ -61,9 +61,10 @@ class TrainWorker:
         self.thread: Optional[threading.Thread] = None
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
-        return f"rank{self.rank}"
+        return f"rank{self.rank}" if self.rank >= 0 else "worker"
 
-    def info(self) -> dict:
+    def info(self, rank: int) -> dict:
+        self.rank = rank
         import ray
 
         ip = ray.util.get_node_ip_address()
@@ -79,19 +80,19 @@ class TrainWorker:
 
         return True
 
-    def start(self, env: dict[str, str], recipe: dict, store: Any = None) -> None:
+    def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0) -> None:
         os.environ.update(env)
         self.state, self.beat = "running", {"time": time.time()}
-        self.thread = threading.Thread(target=self._train, args=(recipe, store), daemon=True,
+        self.thread = threading.Thread(target=self._train, args=(recipe, store, attempt), daemon=True,
                                        name=f"atoll-train-rank{self.rank}")
         self.thread.start()
 
-    def _train(self, recipe: dict, store: Any) -> None:
+    def _train(self, recipe: dict, store: Any, attempt: int) -> None:
         from atoll.launch.cli import user_errors
         from atoll.trainer.hooks import RunControl
         from atoll.trainer.train import TrainingError, train
 
-        control = RunControl(snapshot_store=store, heartbeat=self._heartbeat,
+        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=self._heartbeat,
                              stop_request=lambda: self.stop)
         try:
             self.result = train(recipe, control)
@@ -122,22 +123,75 @@ def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
     return [(rank, seen[node]) for rank, node in zip(local, node_ids)]
 
 
-class RayWorkerGroup:
-    """`world` actors in one placement group; started, polled and killed together."""
+class ActorPool:
+    """Warm spare actors (torch and atoll imported), so a new group skips the cold start.
 
-    def __init__(self, cpus_per_worker: int, world: int, placement_timeout_s: float):
+    Spares hold no resources of their own (0 CPU, pinned to a node): the
+    group's placement group reserves the CPUs, and its actors run on the
+    bundles' nodes.
+    """
+
+    def __init__(self) -> None:
+        self.spares: list[tuple[str, Any]] = []  # (node, actor)
+        self._actor_cls = None
+
+    def _new(self, node: str):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self._actor_cls is None:
+            self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(TrainWorker)
+        actor = self._actor_cls.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
+        actor.warm_up.remote()  # starts importing now; later calls queue behind it
+        return actor
+
+    def take(self, nodes: list[str], alive: set[str]) -> list:
+        """One actor per entry of `nodes`: a spare of that node if there is one, else a new one."""
+        self.spares = [(node, actor) for node, actor in self.spares if node in alive]
+        taken = []
+        for node in nodes:
+            spare = next((i for i, (n, _) in enumerate(self.spares) if n == node), None)
+            taken.append(self.spares.pop(spare)[1] if spare is not None else self._new(node))
+        return taken
+
+    def replenish(self, nodes: list[str]) -> None:
+        """Spares for a group on `nodes`, warming up in the background."""
+        have = [n for n, _ in self.spares]
+        for node in nodes:
+            if node in have:
+                have.remove(node)
+            else:
+                self.spares.append((node, self._new(node)))
+
+    def close(self) -> None:
+        import ray
+
+        for _, actor in self.spares:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.spares = []
+
+
+class RayWorkerGroup:
+    """`world` actors on one placement group; started, polled and killed together."""
+
+    def __init__(self, cpus_per_worker: int, world: int, placement_timeout_s: float,
+                 pool: Optional[ActorPool] = None):
         self.cpus, self.world = cpus_per_worker, world
         self.placement_timeout_s = placement_timeout_s
+        self.pool = pool or ActorPool()
         self.actors: list = []
         self.pg = None
         self.ranks: list[RankInfo] = []
         self._pending: dict[int, Any] = {}  # rank -> status call not answered yet
 
     def create(self) -> list[RankInfo]:
-        """Reserve the resources and start the actors (torch imported); raises PlacementTimeout."""
+        """Reserve the resources and take warm actors on them; raises PlacementTimeout."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from ray.util.placement_group import placement_group, placement_group_table
 
         cpus = self.cpus
         self.pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
@@ -147,25 +201,25 @@ class RayWorkerGroup:
             self.shutdown()
             raise PlacementTimeout(f"cannot place {self.world} workers × {cpus} CPU within "
                                    f"{self.placement_timeout_s:g}s: {have:g} CPUs free in the Ray cluster")
-        actor_cls = ray.remote(num_cpus=cpus, max_restarts=0)(TrainWorker)
-        self.actors = [
-            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=rank)).remote(rank)
-            for rank in range(self.world)]
-        infos = ray.get([actor.info.remote() for actor in self.actors])
+        bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        nodes = [bundle_nodes[rank] for rank in range(self.world)]
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        self.actors = self.pool.take(nodes, alive)
+        infos = ray.get([actor.info.remote(rank) for rank, actor in enumerate(self.actors)])
         ray.get([actor.warm_up.remote() for actor in self.actors])
         self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"])
                       for rank, info in enumerate(infos)]
         self._master = infos[0]
+        self.pool.replenish(nodes)  # the next group's actors warm up while this one trains
         return self.ranks
 
-    def start(self, recipe: dict, store: Any = None) -> None:
+    def start(self, recipe: dict, store: Any = None, attempt: int = 0) -> None:
         local = local_ranks([r.node for r in self.ranks])
         for rank, actor in enumerate(self.actors):
             env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
                    "LOCAL_RANK": str(local[rank][0]), "LOCAL_WORLD_SIZE": str(local[rank][1]),
                    "MASTER_ADDR": self._master["ip"], "MASTER_PORT": str(self._master["port"])}
-            actor.start.remote(env, recipe, store)
+            actor.start.remote(env, recipe, store, attempt)
 
     def poll(self, timeout_s: float) -> list[RankStatus]:
         """Every rank's status; one outstanding call per rank, never more."""

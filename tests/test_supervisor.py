@@ -48,7 +48,7 @@ class FakeGroup:
                       for r in range(self.world)]
         return self.ranks
 
-    def start(self, recipe, store=None):
+    def start(self, recipe, store=None, attempt=0):
         self.started_recipe = recipe
 
     def poll(self, timeout_s):

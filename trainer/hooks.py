@@ -29,6 +29,8 @@ class RunControl:
     - `heartbeat(info)`: called after every step with the step, samples and
       how the run started (resumed step and source), so a supervisor can
       tell progress from a hang.
+    - `attempt`: which start of the run this is; a restart never refuses
+      the run directory its own earlier attempt wrote.
     - `stop_request()`: True once the launcher wants the run to stop cleanly
       at the next step boundary (with a snapshot), e.g. to grow the group
       back. Ranks see the request at different moments; the loop agrees on
@@ -36,6 +38,7 @@ class RunControl:
     """
 
     snapshot_store: Optional["SnapshotStore"] = None
+    attempt: int = 0  # > 0: a restart of this run, which continues it (also with nothing to resume)
     heartbeat: Optional[Callable[[dict], None]] = None
     stop_request: Optional[Callable[[], bool]] = None
 

@@ -31,11 +31,12 @@ def checkpoints_dir(cfg: DictConfig) -> Path:
     return run_dir(cfg) / CHECKPOINTS
 
 
-def check_run_dir(cfg: DictConfig) -> Path:
+def check_run_dir(cfg: DictConfig, restarting: bool = False) -> Path:
+    """`restarting`: a launcher restarts this run, whose earlier attempt wrote the folder."""
     path = run_dir(cfg)
     if path.exists() and not path.is_dir():
         raise RecipeError(f"run.dir {path} exists and is not a directory")
-    if cfg.run.overwrite or not path.exists():
+    if cfg.run.overwrite or not path.exists() or restarting:
         return path
     has_run = (path / METRICS_FILE).exists()
     has_checkpoint = bool(committed(path / CHECKPOINTS))
@@ -49,9 +50,9 @@ def check_run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
+def prepare_run_dir(cfg: DictConfig, restarting: bool = False) -> Path:
     """Create the folder; with run.overwrite=true first remove what a run wrote there."""
-    path = check_run_dir(cfg)
+    path = check_run_dir(cfg, restarting)
     if cfg.run.overwrite:
         for name in RUN_OUTPUTS:
             target = path / name

@@ -99,13 +99,13 @@ class Trainer:
         self.env = env or ProcessEnv.from_environ()
         self.layout = Layout.from_recipe(cfg)
         self.layout.check_world(self.env)
-        check_run_dir(cfg)
+        check_run_dir(cfg, restarting=self.control.attempt > 0)
         set_threads(cfg, self.env)
         self.device = device_for(self.env)
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
         if self.env.is_logging_rank:
-            prepare_run_dir(cfg)
+            prepare_run_dir(cfg, restarting=self.control.attempt > 0)
         self.mesh.barrier()
         self.is_logging_rank = self.env.is_logging_rank
 
@@ -223,6 +223,8 @@ class Trainer:
         if kind == "error":
             raise CheckpointError(value)
         if kind == "none":
+            if self.control.attempt > 0 and self.is_logging_rank:
+                truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again
             return None
         if kind == "memory":
             from atoll.checkpoint.snapshot import restore_snapshot
