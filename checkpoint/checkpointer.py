@@ -23,9 +23,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -35,7 +34,7 @@ from atoll.checkpoint.dcp_io import (BackgroundStager, SafeFileSystemReader, fil
                                     nest_by_prefix, quiet_writer_process, stop_writer_process,
                                     tensor_index)
 from atoll.checkpoint.manifest import CheckpointError, write_manifest
-from atoll.checkpoint.state import merge_json, split_state, tensor_prefix
+from atoll.checkpoint.state import restore_states, split_state
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
 
 EventSink = Callable[..., None]
@@ -207,20 +206,7 @@ class Checkpointer:
         check_fits(ckpt_dir, manifest, {k: v for piece in pieces for k, v in piece.items()})
         dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt_dir)),
                  process_group=self.group)
-        for name, state in states.items():
-            current = state.state_dict()
-            restored = _put_tensors(current, tensors, tensor_prefix(name, state))
-            state.load_state_dict(merge_json(restored, manifest["state"].get(name, {})))
-
-
-def _put_tensors(node: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """The state dict with its tensors replaced by the loaded ones of the same name."""
-    if isinstance(node, torch.Tensor):
-        return tensors[prefix]
-    if isinstance(node, dict):
-        return {k: _put_tensors(v, tensors, f"{prefix}.{k}" if prefix else str(k))
-                for k, v in node.items()}
-    return node
+        restore_states(states, tensors, manifest["state"])
 
 
 def saved_tensor_index(ckpt_dir: Path) -> dict[str, dict]:

@@ -64,13 +64,18 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
+def safe_unpickle(blob: bytes) -> Any:
+    """Unpickle DCP metadata (alone or inside plain dicts, lists and numbers) with the allow-list."""
+    return _MetadataUnpickler(io.BytesIO(blob)).load()
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader, but `.metadata` is unpickled with an allow-list."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+            metadata = safe_unpickle(stream.read())
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

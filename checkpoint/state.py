@@ -110,3 +110,21 @@ def merge_json(template: Any, saved: Any, prefix: str = "") -> Any:
     if isinstance(template, tuple) and isinstance(saved, list):
         return tuple(saved)
     return saved
+
+
+def put_tensors(node: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """The state dict with its tensors replaced by the loaded ones of the same name."""
+    if isinstance(node, torch.Tensor):
+        return tensors[prefix]
+    if isinstance(node, dict):
+        return {k: put_tensors(v, tensors, f"{prefix}.{k}" if prefix else str(k))
+                for k, v in node.items()}
+    return node
+
+
+def restore_states(states: dict[str, Stateful], tensors: dict[str, torch.Tensor],
+                   json_state: dict[str, Any]) -> None:
+    """Load each state from loaded tensors (dotted names, as `split_state` gave them) and saved JSON."""
+    for name, state in states.items():
+        restored = put_tensors(state.state_dict(), tensors, tensor_prefix(name, state))
+        state.load_state_dict(merge_json(restored, json_state.get(name, {})))

@@ -2,11 +2,12 @@
 
 The driver starts a `SnapshotKeeper` on every node (no CPU reserved, pinned
 to its node). A worker's `RaySnapshotStore.put_shard` puts its shard into
-the object store *owned by its node's keeper* (`ray.put(_owner=...)`), so
-the object survives the worker's death without another copy, and asks
-`checkpoint.memory_replicas` keepers on other nodes to pull a copy of their
-own; it returns once every copy exists, so a snapshot the coordinator marks
-complete survives the loss of any one node (keeper included). `latest()`
+the object store once and hands it to its node's keeper and to
+`checkpoint.memory_replicas` keepers on other nodes; each keeper puts a copy
+that it owns on its own node (an object dies with its owner, and the
+worker's object dies with the worker). It returns once every copy exists, so
+a snapshot the coordinator marks complete survives the loss of any one node
+(keeper included). `latest()`
 merges what the live keepers hold. The training side only sees the
 `SnapshotStore` interface (checkpoint/snapshot.py).
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from atoll.checkpoint.snapshot import SnapshotStore
+from atoll.checkpoint.manifest import CheckpointError
+from atoll.checkpoint.snapshot_store import SnapshotStore
 
 KEEPER_CALL_TIMEOUT_S = 10.0
 
@@ -31,16 +33,11 @@ class SnapshotKeeper:
     def __repr__(self) -> str:
         return f"keeper-{self.node[:8]}"
 
-    def hold(self, step: int, rank: int, boxed_ref: list) -> bool:
-        """Keep a shard already owned by this keeper (put by a worker of this node)."""
-        self.shards[(step, rank)] = boxed_ref[0]
-        return True
-
-    def copy(self, step: int, rank: int, boxed_ref: list) -> bool:
-        """A replica: pull the shard to this node and own the copy."""
+    def hold(self, step: int, rank: int, shard) -> bool:
+        """Own a copy of a shard: the worker's object dies with the worker, this one does not."""
         import ray
 
-        self.shards[(step, rank)] = ray.put(ray.get(boxed_ref[0]))
+        self.shards[(step, rank)] = ray.put(shard)
         return True
 
     def put_meta(self, step: int, world: int, meta: bytes) -> bool:
@@ -113,10 +110,9 @@ class RaySnapshotStore(SnapshotStore):
     def put_shard(self, step: int, rank: int, data) -> None:
         import ray
 
-        primary, *others = self._targets()
-        ref = ray.put(data, _owner=primary)
-        ray.get([primary.hold.remote(step, rank, [ref])]
-                + [k.copy.remote(step, rank, [ref]) for k in others], timeout=KEEPER_CALL_TIMEOUT_S * 3)
+        ref = ray.put(data)  # once; each keeper pulls it to its node and keeps its own copy
+        ray.get([k.hold.remote(step, rank, ref) for k in self._targets()],
+                timeout=KEEPER_CALL_TIMEOUT_S * 3)
 
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
         import ray
@@ -137,15 +133,26 @@ class RaySnapshotStore(SnapshotStore):
                 continue
         return answers
 
-    def latest(self) -> Optional[int]:
-        worlds: dict[int, int] = {}
-        ranks: dict[int, set] = {}
+    def _merged(self) -> dict[int, tuple[Optional[int], set]]:
+        """step -> (world from the meta, ranks held by some live keeper)."""
+        merged: dict[int, tuple[Optional[int], set]] = {}
         for holdings in self._ask_all("holdings"):
             for step, held in holdings.items():
-                if held["world"] is not None:
-                    worlds[step] = held["world"]
-                ranks.setdefault(step, set()).update(held["ranks"])
-        complete = [step for step, world in worlds.items() if ranks.get(step, set()) >= set(range(world))]
+                world, ranks = merged.get(step, (None, set()))
+                merged[step] = (held["world"] if held["world"] is not None else world,
+                                ranks | set(held["ranks"]))
+        return merged
+
+    def steps(self) -> list[int]:
+        return sorted(self._merged())
+
+    def missing(self, step: int) -> Optional[str]:
+        world, ranks = self._merged().get(step, (None, set()))
+        return _missing(world, ranks)
+
+    def latest(self) -> Optional[int]:
+        merged = self._merged()  # one round of questions, not one per step
+        complete = [step for step, (world, ranks) in merged.items() if _missing(world, ranks) is None]
         return max(complete) if complete else None
 
     def get_shard(self, step: int, rank: int):
@@ -157,13 +164,13 @@ class RaySnapshotStore(SnapshotStore):
                     return ray.get(boxed[0], timeout=KEEPER_CALL_TIMEOUT_S * 3)
                 except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                     continue
-        raise KeyError(f"no live keeper holds rank {rank} of snapshot step {step}")
+        raise CheckpointError(f"no live keeper holds rank {rank} of memory snapshot step {step}")
 
     def get_meta(self, step: int) -> bytes:
         for meta in self._ask_all("get_meta", step):
             if meta is not None:
                 return meta
-        raise KeyError(f"no live keeper holds the metadata of snapshot step {step}")
+        raise CheckpointError(f"no live keeper holds the metadata of memory snapshot step {step}")
 
     def retain(self, step: int) -> None:
         self._ask_all("retain", step)
@@ -173,3 +180,10 @@ class RaySnapshotStore(SnapshotStore):
 
     def close(self) -> None:
         pass
+
+
+def _missing(world: Optional[int], ranks: set) -> Optional[str]:
+    if world is None:
+        return "no meta" if ranks else "nothing stored"
+    absent = sorted(set(range(world)) - ranks)
+    return f"no shard of rank {', '.join(map(str, absent))} (of {world})" if absent else None

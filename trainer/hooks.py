@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
-    from atoll.checkpoint.snapshot import SnapshotStore
+    from atoll.checkpoint.snapshot_store import SnapshotStore
     from atoll.trainer.train import StepResult, Trainer
 
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import find_resumable
+from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
@@ -85,7 +86,8 @@ class Trainer:
                  control: Optional[RunControl] = None):
         self.mesh: Optional[ParallelMesh] = None
         self.checkpointer: Optional[Checkpointer] = None
-        self.snapshotter = None  # a MemorySnapshotter when the launcher gave a store
+        self.snapshotter: Optional[MemorySnapshotter] = None
+        self._snapshots_failing = False
         self.hooks: list[StepHook] = []
         self.control = control or RunControl()
         try:
@@ -143,10 +145,10 @@ class Trainer:
             recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
         store = self.control.snapshot_store
         if store is not None and ckpt.memory_interval:
-            from atoll.checkpoint.snapshot import MemorySnapshotter
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
                                                  is_coordinator=self.is_logging_rank,
-                                                 interval=ckpt.memory_interval, warn=self._warn)
+                                                 interval=ckpt.memory_interval, warn=self._warn,
+                                                 on_event=self._snapshot_event)
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         self.stop_after: Optional[int] = None  # set when the launcher asks for a clean stop
@@ -203,6 +205,13 @@ class Trainer:
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
 
+    def _snapshot_event(self, event: str, /, **fields) -> None:
+        # One per step would drown the run's events: only the first failure of a streak.
+        failing = event == "snapshot_failed"
+        if failing and not self._snapshots_failing:
+            self._event(event, **fields)
+        self._snapshots_failing = failing
+
     def _event(self, event: str, /, **fields) -> None:
         if self.is_logging_rank:
             record_event(run_dir(self.cfg), event, **fields)
@@ -227,7 +236,6 @@ class Trainer:
                 truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again
             return None
         if kind == "memory":
-            from atoll.checkpoint.snapshot import restore_snapshot
             restore_snapshot(self.control.snapshot_store, int(value), self.states,
                              self.checkpointer.group)
             path = Path(f"memory:step-{int(value)}")
@@ -332,7 +340,6 @@ class Trainer:
         store = self.control.snapshot_store if self.snapshotter is not None else None
         memory_step = store.latest() if store is not None else None
         if memory_step is not None:
-            from atoll.checkpoint.snapshot import restore_snapshot
             restore_snapshot(store, memory_step, self.states, self.checkpointer.group)
         else:
             self.checkpointer.wait()

@@ -1,0 +1,363 @@
+"""The memory tier of checkpoints: DCP snapshots held in host memory, outside the workers.
+
+Every `checkpoint.memory_interval` steps each rank copies its shard of the
+training state into one reusable host buffer and hands it to a
+`SnapshotStore` (checkpoint/snapshot_store.py) that outlives the worker
+processes: files in /dev/shm under torchrun, keeper actors under Ray. A
+restarted group then resumes from state seconds old instead of from the
+last disk checkpoint.
+
+- `MemoryWriter` / `MemoryReader`: DCP storage plugins that keep DCP's own
+  format (its Metadata plus raw chunk bytes) in a store, so a restore
+  reshards to any layout exactly like `dcp.load` from files.
+- `MemorySnapshotter`: what the train loop calls (`save`, `wait_copied`, `wait`).
+- `restore_snapshot`: load a complete snapshot into a set of `Stateful`s.
+
+Like the disk tier, this module knows state dicts, not models, and it never
+imports Ray: a Ray store is just another `SnapshotStore` handed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import threading
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan,
+                                                  SavePlanner, WriteItemType)
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from atoll.checkpoint.dcp_io import nest_by_prefix, safe_unpickle
+from atoll.checkpoint.manifest import CheckpointError
+from atoll.checkpoint.snapshot_store import (Buffer, ShmSnapshotStore, SnapshotStore, default_shm_root,
+                                             shm_root)
+from atoll.checkpoint.state import restore_states, split_state
+
+__all__ = ["SnapshotStore", "ShmSnapshotStore", "shm_root", "default_shm_root", "ShardBuffer", "MemoryWriter",
+           "MemoryReader", "MemorySnapshotter", "restore_snapshot"]
+
+# Memory copies take well under a second; a snapshot still running after this waits on a dead peer.
+ABANDON_SNAPSHOT_AFTER_S = 30.0
+
+
+# ---------------------------------------------------------------- DCP plugins
+
+_ALIGN = 64  # every chunk starts aligned, so its byte slice can be viewed as any dtype
+
+
+class ShardBuffer:
+    """One rank's host buffer, allocated on the first snapshot and reused after."""
+
+    def __init__(self) -> None:
+        self.data = torch.empty(0, dtype=torch.uint8)
+
+    def ensure(self, nbytes: int, pin: bool) -> torch.Tensor:
+        if self.data.numel() < nbytes or (pin and not self.data.is_pinned()):
+            self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self.data
+
+
+class MemoryWriter(StorageWriter):
+    """Writes one snapshot into a store: per rank one shard of raw chunk bytes, then DCP's Metadata.
+
+    Each chunk's storage data is `(rank, offset, nbytes)` into that rank's
+    shard. `copied` is set once every tensor is in the buffer (before the
+    shard is put), when the live tensors may change again.
+    """
+
+    def __init__(self, store: SnapshotStore, step: int, *, rank: int, buffer: Optional[ShardBuffer] = None,
+                 copied: Optional[threading.Event] = None, extra: Optional[dict] = None):
+        super().__init__()
+        self.store, self.step, self.rank = store, step, rank
+        self.buffer = buffer if buffer is not None else ShardBuffer()
+        self.copied = copied if copied is not None else threading.Event()
+        self.extra = extra if extra is not None else {}
+        self.is_coordinator = False
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        layout, total = [], 0
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+                raise CheckpointError(f"memory snapshots hold tensors only; {item.index.fqn} is not one")
+            nbytes = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+            layout.append((item, total, nbytes))
+            total += -(-nbytes // _ALIGN) * _ALIGN
+        buffer: Optional[torch.Tensor] = None
+        results = []
+        for item, offset, nbytes in layout:
+            tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
+            if buffer is None:
+                buffer = self.buffer.ensure(total, pin=tensor.is_cuda)
+            if tensor.shape != item.tensor_data.chunk.sizes:
+                raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
+                                      f"{tuple(item.tensor_data.chunk.sizes)}")
+            # One copy, from the live tensor (any device, any strides) straight into the shard.
+            dtype = item.tensor_data.properties.dtype
+            buffer[offset:offset + nbytes].view(dtype).view(tensor.shape).copy_(tensor)
+            results.append(WriteResult(index=item.index, size_in_bytes=nbytes,
+                                       storage_data=(self.rank, offset, nbytes)))
+        self.copied.set()
+        shard = buffer if buffer is not None else self.buffer.ensure(0, pin=False)
+        self.store.put_shard(self.step, self.rank, shard[:total].numpy())
+        done: Future = Future()
+        done.set_result(results)
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        # Runs after every rank's write_data returned, i.e. after every put_shard.
+        metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        meta = pickle.dumps({"metadata": metadata, "extra": self.extra}, protocol=pickle.HIGHEST_PROTOCOL)
+        self.store.put_meta(self.step, len(results), meta)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False  # never picked by DCP's automatic storage selection
+
+
+class MemoryReader(StorageReader):
+    """Reads a stored snapshot; each ReadItem is narrowed out of the chunk that holds it."""
+
+    def __init__(self, store: SnapshotStore, step: int):
+        super().__init__()
+        self.store, self.step = store, step
+        saved = safe_unpickle(store.get_meta(step))
+        if not isinstance(saved, dict) or not isinstance(saved.get("metadata"), Metadata):
+            raise CheckpointError(f"memory snapshot of step {step} has an unreadable meta.bin")
+        self.metadata: Metadata = saved["metadata"]
+        self.extra: dict = saved.get("extra", {})
+        self.storage_data: dict = {}
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.storage_data = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        shards: dict[int, torch.Tensor] = {}
+        for request in plan.items:
+            if request.type == LoadItemType.BYTE_IO:
+                raise CheckpointError(f"memory snapshots hold tensors only; {request.dest_index.fqn} is not one")
+            rank, offset, nbytes = self.storage_data[request.storage_index]
+            if rank not in shards:
+                shards[rank] = _as_uint8_tensor(self.store.get_shard(self.step, rank))
+            dtype, chunk = _saved_chunk(self.metadata, request.storage_index)
+            saved = shards[rank][offset:offset + nbytes].view(dtype).view(chunk.sizes)
+            for dim, (start, length) in enumerate(zip(request.storage_offsets, request.lengths)):
+                saved = saved.narrow(dim, start, length)
+            target = planner.resolve_tensor(request).detach()
+            if target.shape != saved.shape:
+                raise CheckpointError(f"{request.dest_index.fqn}: snapshot chunk {tuple(saved.shape)} "
+                                      f"does not fit {tuple(target.shape)}")
+            target.copy_(saved)
+            planner.commit_tensor(request, target)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+def _as_uint8_tensor(data: Buffer) -> torch.Tensor:
+    array = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    with warnings.catch_warnings():  # "non-writable array": it is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array.reshape(-1).view(np.uint8))
+
+
+def _saved_chunk(metadata: Metadata, index: MetadataIndex) -> tuple[torch.dtype, ChunkStorageMetadata]:
+    tensor_meta = metadata.state_dict_metadata[index.fqn]
+    chunks = tensor_meta.chunks
+    if index.index is not None and index.index < len(chunks) and chunks[index.index].offsets == index.offset:
+        return tensor_meta.properties.dtype, chunks[index.index]
+    return tensor_meta.properties.dtype, next(c for c in chunks if c.offsets == index.offset)
+
+
+# ---------------------------------------------------------------- train-loop API
+
+class MemorySnapshotter:
+    """Snapshots of the training state into a store every `interval` steps, one in flight.
+
+    After the optimizer step of a due step the loop calls `save`; the copy
+    runs on a thread during the next forward/backward, and `wait_copied` before
+    the next optimizer step is the only wait (the put into the store may still
+    run). Snapshot collectives use their own gloo group, so they never
+    interleave with training or disk-checkpoint collectives. Failures are
+    reported (`last_error`, `warn`, a `snapshot_failed` event), never raised:
+    the previous complete snapshot stays valid.
+    """
+
+    def __init__(self, store: SnapshotStore, *, rank: int, world: int, is_coordinator: bool,
+                 interval: int, on_event: Optional[Callable[..., None]] = None,
+                 warn: Callable[[str], None] = print):
+        self.store, self.rank, self.world = store, rank, world
+        self.is_coordinator, self.interval = is_coordinator, interval
+        self.on_event, self.warn = on_event, warn
+        self.group = dist.new_group(backend="gloo")
+        # Shards are keyed by rank and a step is complete with ranks 0..world-1: they must be this group's.
+        if (rank, world) != (dist.get_rank(self.group), dist.get_world_size(self.group)):
+            raise ValueError(f"snapshot rank {rank} of {world} is rank {dist.get_rank(self.group)} of "
+                             f"{dist.get_world_size(self.group)} in torch.distributed")
+        self.buffer = ShardBuffer()
+        self.last_error: Optional[str] = None  # of the newest snapshot, if it failed
+        self.last_step: Optional[int] = None  # newest snapshot this rank finished storing
+        self.blocked_s = 0.0  # time training waited on snapshots since last read
+        self.closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._copied = threading.Event()
+        self._copied.set()
+
+    def due(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    def save(self, step: int, states: dict[str, Stateful], extra: dict) -> None:
+        """Start the snapshot of `step` (after the previous one finished); `extra` must be JSON."""
+        start = time.perf_counter()
+        self.wait()
+        json.dumps(extra)  # a TypeError now, rather than an unreadable snapshot at restore
+        tensors, json_state = split_state(states)
+        self._copied = threading.Event()
+        writer = MemoryWriter(self.store, step, rank=self.rank, buffer=self.buffer, copied=self._copied,
+                              extra={"state": json_state, "extra": extra})
+        # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
+        self._thread = threading.Thread(target=self._run, args=(step, writer, nest_by_prefix(tensors)),
+                                        name=f"atoll-snapshot-{step}", daemon=True)
+        self._thread.start()
+        self.blocked_s += time.perf_counter() - start
+
+    def wait_copied(self) -> None:
+        """Call before the next optimizer step: every tensor of the snapshot is in the buffer."""
+        if not self._copied.is_set():
+            start = time.perf_counter()
+            self._copied.wait()
+            self.blocked_s += time.perf_counter() - start
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Until the snapshot in flight is stored (and complete, on the coordinator).
+
+        False if it is still running after `timeout` or the newest one failed."""
+        thread = self._thread
+        if thread is not None:
+            start = time.perf_counter()
+            thread.join(timeout)
+            self.blocked_s += time.perf_counter() - start
+            if thread.is_alive():
+                return False
+            self._thread = None
+        return self.last_error is None
+
+    def take_blocked_s(self) -> float:
+        value, self.blocked_s = self.blocked_s, 0.0
+        return value
+
+    def _run(self, step: int, writer: MemoryWriter, tensors: dict) -> None:
+        started = time.perf_counter()
+        try:
+            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            if writer.is_coordinator:  # it wrote the meta: the step is complete, older ones are not needed
+                self.store.retain(step)
+            self.last_step, self.last_error = step, None
+            if self.is_coordinator and self.on_event is not None:
+                self.on_event("memory_snapshot", step=step, shard_bytes=self.buffer.data.numel(),
+                              seconds=round(time.perf_counter() - started, 4))
+        except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+            self.last_error = f"memory snapshot of step {step} failed: {_one_line(exc)}"
+            self.warn(self.last_error)
+            if self.is_coordinator and self.on_event is not None:
+                self.on_event("snapshot_failed", step=step, error=self.last_error)
+        finally:
+            writer.copied.set()  # nothing more will be copied: wait_copied must not hang
+
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Wait for the snapshot in flight and join its thread.
+
+        `wait_for_peers=False` is the error path: no collectives, and a
+        snapshot still waiting on a dead peer after ABANDON_SNAPSHOT_AFTER_S is
+        left behind (incomplete, so never restored)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.wait(timeout=None if wait_for_peers else ABANDON_SNAPSHOT_AFTER_S)
+        if self._thread is not None:
+            self.warn(f"abandoned the memory snapshot in flight ({self._thread.name}): a peer never finished it")
+        if wait_for_peers:
+            dist.barrier(group=self.group)
+
+
+def _one_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def restore_snapshot(store: SnapshotStore, step: int, states: dict[str, Stateful],
+                     process_group: Optional[dist.ProcessGroup] = None) -> dict:
+    """Load the complete snapshot of `step` into `states`, resharding to this layout; returns its `extra`.
+
+    Every rank of `process_group` calls it with the same step; without a
+    process group and outside torch.distributed it loads in this process alone.
+    """
+    problem = store.missing(step)
+    if problem is not None:
+        raise CheckpointError(f"memory snapshot of step {step} is not complete: {problem}")
+    reader = MemoryReader(store, step)
+    tensors, _ = split_state(states)
+    _check_fits(step, reader.metadata, tensors)
+    no_dist = process_group is None and not dist.is_initialized()
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+    except CheckpointException as exc:  # one rank's error, re-raised on every rank with tracebacks
+        raise CheckpointError(f"memory snapshot of step {step} failed to load: {_one_line(exc)}") from None
+    restore_states(states, tensors, reader.extra.get("state", {}))
+    return reader.extra.get("extra", {})
+
+
+def _check_fits(step: int, metadata: Metadata, tensors: dict[str, torch.Tensor]) -> None:
+    saved = metadata.state_dict_metadata
+    problems = [f"{name} missing" if name not in saved else f"{name} {list(saved[name].size)} vs {list(t.shape)}"
+                for name, t in sorted(tensors.items())
+                if name not in saved or list(saved[name].size) != list(t.shape)]
+    if problems:
+        raise CheckpointError(f"memory snapshot of step {step} does not fit this model ({len(problems)} "
+                              f"mismatched tensors): {'; '.join(problems[:8])}")

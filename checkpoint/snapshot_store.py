@@ -1,0 +1,204 @@
+"""Where memory snapshots live: the `SnapshotStore` interface and its /dev/shm implementation.
+
+A snapshot of step N is one shard of bytes per rank plus a meta blob that
+the coordinator puts last; only then is the step complete. The bytes are
+opaque here (checkpoint/snapshot.py writes DCP's format into them), so a
+store knows neither models nor state dicts. It never imports Ray: the Ray
+store (keeper actors, replicas) lives in launch/ and implements the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from atoll.checkpoint.manifest import CheckpointError
+
+Buffer = Union[np.ndarray, bytes, memoryview]
+
+
+class SnapshotStore(abc.ABC):
+    """Where memory snapshots live, outside the worker processes.
+
+    A step is complete once `put_meta` was called for it and all `world` of
+    its shards are stored; only complete steps are restored. The launcher
+    pickles an instance into every training process, so implementations hold
+    addresses (paths, actor handles), never open files or sockets.
+    """
+
+    @abc.abstractmethod
+    def put_shard(self, step: int, rank: int, data: np.ndarray) -> None:
+        """Store one rank's shard (1-D uint8); return once stored, keeping no reference to `data`."""
+
+    @abc.abstractmethod
+    def put_meta(self, step: int, world: int, meta: bytes) -> None:
+        """Called by the coordinator once all shards of `step` are stored: the step is complete."""
+
+    @abc.abstractmethod
+    def get_shard(self, step: int, rank: int) -> Buffer:
+        """The shard's bytes (read-only is fine); CheckpointError if it is not stored."""
+
+    @abc.abstractmethod
+    def get_meta(self, step: int) -> bytes:
+        """The coordinator's meta; CheckpointError if it is not stored."""
+
+    @abc.abstractmethod
+    def steps(self) -> list[int]:
+        """Every step with anything stored, complete or not."""
+
+    @abc.abstractmethod
+    def missing(self, step: int) -> Optional[str]:
+        """None when `step` is complete, else a short phrase saying what it lacks."""
+
+    @abc.abstractmethod
+    def retain(self, step: int) -> None:
+        """Drop every step older than `step`."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Drop everything (end of the run: a run leaves no shared memory behind)."""
+
+    def latest(self) -> Optional[int]:
+        """The newest complete step, or None."""
+        for step in sorted(self.steps(), reverse=True):
+            if self.missing(step) is None:
+                return step
+        return None
+
+    def close(self) -> None:
+        """Release this process's handles; the snapshots stay for the others."""
+
+
+_ROOT_PREFIX = "atoll-snapshots-"
+
+
+def shm_root(run_dir: str, run_id: str = "none") -> Path:
+    """`/dev/shm/atoll-snapshots-<uid>-<hash of run_dir>.<run_id>`: one folder per run and job.
+
+    Every process of the job on this node computes the same folder without
+    talking, and so do torchrun's restarts of them (same run id), which is
+    what lets a restart resume from memory.
+    """
+    return _root_for(str(Path(run_dir).resolve()), run_id)
+
+
+def default_shm_root() -> Path:
+    """The folder of this torchrun job when nobody names the run: keyed by MASTER_ADDR:MASTER_PORT."""
+    job = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', os.getpid())}"
+    return _root_for(job, os.environ.get("TORCHELASTIC_RUN_ID", "none"))
+
+
+def _root_for(key: str, run_id: str) -> Path:
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return base / f"{_ROOT_PREFIX}{os.getuid()}-{digest}.{re.sub(r'[^A-Za-z0-9_]', '_', run_id)}"
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_SHARD_FILE = re.compile(r"^rank-(\d+)\.bin$")
+_META_FILE = "meta.bin"
+_WORLD_HEADER = struct.Struct("<Q")  # meta.bin starts with the world size it completes
+
+
+class ShmSnapshotStore(SnapshotStore):
+    """`root/step-<N>/rank-<R>.bin` and `root/step-<N>/meta.bin`, for the processes of one node.
+
+    Each file is written under a dot-prefixed temp name and renamed, so a
+    half-written shard never matches `rank-<R>.bin`. No fsync: the memory tier
+    has to survive a process, not the machine.
+    """
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root is not None else default_shm_root()
+
+    def _step_dir(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def put_shard(self, step: int, rank: int, data: np.ndarray) -> None:
+        _write_atomically(self._step_dir(step) / f"rank-{rank}.bin", memoryview(data))
+
+    def put_meta(self, step: int, world: int, meta: bytes) -> None:
+        _write_atomically(self._step_dir(step) / _META_FILE, _WORLD_HEADER.pack(world), meta)
+
+    def get_shard(self, step: int, rank: int) -> np.ndarray:
+        path = self._step_dir(step) / f"rank-{rank}.bin"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"memory snapshot of step {step} has no shard of rank {rank}") from None
+        if size == 0:  # a rank whose chunks were all deduplicated away; mmap refuses empty files
+            return np.empty(0, dtype=np.uint8)
+        # Mapped, not read: only the pages a loading rank's chunks need are touched.
+        return np.memmap(path, dtype=np.uint8, mode="c")
+
+    def get_meta(self, step: int) -> bytes:
+        try:
+            blob = (self._step_dir(step) / _META_FILE).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"memory snapshot of step {step} has no meta.bin") from None
+        return blob[_WORLD_HEADER.size:]
+
+    def steps(self) -> list[int]:
+        try:
+            names = [p.name for p in self.root.iterdir()]
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for name in names if (m := _STEP_DIR.match(name)))
+
+    def missing(self, step: int) -> Optional[str]:
+        folder = self._step_dir(step)
+        try:
+            with open(folder / _META_FILE, "rb") as meta:
+                header = meta.read(_WORLD_HEADER.size)
+            present = {int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_FILE.match(p.name))}
+        except FileNotFoundError:
+            return "no meta.bin" if folder.is_dir() else "nothing stored"
+        if len(header) < _WORLD_HEADER.size:
+            return "a truncated meta.bin"
+        (world,) = _WORLD_HEADER.unpack(header)
+        absent = [rank for rank in range(world) if rank not in present]
+        return f"no shard of rank {', '.join(map(str, absent))} (of {world})" if absent else None
+
+    def retain(self, step: int) -> None:
+        for old in self.steps():
+            if old < step:
+                shutil.rmtree(self._step_dir(old), ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @staticmethod
+    def remove_stale(root: Path) -> list[Path]:
+        """Remove `root` and the folders earlier jobs of the same run left (same name up to the run id).
+
+        For the first process of a job, before any snapshot of it exists."""
+        root = Path(root)
+        family = root.name.split(".", 1)[0] + "."
+        stale = [p for p in (root.parent.iterdir() if root.parent.is_dir() else [])
+                 if p == root or (p.name.startswith(family) and p.name.startswith(_ROOT_PREFIX))]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
+
+
+def _write_atomically(path: Path, *chunks: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(temp, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

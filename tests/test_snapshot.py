@@ -1,0 +1,205 @@
+"""Memory snapshots: bitwise restores, completeness rules, resharding across FSDP degrees.
+
+Real torch.distributed (gloo on 127.0.0.1) throughout; a world of one still
+runs in a process group, as the train loop does.
+"""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from atoll.checkpoint.manifest import CheckpointError
+from atoll.checkpoint.snapshot import MemorySnapshotter, ShmSnapshotStore, restore_snapshot, shm_root
+from atoll.checkpoint.state import split_state
+from conftest import free_port, subprocess_env
+from snapshot_script import full_tensors, tiny_states, train
+
+SCRIPT = Path(__file__).with_name("snapshot_script.py")
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def rank_env(rank: int, port: int) -> dict[str, str]:
+    env = subprocess_env(MASTER_PORT=str(port))  # it drops RANK and WORLD_SIZE: set them after
+    env.update(RANK=str(rank), WORLD_SIZE="2")
+    return env
+
+
+def snapshot_of(states: dict, store: ShmSnapshotStore, step: int, extra: dict) -> MemorySnapshotter:
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=2)
+    snapshotter.save(step, states, extra)
+    snapshotter.wait_copied()
+    return snapshotter
+
+
+def test_restore_is_bitwise_after_more_steps(tmp_path, world_of_one):
+    model, optimizer, states = tiny_states()
+    train(model, optimizer, 2, seed=0)
+    states["progress"].values["step"] = 2
+    expected = {name: t.clone() for name, t in split_state(states)[0].items()}
+    assert any(name.endswith(".exp_avg_sq") for name in expected)
+    store = ShmSnapshotStore(tmp_path / "shm")
+    extra = {"samples": 8, "cursor": [1, 2.5, "x"], "nested": {"none": None, "flag": True}}
+    events = []
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=2,
+                                    on_event=lambda event, **fields: events.append(event))
+    assert snapshotter.due(2) and not snapshotter.due(3)
+    snapshotter.save(2, states, extra)
+    snapshotter.wait_copied()
+    # The copy is done: stepping now (while the put may still run) must not leak into the snapshot.
+    train(model, optimizer, 2, seed=10)
+    states["progress"].values["step"] = 4
+    assert snapshotter.wait() and snapshotter.last_error is None and events == ["memory_snapshot"]
+    assert store.latest() == 2
+    assert not torch.equal(model.output.weight, expected["model.output.weight"])
+
+    assert restore_snapshot(store, 2, states, process_group=snapshotter.group) == extra
+    restored = split_state(states)[0]
+    assert restored.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(restored[name], value), name
+    assert torch.equal(model.output.weight, expected["model.output.weight"])  # into the live model
+    assert states["progress"].values == {"step": 2}
+
+    # The next snapshot reuses the buffer and retires the older step.
+    snapshotter.save(4, states, {"samples": 16})
+    assert snapshotter.wait() and store.steps() == [4]
+    snapshotter.close()
+
+
+class FullStore(ShmSnapshotStore):
+    """A store that runs out of memory on its first shard."""
+
+    def put_shard(self, step, rank, data):
+        raise MemoryError("no room for the shard")
+
+
+def test_failed_snapshot_is_reported_and_never_complete(tmp_path, world_of_one):
+    model, optimizer, states = tiny_states()
+    train(model, optimizer, 1, seed=0)
+    store, events, warnings = FullStore(tmp_path / "shm"), [], []
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=1, warn=warnings.append,
+                                    on_event=lambda event, **fields: events.append((event, fields)))
+    snapshotter.save(1, states, {})
+    snapshotter.wait_copied()  # the copy itself finished before the put failed
+    assert not snapshotter.wait() and store.latest() is None
+    assert snapshotter.last_error == "memory snapshot of step 1 failed: rank 0: MemoryError: no room for the shard"
+    assert warnings == [snapshotter.last_error]
+    assert events == [("snapshot_failed", {"step": 1, "error": snapshotter.last_error})]
+    snapshotter.close()
+
+
+def test_incomplete_snapshots_never_count(tmp_path):
+    store = ShmSnapshotStore(tmp_path / "shm")
+    shard = np.arange(10, dtype=np.uint8)
+    for rank in (0, 1):
+        store.put_shard(1, rank, shard)
+    store.put_meta(1, 2, b"meta-1")
+    shard[:] = 0  # the caller reuses its buffer: the store kept a copy
+    assert np.array_equal(store.get_shard(1, 1), np.arange(10)) and store.get_meta(1) == b"meta-1"
+
+    store.put_shard(2, 0, shard)  # step 2: meta, but rank 1's shard never arrived
+    store.put_meta(2, 2, b"meta-2")
+    store.put_shard(3, 0, shard)  # step 3: every shard, no meta
+    store.put_shard(3, 1, shard)
+    store.put_shard(4, 0, shard)  # step 4: rank 1's shard still half-written
+    (tmp_path / "shm" / "step-00000004" / ".rank-1.bin.123-456.tmp").write_bytes(b"half")
+    store.put_meta(4, 2, b"meta-4")
+    assert store.latest() == 1
+    assert store.missing(2) == "no shard of rank 1 (of 2)"
+    assert store.missing(3) == "no meta.bin"
+    assert store.missing(9) == "nothing stored"
+    with pytest.raises(CheckpointError, match="step 2 is not complete: no shard of rank 1") as error:
+        restore_snapshot(store, 2, {})
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="step 3 has no meta.bin"):
+        store.get_meta(3)
+
+    store.put_shard(4, 1, shard)
+    assert store.latest() == 4
+    store.retain(4)
+    assert store.steps() == [4]
+    with pytest.raises(CheckpointError, match="^memory snapshot of step 1 is not complete: nothing stored$"):
+        restore_snapshot(store, 1, {})
+    assert pickle.loads(pickle.dumps(store)).latest() == 4  # what the launcher hands each process
+    store.clear()
+    assert not (tmp_path / "shm").exists() and store.latest() is None
+
+
+def test_meta_is_unpickled_with_the_allow_list(tmp_path):
+    store = ShmSnapshotStore(tmp_path / "shm")
+    store.put_shard(5, 0, np.zeros(0, dtype=np.uint8))
+    store.put_meta(5, 1, pickle.dumps({"metadata": print}))  # would call anything it names
+    with pytest.raises(CheckpointError, match="builtins.print, which is not allowed"):
+        restore_snapshot(store, 5, {})
+
+
+def test_shm_root_is_one_folder_per_run_and_job(tmp_path):
+    first_job = shm_root(str(tmp_path / "run"), "job-1")
+    assert first_job == shm_root(str(tmp_path / "run"), "job-1") != shm_root(str(tmp_path / "other"), "job-1")
+    second_job = shm_root(str(tmp_path / "run"), "job-2")
+    other_run = shm_root(str(tmp_path / "other"), "job-1")
+    try:
+        for root in (first_job, other_run):
+            ShmSnapshotStore(root).put_shard(1, 0, np.zeros(4, dtype=np.uint8))
+        assert sorted(ShmSnapshotStore.remove_stale(second_job)) == [first_job]
+        assert not first_job.exists() and other_run.exists()
+    finally:
+        for root in (first_job, second_job, other_run):
+            ShmSnapshotStore(root).clear()
+
+
+@pytest.mark.slow
+def test_snapshots_reshard_between_one_process_and_two_fsdp_ranks(tmp_path, world_of_one):
+    # World of one -> 2 FSDP ranks: the ranks restore this snapshot of step 2.
+    model, optimizer, states = tiny_states()
+    train(model, optimizer, 2, seed=0)
+    states["progress"].values["step"] = 2
+    one_store = ShmSnapshotStore(tmp_path / "one")
+    snapshotter = snapshot_of(states, one_store, 2, {"from": "one"})
+    assert snapshotter.wait(), snapshotter.last_error
+    expected_one = full_tensors(states)
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "one"), str(tmp_path / "two"),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=rank_env(rank, port))
+             for rank in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+
+    on_two = torch.load(tmp_path / "restored.pt", weights_only=True)
+    assert on_two["extra"] == {"from": "one"} and on_two["progress"] == {"step": 2}
+    assert on_two["tensors"].keys() == expected_one.keys()
+    for name, value in expected_one.items():
+        assert torch.equal(on_two["tensors"][name], value), name
+
+    # 2 FSDP ranks -> world of one: a fresh process-local model restores their snapshot of step 3.
+    saved_by_two = torch.load(tmp_path / "saved.pt", weights_only=True)["tensors"]
+    two_store = ShmSnapshotStore(tmp_path / "two")
+    assert two_store.latest() == 3 and len(list((tmp_path / "two" / "step-00000003").glob("rank-*.bin"))) == 2
+    _, _, fresh = tiny_states(seed=2)
+    assert restore_snapshot(two_store, 3, fresh, process_group=snapshotter.group) == {"from": "fsdp", "world": 2}
+    restored = full_tensors(fresh)
+    assert restored.keys() == saved_by_two.keys()
+    for name, value in saved_by_two.items():
+        assert torch.equal(restored[name], value), name
+    assert fresh["progress"].values == {"step": 3}
+    snapshotter.close()
