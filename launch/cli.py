@@ -125,24 +125,17 @@ def train_command(args: argparse.Namespace) -> int:
 def torchrun_control(cfg):
     """Under torchrun the memory tier is /dev/shm, shared by the ranks of a node and by
     the restarts torchrun makes of them (same run id), so a restart resumes from memory."""
-    import hashlib
-    import shutil
-
-    from atoll.checkpoint.snapshot_store import ShmSnapshotStore, default_shm_root
+    from atoll.checkpoint.snapshot_store import ShmSnapshotStore, shm_root
     from atoll.trainer.config import run_dir
     from atoll.trainer.hooks import RunControl
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not cfg.checkpoint.memory_interval:
         return RunControl(attempt=attempt)
-    # One folder per (run directory, torchrun job): restarts of the job share it.
-    run_key = hashlib.sha256(str(run_dir(cfg)).encode()).hexdigest()[:12]
-    root = default_shm_root(f"{run_key}-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}")
+    root = shm_root(str(run_dir(cfg)), os.environ.get("TORCHELASTIC_RUN_ID", "none"))
     if os.environ.get("LOCAL_RANK", "0") == "0" and attempt == 0:
         # A job that failed for good cannot clean up after itself; the next one of this run does.
-        for stale in root.parent.glob(root.name.split(run_key)[0] + run_key + "-*"):
-            if stale != root:
-                shutil.rmtree(stale, ignore_errors=True)
+        ShmSnapshotStore.remove_stale(root)
     return RunControl(snapshot_store=ShmSnapshotStore(root), attempt=attempt)
 
 

@@ -172,10 +172,11 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
                               source=self.resume_source, layout=self.layout.to_dict())
-        # Order matters: snapshot before the disk save reads the same state, metrics and
-        # the heartbeat last, so a step counts as done only once its snapshot has started.
-        self.hooks = ([MemorySnapshotHook()] if self.snapshotter else []) + \
-            [DiskCheckpointHook(), MetricsHook(), HeartbeatHook(self.control)]
+        # Order matters: a step's metrics row is written before its snapshot can complete,
+        # so a run resumed from that snapshot never lacks the row; the heartbeat comes last,
+        # so a step counts as done only once its snapshot has started.
+        self.hooks = [MetricsHook()] + ([MemorySnapshotHook()] if self.snapshotter else []) + \
+            [DiskCheckpointHook(), HeartbeatHook(self.control)]
 
     def _build_parts(self, cfg: DictConfig) -> None:
         """This rank's model parts, parallelised: the whole model, or its pipeline stages."""
