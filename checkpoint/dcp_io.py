@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import threading
+import time
 import pickle
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,11 +85,29 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+PARENT_POLL_S = 0.5
 _ORIGINAL_WRITER_MAIN = _process_executor._AsyncCheckpointProcess._checkpointing_subprocess
+
+
+def _die_with_parent() -> None:
+    """A writer whose rank was killed (SIGKILL: no chance to stop it) must not outlive it.
+
+    Polled, not PR_SET_PDEATHSIG: that fires when the *thread* that spawned
+    the writer ends, and DCP spawns it from a short-lived thread.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="atoll-writer-parent-watch", daemon=True).start()
 
 
 def _quiet_writer_main(*args: Any) -> None:
     """The writer process's main, minus the INFO lines it logs on every save."""
+    _die_with_parent()
     _process_executor._init_logger = lambda rank: logging.getLogger().setLevel(logging.WARNING)
     # Staged DTensors arrive before the writer's own process group exists; torch warns
     # about that on every save, though the writer never looks up the mesh's groups.

@@ -57,7 +57,6 @@ def _init_ray(cfg: DictConfig) -> None:
     if cfg.launch.ray_address:
         ray.init(address=cfg.launch.ray_address, **common)
         return
-    os.environ.update(LOOPBACK_ENV)  # read by the processes ray.init starts
     ray.init(**ray_init_options(cfg), **common)
 
 
@@ -142,6 +141,8 @@ def _as_user_error(exc: UserError) -> BaseException:
 def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the recipe on Ray worker groups under the supervisor; each rank's final metrics."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; each rank's lines differ
+    if not cfg.launch.ray_address:
+        os.environ.update(LOOPBACK_ENV)  # read when ray is imported, and by what ray.init starts
     import ray
 
     from atoll.trainer.config import run_dir, to_dict

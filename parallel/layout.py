@@ -115,6 +115,14 @@ def rendezvous_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.TCPSt
                          master_listen_fd=sock.detach())
 
 
+def torchrun_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with a prefix per restart: the keys of a failed attempt (its ranks'
+    addresses) must not be read by the next one."""
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                       timeout=timeout))
+    return dist.PrefixStore(f"atoll/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def _is_loopback(addr: str) -> bool:
     try:
         return ipaddress.ip_address(addr).is_loopback
@@ -154,12 +162,10 @@ class ParallelMesh:
                 os.environ.setdefault("MASTER_PORT", str(_free_port()))
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=timeout_s)
-            if running_under_torchrun():  # torchrun's agent holds the store
-                dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                        timeout=timeout)
-            else:
-                dist.init_process_group(backend=backend, store=rendezvous_store(env, timeout),
-                                        rank=env.rank, world_size=env.world_size, timeout=timeout)
+            store = torchrun_store(env, timeout) if running_under_torchrun() else \
+                rendezvous_store(env, timeout)
+            dist.init_process_group(backend=backend, store=store, rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         if env.world_size == 1:
             return
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)

@@ -25,7 +25,7 @@ from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.trainer.metrics import read_jsonl
-from conftest import MARKER, SESSION_ID, TINY_MOE, losses, run_cli, subprocess_env
+from conftest import MARKER, SESSION_ID, TINY_MOE, free_port, losses, run_cli, subprocess_env
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -85,8 +85,8 @@ def ended(proc: subprocess.Popen):
                 proc.wait()
 
 
-def listening_addresses() -> set[tuple[str, str]]:
-    """(process name, address) of every listening socket of this session's processes."""
+def listening_addresses() -> set[tuple[str, str, str]]:
+    """(process name, address, command) of every listening socket of this session's processes."""
     found = set()
     for proc in psutil.process_iter(["pid", "name"]):
         try:
@@ -94,7 +94,7 @@ def listening_addresses() -> set[tuple[str, str]]:
                 continue
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
-                    found.add((proc.info["name"], conn.laddr.ip))
+                    found.add((proc.info["name"], conn.laddr.ip, " ".join(proc.cmdline()[:4])[:120]))
         except (psutil.Error, OSError):
             continue
     return found
@@ -170,7 +170,51 @@ def test_default_run_listens_on_loopback_only(short_tmp):
     with ended(proc):
         wait_for(lambda: events(run_dir, "checkpoint_commit"), 180, proc, "a checkpoint")
         found = listening_addresses()
-        names = {name for name, _ in found}
+        names = {name for name, _, _ in found}
         assert {"gcs_server", "raylet"} <= names, found
         assert len(found) > 5
-        assert {addr for _, addr in found} <= LOOPBACK, sorted(found)
+        assert {addr for _, addr, _ in found} <= LOOPBACK, sorted(found)
+
+
+def torchrun_ranks(proc: subprocess.Popen) -> dict[str, psutil.Process]:
+    ranks = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "atoll.launch" in " ".join(child.cmdline()) and child.environ().get("RANK"):
+                ranks[child.environ()["RANK"]] = child
+    return ranks
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp):
+    """torchrun --max-restarts: a killed rank makes torchrun restart both; they resume from the
+    /dev/shm snapshots and end with the state of a run that never failed; nothing is left in
+    /dev/shm."""
+    args = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=15",
+            "checkpoint.memory_interval=1"]
+    reference = tmp_path / "reference"
+    proc = run_cli(["train", *args, f"run.dir={reference}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_dir = tmp_path / "restarted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+           "--max-restarts=2", "--monitor-interval=0.1", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "atoll.launch", "train", *args, f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+    with ended(proc):
+        # After the first commit: DCP's writer process is up (one killed while it still starts
+        # can sit in its store connection until that times out).
+        wait_for(lambda: events(run_dir, "checkpoint_commit") and last_step(run_dir) >= 20, 120, proc,
+                 "training to pass the disk checkpoint")
+        ranks = torchrun_ranks(proc)
+        assert set(ranks) == {"0", "1"}
+        ranks["1"].kill()
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    resumes = events(run_dir, "resume")
+    assert len(resumes) == 1 and resumes[0]["source"] == "memory" and resumes[0]["step"] >= 20
+    assert losses(run_dir) == losses(reference)
+    assert_same_state(run_dir, reference)
+    assert not [p for p in Path("/dev/shm").glob("atoll-snapshots-*") if str(os.getuid()) in p.name
+                and p.stat().st_mtime > time.time() - 600 and any(p.iterdir())]

@@ -422,6 +422,9 @@ class Trainer:
             if isinstance(hook, HeartbeatHook):
                 hook.beat(self)  # started (and resumed): the launcher may time the next step
         if self.step >= self.last_step:
+            if self.resume_source == "memory" and self.checkpointer.interval:
+                # Resumed from memory at the end: the end's disk checkpoint may never have committed.
+                self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
             if self.is_logging_rank:
                 print(f"nothing to do: run {cfg.run.name} is already at step {self.step} "
                       f"(run.steps={cfg.run.steps}, run.stop_at={cfg.run.stop_at})", flush=True)
