@@ -218,3 +218,26 @@ def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp
     assert_same_state(run_dir, reference)
     assert not [p for p in Path("/dev/shm").glob("atoll-snapshots-*") if str(os.getuid()) in p.name
                 and p.stat().st_mtime > time.time() - 600 and any(p.iterdir())]
+
+
+@pytest.mark.slow
+def test_stopped_rank_is_a_hang_detected_in_time(short_tmp):
+    """SIGSTOP one rank: no step completes, the group is failed within hang_timeout_s + 2 s,
+    the stopped process is killed with its group, and the run finishes from memory."""
+    run_dir = short_tmp / "hang"
+    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=0",
+                          "fault_tolerance.hang_timeout_s=6", f"run.dir={run_dir}"], short_tmp)
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= 5, 120, proc, "training to start")
+        victim = psutil.Process(events(run_dir, "workers")[-1]["ranks"][1]["pid"])
+        victim.send_signal(signal.SIGSTOP)
+        stopped_at = time.time()
+        failure = wait_for(lambda: events(run_dir, "failure"), 60, proc, "the hang")[0]
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert failure["kind"] == "hang" and 6 <= failure["detected_s"] <= 8
+    assert failure["time"] - stopped_at <= 6 + 2
+    assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
+    restart = events(run_dir, "restart")[0]
+    assert restart["source"] == "memory" and restart["lost_steps"] <= 1
+    assert last_step(run_dir) == 60

@@ -16,11 +16,11 @@ from atoll.trainer.metrics import read_jsonl
 from conftest import MARKER, SESSION_ID, TINY_MOE, free_port, subprocess_env
 
 
-def start_long_ray_run(short_tmp) -> tuple[subprocess.Popen, object]:
+def start_long_ray_run(short_tmp, *extra: str) -> tuple[subprocess.Popen, object]:
     run_dir = short_tmp / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "atoll.launch", "train", *TINY_MOE, "run.steps=100000",
-         "logging.log_interval=1", f"run.dir={run_dir}"],
+         "logging.log_interval=1", f"run.dir={run_dir}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
     deadline = time.time() + 120
@@ -32,6 +32,7 @@ def start_long_ray_run(short_tmp) -> tuple[subprocess.Popen, object]:
 
 
 def workers_of_this_session() -> list[psutil.Process]:
+    """Every TrainWorker actor process of this session: the group's ranks and warm spares."""
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -43,21 +44,29 @@ def workers_of_this_session() -> list[psutil.Process]:
     return found
 
 
+def group_ranks(run_dir) -> list[psutil.Process]:
+    """The ranks of the newest worker group, by the pids its `workers` event names."""
+    group = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "workers"][-1]
+    return [psutil.Process(r["pid"]) for r in group["ranks"]]
+
+
 def wait_gone(processes, timeout=30.0):
     gone, alive = psutil.wait_procs(processes, timeout=timeout)
     assert not alive, f"still running: {[p.pid for p in alive]}"
 
 
 @pytest.mark.slow
-def test_dead_worker_ends_run_with_one_line(short_tmp):
-    proc, _ = start_long_ray_run(short_tmp)
-    workers = workers_of_this_session()
-    assert len(workers) == 2
-    workers[1].kill()  # a machine failure, as far as the run can tell
+def test_dead_worker_past_max_restarts_ends_run_with_one_line(short_tmp):
+    proc, run_dir = start_long_ray_run(short_tmp, "fault_tolerance.max_restarts=0")
+    ranks = group_ranks(run_dir)
+    assert len(ranks) == 2
+    workers = workers_of_this_session()  # the ranks and the warm spares
+    ranks[1].kill()  # a machine failure, as far as the run can tell
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"atoll: error: worker rank [01] (died|failed): .+", last), last
+    assert re.fullmatch(r"atoll: error: worker rank [01] (died|failed): .+ \(gave up after 0 restarts, "
+                        r"fault_tolerance.max_restarts=0\)", last), last
     wait_gone(workers)
 
 
