@@ -135,14 +135,14 @@ class ActorPool:
         self.spares: list[tuple[str, Any]] = []  # (node, actor)
         self._actor_cls = None
 
-    def _new(self, node: str):
+    def _new(self, node: str, rank: int = -1):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self._actor_cls is None:
             self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(TrainWorker)
         actor = self._actor_cls.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(rank)
         actor.warm_up.remote()  # starts importing now; later calls queue behind it
         return actor
 
@@ -150,9 +150,10 @@ class ActorPool:
         """One actor per entry of `nodes`: a spare of that node if there is one, else a new one."""
         self.spares = [(node, actor) for node, actor in self.spares if node in alive]
         taken = []
-        for node in nodes:
+        for rank, node in enumerate(nodes):
             spare = next((i for i, (n, _) in enumerate(self.spares) if n == node), None)
-            taken.append(self.spares.pop(spare)[1] if spare is not None else self._new(node))
+            # Ray names an actor's log lines once, when it starts: a spare's say "worker".
+            taken.append(self.spares.pop(spare)[1] if spare is not None else self._new(node, rank))
         return taken
 
     def replenish(self, nodes: list[str]) -> None:
