@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -86,6 +87,11 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 PARENT_POLL_S = 0.5
+WRITER_PARENT_ENV = "ATOLL_WRITER_PARENT"
+# Set by the launcher where one store outlives several attempts (torchrun's
+# agent store): the writers' keys then get a prefix per attempt, or a restarted
+# writer reads the gloo addresses of a dead one and waits on it.
+WRITER_STORE_PREFIX_ENV = "ATOLL_WRITER_STORE_PREFIX"
 _ORIGINAL_WRITER_MAIN = _process_executor._AsyncCheckpointProcess._checkpointing_subprocess
 
 
@@ -93,9 +99,12 @@ def _die_with_parent() -> None:
     """A writer whose rank was killed (SIGKILL: no chance to stop it) must not outlive it.
 
     Polled, not PR_SET_PDEATHSIG: that fires when the *thread* that spawned
-    the writer ends, and DCP spawns it from a short-lived thread.
+    the writer ends, and DCP spawns it from a short-lived thread. The parent
+    names itself in WRITER_PARENT_ENV: a rank killed while its writer still
+    imports torch is then noticed too (`getppid()` read that late would
+    already be the reaper's).
     """
-    parent = os.getppid()
+    parent = int(os.environ.get(WRITER_PARENT_ENV, os.getppid()))
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -108,6 +117,9 @@ def _die_with_parent() -> None:
 def _quiet_writer_main(*args: Any) -> None:
     """The writer process's main, minus the INFO lines it logs on every save."""
     _die_with_parent()
+    attempt_prefix = os.environ.get(WRITER_STORE_PREFIX_ENV, "")
+    if attempt_prefix:
+        _process_executor.PrefixStore = lambda prefix, store: dist.PrefixStore(prefix + attempt_prefix, store)
     _process_executor._init_logger = lambda rank: logging.getLogger().setLevel(logging.WARNING)
     # Staged DTensors arrive before the writer's own process group exists; torch warns
     # about that on every save, though the writer never looks up the mesh's groups.
@@ -121,6 +133,7 @@ def _quiet_writer_main(*args: Any) -> None:
 
 def quiet_writer_process() -> None:
     """Make DCP's writer process log warnings only (it is spawned, so patch its entry)."""
+    os.environ[WRITER_PARENT_ENV] = str(os.getpid())
     _process_executor._AsyncCheckpointProcess._checkpointing_subprocess = staticmethod(_quiet_writer_main)
 
 

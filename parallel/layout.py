@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from atoll.checkpoint.dcp_io import WRITER_STORE_PREFIX_ENV
+
 MESH_DIMS = ("pp", "dp_mod_ep", "ep")
 
 
@@ -120,7 +122,12 @@ def torchrun_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
     addresses) must not be read by the next one."""
     store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                        timeout=timeout))
-    return dist.PrefixStore(f"atoll/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    prefix = f"atoll/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    # DCP's writers join this store too (a store of their own would listen on
+    # every interface), under the same per-attempt prefix.
+    os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
+    os.environ[WRITER_STORE_PREFIX_ENV] = prefix + "/"
+    return dist.PrefixStore(prefix, store)
 
 
 def _is_loopback(addr: str) -> bool:

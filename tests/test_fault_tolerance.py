@@ -85,6 +85,20 @@ def ended(proc: subprocess.Popen):
                 proc.wait()
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The run's output once it ends; past `timeout`, a failure that shows what still runs."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        alive = []
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            with contextlib.suppress(psutil.Error):
+                alive.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())[:160]}")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        raise AssertionError(f"run still going after {timeout} s (exit {proc.poll()}); processes:\n"
+                             + "\n".join(alive) + f"\nstderr tail:\n{err[-6000:]}") from None
+
+
 def listening_addresses() -> set[tuple[str, str, str]]:
     """(process name, address, command) of every listening socket of this session's processes."""
     found = set()
@@ -146,7 +160,7 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
             restarts = len(events(run_dir, "restart"))
             kill_random("training")
             wait_for(lambda: len(events(run_dir, "restart")) > restarts, 60, proc, "a restart")
-        out, err = proc.communicate(timeout=300)
+        out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     failures = events(run_dir, "failure")
     assert len(failures) == len(kills) == 6
@@ -210,7 +224,7 @@ def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp
         ranks = torchrun_ranks(proc)
         assert set(ranks) == {"0", "1"}
         ranks["1"].kill()
-        out, err = proc.communicate(timeout=300)
+        out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     resumes = events(run_dir, "resume")
     assert len(resumes) == 1 and resumes[0]["source"] == "memory" and resumes[0]["step"] >= 20
@@ -233,7 +247,7 @@ def test_stopped_rank_is_a_hang_detected_in_time(short_tmp):
         victim.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         failure = wait_for(lambda: events(run_dir, "failure"), 60, proc, "the hang")[0]
-        out, err = proc.communicate(timeout=300)
+        out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     assert failure["kind"] == "hang" and 6 <= failure["detected_s"] <= 8
     assert failure["time"] - stopped_at <= 6 + 2
