@@ -49,6 +49,16 @@ def ray_init_options(cfg: DictConfig) -> dict:
                 _system_config=dict(HEALTH_CHECKS))
 
 
+def _names_loopback(address: str) -> bool:
+    """Whether `launch.ray_address` (or RAY_ADDRESS, for `auto`) is a cluster on loopback."""
+    from atoll.parallel.layout import is_loopback
+
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return bool(host) and is_loopback(host)
+
+
 def _init_ray(cfg: DictConfig) -> None:
     import ray
 
@@ -141,8 +151,10 @@ def _as_user_error(exc: UserError) -> BaseException:
 def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the recipe on Ray worker groups under the supervisor; each rank's final metrics."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; each rank's lines differ
-    if not cfg.launch.ray_address:
-        os.environ.update(LOOPBACK_ENV)  # read when ray is imported, and by what ray.init starts
+    if not cfg.launch.ray_address or _names_loopback(cfg.launch.ray_address):
+        # Read when ray is imported, and by what ray.init starts. Without it a
+        # driver joining a cluster on 127.0.0.1 looks for it at the external address.
+        os.environ.update(LOOPBACK_ENV)
     import ray
 
     from atoll.trainer.config import run_dir, to_dict

@@ -39,6 +39,9 @@ STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a gr
 GROW_CHECK_S = 1.0  # how often a shrunk run looks for its missing capacity
 # A rank that raised usually did so because a peer died: wait this long for the death to show.
 SETTLE_S = 0.5
+# ... and while a peer does not answer (its node may be gone: Ray declares a
+# node dead after its health checks fail, about 2.5 s), up to this long.
+NODE_SETTLE_S = 4.0
 
 
 class WorkerFailed(RuntimeError):
@@ -284,11 +287,7 @@ class Supervisor:
         dead = [s for s in statuses if s.state in ("dead", "node_lost")]
         failed = [s for s in statuses if s.state == "failed"]
         if failed and not dead:
-            # A rank that raised often did so because a peer died: let the death show first.
-            self.sleep(SETTLE_S)
-            later = group.poll(self.poll_s)
-            dead = [s for s in later if s.state in ("dead", "node_lost")]
-            user = [s for s in later if s.state == "failed" and (s.error or {}).get("user")]
+            dead, user, now = self._settle(group, now)
             if user:
                 return self._failure_of(user[0], "error", top, 0.0)
         if dead:
@@ -308,6 +307,20 @@ class Supervisor:
                            f"no step completed for {now - last_change[rank]:.1f}s "
                            f"(fault_tolerance.hang_timeout_s={self.hang_timeout_s:g})")
         return None
+
+    def _settle(self, group: WorkerGroup, since: float) -> tuple[list, list, float]:
+        """After a rank raised: (dead ranks, user errors, when seen) once the others have
+        answered or died, or NODE_SETTLE_S has passed."""
+        self.sleep(SETTLE_S)
+        while True:
+            later = group.poll(self.poll_s)
+            now = self.clock()
+            dead = [s for s in later if s.state in ("dead", "node_lost")]
+            user = [s for s in later if s.state == "failed" and (s.error or {}).get("user")]
+            silent = [s for s in later if s.state == "unanswered"]
+            if dead or user or not silent or now - since >= NODE_SETTLE_S:
+                return dead, user, now
+            self.sleep(self.poll_s)
 
     def _failure_of(self, status: RankStatus, kind: str, step: int, detected_s: float) -> Failure:
         error = status.error or {}

@@ -241,6 +241,11 @@ class RayWorkerGroup:
             del self._pending[rank]
             try:
                 answer = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                # The connection broke but Ray does not know yet whether the actor
+                # (or its node) is dead: ask again until it does.
+                statuses.append(RankStatus(rank, "unanswered"))
+                continue
             except ray.exceptions.RayActorError as exc:
                 statuses.append(RankStatus(rank, self._death_kind(rank),
                                            error={"type": type(exc).__name__,

@@ -104,7 +104,7 @@ def rendezvous_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.TCPSt
     instead of starting stores of their own.
     """
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if _is_loopback(addr):
+    if is_loopback(addr):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
     if env.rank != 0:
@@ -130,7 +130,7 @@ def torchrun_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(prefix, store)
 
 
-def _is_loopback(addr: str) -> bool:
+def is_loopback(addr: str) -> bool:
     try:
         return ipaddress.ip_address(addr).is_loopback
     except ValueError:

@@ -10,16 +10,22 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU interpreter here. Triton reads this when it is
     # first imported (DeepSpeed imports it too), so it is set before anything else.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from atoll.checkpoint.dcp_io import read_tensors
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
 from atoll.trainer.metrics import read_jsonl
 
 # A tiny MoE that trains in well under a second per step on one core.
@@ -65,6 +71,77 @@ def run_cli(args: list[str], timeout: float = 300, env: dict | None = None,
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------ runs in flight
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = resolve_checkpoint(run_dir)
+    return read_tensors(ckpt, verify(ckpt)["tensors"])
+
+
+def assert_same_state(got_dir: Path, want_dir: Path) -> None:
+    got, want = final_state(got_dir), final_state(want_dir)
+    assert got.keys() == want.keys()
+    assert any(k.endswith(".exp_avg_sq") for k in want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == kind]
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended while waiting for {what}: {proc.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def last_step(run_dir: Path) -> int:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return rows[-1]["step"] if rows else 0
+
+
+def start_ray_run(args: list[str], short_tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "atoll.launch", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+
+
+@contextlib.contextmanager
+def ended(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The run's output once it ends; past `timeout`, a failure that shows what still runs."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        alive = []
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            with contextlib.suppress(psutil.Error):
+                alive.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())[:160]}")
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        raise AssertionError(f"run still going after {timeout} s (exit {proc.poll()}); processes:\n"
+                             + "\n".join(alive) + f"\nstderr tail:\n{err[-6000:]}") from None
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Tests for atoll.trainer.data: sources, errors, deterministic order, dp sharding, resume."""
 
-import os
 import re
 
 import numpy as np

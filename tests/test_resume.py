@@ -9,20 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.launch.cli import main
 from atoll.trainer.metrics import read_jsonl
-from conftest import TINY_MOE, losses, run_cli, subprocess_env
+from conftest import TINY_MOE, final_state, losses, run_cli, subprocess_env
 
 QUIET = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
          "launch.threads_per_worker=1"]
-
-
-def final_state(run_dir) -> dict[str, torch.Tensor]:
-    ckpt = resolve_checkpoint(run_dir)
-    return read_tensors(ckpt, verify(ckpt)["tensors"])
 
 
 @pytest.mark.slow

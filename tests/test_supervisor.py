@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed, fit_layout
+from atoll.launch.supervisor import NODE_SETTLE_S, Supervisor, UserError, WorkerFailed, fit_layout
 from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
 from atoll.trainer.config import load_recipe, to_dict
 
@@ -101,7 +101,7 @@ class FakeFactory:
 def supervise(factory, rec, clock=None):
     clock = clock or Clock()
     events = []
-    sup = Supervisor(rec, factory, lambda event, /, **f: events.append({"event": event, **f}),
+    sup = Supervisor(rec, factory, lambda event, /, **f: events.append({"event": event, "at": clock.now, **f}),
                      clock=clock, sleep=clock.sleep, log=lambda line: None)
     return sup, events, clock
 
@@ -151,6 +151,39 @@ def test_a_peer_error_waits_for_the_death_that_caused_it():
     sup, events, _ = supervise(FakeFactory([script]), recipe())
     sup.run()
     assert events[1]["kind"] == "died" and events[1]["rank"] == 1
+
+
+def test_a_peer_error_waits_for_a_silent_rank_whose_node_is_declared_lost():
+    """A node's loss shows first as a peer error and a rank that does not answer; Ray
+    declares the node dead seconds later. The failure is the node loss, not the error."""
+    def script(group, rank, status):
+        if group.polls >= 3 and rank == 0:
+            return RankStatus(rank, "failed", error={"type": "DistBackendError", "message": "peer gone",
+                                                      "user": False})
+        if 3 <= group.polls < 20 and rank == 1:
+            return RankStatus(rank, "unanswered")
+        if group.polls >= 20 and rank == 1:
+            return RankStatus(rank, "node_lost", error={"message": "node died", "user": False})
+    sup, events, clock = supervise(FakeFactory([script]), recipe())
+    sup.run()
+    failure = events[1]
+    assert failure["kind"] == "node_lost" and failure["rank"] == 1
+    assert 1.5 <= failure["detected_s"] <= 4.0
+
+
+def test_a_peer_error_with_a_rank_silent_for_good_is_reported_after_the_node_settle():
+    def script(group, rank, status):
+        if group.polls >= 3 and rank == 0:
+            return RankStatus(rank, "failed", error={"type": "DistBackendError", "message": "peer gone",
+                                                      "user": False})
+        if group.polls >= 3 and rank == 1:
+            return RankStatus(rank, "unanswered")
+    sup, events, clock = supervise(FakeFactory([script]), recipe())
+    sup.run()
+    failure = events[1]
+    assert failure["kind"] == "error" and failure["rank"] == 0
+    first_error_at = 2 * 0.1  # the third poll, after two sleeps
+    assert NODE_SETTLE_S <= failure["at"] - first_error_at <= NODE_SETTLE_S + 0.5
 
 
 def test_a_user_error_ends_the_run_at_once():

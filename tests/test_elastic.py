@@ -1,0 +1,116 @@
+"""Elastic training on a real multi-node Ray cluster on this machine.
+
+`ray_cluster_script.py` runs the cluster (Ray's `cluster_utils.Cluster`, one
+CPU per node) in a process of its own; the run joins it with
+`launch.ray_address`. A node is lost by killing all of its processes at once:
+its rank dies, its snapshot keeper with it, and the run must resume from the
+replicas on the other node, shrink to what is left and grow back when a node
+is added, consuming every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.trainer.metrics import read_jsonl
+from conftest import (TINY_MOE, assert_same_state, ended, events, finish, last_step, losses, run_cli,
+                      subprocess_env, wait_for)
+
+CLUSTER_SCRIPT = Path(__file__).with_name("ray_cluster_script.py")
+# A constant learning rate, so the reference's stops and resumes see the same schedule.
+ELASTIC = [*TINY_MOE, "parallel.dp=2", "run.steps=80", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
+           "checkpoint.interval=1000", "checkpoint.memory_interval=1"]
+
+
+class LocalCluster:
+    """The cluster script's process: `command("remove")`, `command("add")`."""
+
+    def __init__(self, workers: int, ray_tmp: Path, dashboard: bool = False):
+        cmd = [sys.executable, str(CLUSTER_SCRIPT), str(workers)] + (["--dashboard"] if dashboard else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=subprocess_env(RAY_TMPDIR=str(ray_tmp)))
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("cluster: "):
+                return json.loads(line.removeprefix("cluster: "))
+        raise AssertionError(f"the cluster script ended (exit {self.proc.wait()})")
+
+    def command(self, name: str) -> dict:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def two_nodes(short_tmp):
+    cluster = LocalCluster(1, short_tmp)
+    yield cluster
+    cluster.close()
+
+
+@pytest.mark.slow
+def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short_tmp, tmp_path):
+    """Lose the worker node at step ≥ 10: detected within 5 s, resumed from the copy of its
+    snapshot on the head node, run on one worker with grad_accum 2, grown back to two when a
+    node joins; the end state is bitwise that of a run which stops and resumes at the same steps
+    with the same layouts, and every sample was consumed once."""
+    run_dir = tmp_path / "elastic"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atoll.launch", "train", *ELASTIC, f"run.dir={run_dir}",
+         f"launch.ray_address={two_nodes.info['address']}", "fault_tolerance.min_workers=1",
+         "fault_tolerance.placement_timeout_s=3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= 10, 180, proc, "training to start")
+        nodes = {r["node"] for r in events(run_dir, "workers")[0]["ranks"]}
+        assert len(nodes) == 2  # one rank per node
+        two_nodes.command("remove")
+        wait_for(lambda: events(run_dir, "resize"), 60, proc, "the shrink")
+        two_nodes.command("add")
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+
+    failure, = events(run_dir, "failure")
+    assert failure["kind"] == "node_lost" and failure["detected_s"] <= 5
+    shrink, grow = events(run_dir, "resize")
+    assert (shrink["from_world"], shrink["to_world"], shrink["grad_accum"]) == (2, 1, 2)
+    assert (grow["from_world"], grow["to_world"], grow["grad_accum"]) == (1, 2, 1)
+    assert [e["world"] for e in events(run_dir, "workers")] == [2, 1, 2]
+    restart, = events(run_dir, "restart")
+    assert restart["source"] == "memory" and restart["world"] == 1
+    resumed, grown = restart["resume_step"], grow["step"]
+    assert failure["step"] - 1 <= resumed < grown < 80  # at most memory_interval steps lost
+
+    # The same schedule of layouts with stops and resumes through disk checkpoints.
+    reference = tmp_path / "reference"
+    for args, procs in ((["parallel.dp=2", f"run.stop_at={resumed}"], 2),
+                        (["parallel.dp=1", "data.grad_accum=2", f"run.stop_at={grown}"], 1),
+                        (["parallel.dp=2"], 2)):
+        done = run_cli(["train", *ELASTIC, *args, f"run.dir={reference}"], torchrun_procs=procs)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(run_dir) == losses(reference)
+    assert_same_state(run_dir, reference)
+    manifest = verify(resolve_checkpoint(run_dir))
+    assert manifest["samples"] == 80 * 2 * 2  # steps × dp × micro_batch: each sample once
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 81))
