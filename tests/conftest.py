@@ -99,7 +99,9 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
         if value:
             return value
         if proc.poll() is not None:
-            raise AssertionError(f"run ended while waiting for {what}: {proc.communicate()[1][-3000:]}")
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended (exit {proc.returncode}) while waiting for {what}:\n"
+                                 f"{out[-2000:]}\n{err[-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)

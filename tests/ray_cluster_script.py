@@ -1,7 +1,8 @@
 """A multi-node Ray cluster on this machine, driven line by line over stdin.
 
 `python ray_cluster_script.py WORKER_NODES [--dashboard]` starts a head node
-(1 CPU) and WORKER_NODES worker nodes (1 CPU each) on 127.0.0.1 with Ray's
+(1 CPU; with the dashboard, which takes jobs, on a free port of 127.0.0.1)
+and WORKER_NODES worker nodes (1 CPU each) on 127.0.0.1 with Ray's
 `cluster_utils.Cluster`, prints `{"address": ..., "nodes": [...]}` and then
 answers one line per command (`cluster: ` and JSON):
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -28,6 +30,12 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from atoll.launch.ray_backend import HEALTH_CHECKS  # noqa: E402
 
 NODE_ARGS = dict(num_cpus=1, object_store_memory=96 * 1024 * 1024, node_ip_address="127.0.0.1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def node_ids() -> list[str]:
@@ -44,7 +52,7 @@ def answer(**fields) -> None:
 def main() -> int:
     workers, dashboard = int(sys.argv[1]), "--dashboard" in sys.argv
     head_args = dict(NODE_ARGS, _system_config=dict(HEALTH_CHECKS), include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1")
+                     dashboard_host="127.0.0.1", dashboard_port=free_port())
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:
         added = [cluster.add_node(**NODE_ARGS) for _ in range(workers)]

@@ -1,4 +1,4 @@
-"""Elastic training on a real multi-node Ray cluster on this machine.
+"""Elastic training and job submission on a real multi-node Ray cluster on this machine.
 
 `ray_cluster_script.py` runs the cluster (Ray's `cluster_utils.Cluster`, one
 CPU per node) in a process of its own; the run joins it with
@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from atoll.checkpoint.manifest import verify
@@ -35,8 +38,10 @@ class LocalCluster:
 
     def __init__(self, workers: int, ray_tmp: Path, dashboard: bool = False):
         cmd = [sys.executable, str(CLUSTER_SCRIPT), str(workers)] + (["--dashboard"] if dashboard else [])
+        # Jobs run `atoll` from the cluster's environment: this test's virtual environment.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=subprocess_env(RAY_TMPDIR=str(ray_tmp)))
+                                     env=subprocess_env(RAY_TMPDIR=str(ray_tmp), PATH=path))
         self.info = self._answer()
 
     def _answer(self) -> dict:
@@ -51,6 +56,11 @@ class LocalCluster:
         return self._answer()
 
     def close(self) -> None:
+        """Shut the cluster down; its processes (the dashboard's helpers end a little after
+        the dashboard) get a few seconds to go, then are ended by their ids."""
+        started = []
+        with contextlib.suppress(psutil.Error):
+            started = psutil.Process(self.proc.pid).children(recursive=True)
         with contextlib.suppress(OSError):
             self.proc.stdin.write("exit\n")
             self.proc.stdin.close()
@@ -59,6 +69,10 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        _, alive = psutil.wait_procs(started, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 @pytest.fixture
@@ -114,3 +128,34 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
     manifest = verify(resolve_checkpoint(run_dir))
     assert manifest["samples"] == 80 * 2 * 2  # steps × dp × micro_batch: each sample once
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 81))
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_under_the_supervisor(short_tmp, tmp_path):
+    """`ray job submit --working-dir DIR -- atoll train RECIPE launch.ray_address=auto`: the job's
+    driver joins the cluster, a killed rank is restarted from memory, and the job succeeds."""
+    cluster = LocalCluster(1, short_tmp, dashboard=True)
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / "tiny.yaml").write_text("run:\n  name: tiny\n  steps: 40\n")
+        run_dir = tmp_path / "job-run"
+        submit = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.info["dashboard"], "--working-dir", str(work),
+             "--", "atoll", "train", "tiny.yaml", "launch.ray_address=auto", f"run.dir={run_dir}",
+             *TINY_MOE, "parallel.dp=2", "checkpoint.interval=0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+        with ended(submit):
+            wait_for(lambda: last_step(run_dir) >= 5, 180, submit, "the job to train")
+            victim = events(run_dir, "workers")[0]["ranks"][1]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            out, err = finish(submit, 300)
+    finally:
+        cluster.close()
+    assert submit.returncode == 0, (out + err)[-3000:]
+    assert "succeeded" in out + err
+    failure, = events(run_dir, "failure")
+    restart, = events(run_dir, "restart")
+    assert failure["kind"] == "died" and restart["source"] == "memory"
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 41))
