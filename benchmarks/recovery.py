@@ -1,6 +1,6 @@
 """Fault recovery on the default recipe: detection, recovery and lost steps per failure kind.
 
-    python benchmarks/recovery.py [--injections 10] [--steps 100000] [--kinds kill,hang]
+    python benchmarks/recovery.py [--injections 10] [--kinds kill,hang,node] [--throughput-steps 80]
 
 For each configuration one `atoll train` run (the default recipe on its own
 local Ray cluster, checkpoints off so that only the tier under test serves
@@ -17,7 +17,14 @@ time minus the injection's), recovery (injection to the first completed step
 after the restart, from the `restart` event), lost steps. Printed as median
 and p95. Then the memory tier's throughput cost: median tokens/s of two
 failure-free runs, memory_interval=1 over memory_interval=0, printed as a
-ratio. Node loss needs a multi-node cluster and is not measured here.
+ratio.
+
+- `node`: the run joins a two-node cluster on this machine (Ray's
+  `cluster_utils.Cluster`, 1 CPU per node; `launch.ray_address`,
+  `fault_tolerance.min_workers=1`, `placement_timeout_s=2`) and the worker
+  node is killed with all its processes: the run resumes from the snapshot
+  replicas on one worker (a shrink); a new node is then added and the run
+  grows back before the next injection.
 """
 
 from __future__ import annotations
@@ -119,6 +126,65 @@ def inject(tmp: Path, name: str, kind: str, injections: int, extra: list[str], r
     return found
 
 
+class TwoNodes:
+    """A head and one worker node on 127.0.0.1, 1 CPU each; the worker node can be lost."""
+
+    def __init__(self, tmp: Path):
+        os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TMPDIR=str(tmp))
+        from ray.cluster_utils import Cluster
+
+        from atoll.launch.ray_backend import HEALTH_CHECKS
+
+        self.node_args = dict(num_cpus=1, object_store_memory=256 * 1024 * 1024,
+                              node_ip_address="127.0.0.1")
+        self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+            self.node_args, _system_config=dict(HEALTH_CHECKS), include_dashboard=False))
+        self.worker = self.cluster.add_node(**self.node_args)
+        self.address = self.cluster.address
+
+    def lose_worker(self) -> None:
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+
+    def add_worker(self) -> None:
+        self.worker = self.cluster.add_node(**self.node_args)
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+
+def inject_node_losses(tmp: Path, name: str, injections: int) -> list[dict]:
+    """Lose the worker node, recover on one worker, add a node, grow back; repeat."""
+    nodes = TwoNodes(tmp)
+    proc, run_dir = start(tmp, name, [
+        "run.steps=100000", f"fault_tolerance.max_restarts={injections + 1}", "checkpoint.memory_interval=1",
+        f"launch.ray_address={nodes.address}", "fault_tolerance.min_workers=1",
+        "fault_tolerance.placement_timeout_s=2"])
+    found = []
+    try:
+        wait_for(lambda: last_step(run_dir) >= 5, 180, proc)
+        for i in range(injections):
+            restarts, resizes = len(events(run_dir, "restart")), len(events(run_dir, "resize"))
+            injected = time.time()
+            nodes.lose_worker()
+            wait_for(lambda: len(events(run_dir, "restart")) > restarts, 180, proc)
+            failure, restart = events(run_dir, "failure")[-1], events(run_dir, "restart")[-1]
+            found.append({"detection_s": failure["time"] - injected, "recovery_s": restart["time"] - injected,
+                          "lost_steps": restart["lost_steps"], "source": restart["source"],
+                          "kind": failure["kind"], "world": restart["world"]})
+            print(f"  {name} #{i + 1}: {failure['kind']} detected {found[-1]['detection_s']:.2f}s, "
+                  f"recovered on {restart['world']} worker(s) {found[-1]['recovery_s']:.2f}s, "
+                  f"lost {restart['lost_steps']} steps ({restart['source']})", flush=True)
+            nodes.add_worker()
+            wait_for(lambda: len(events(run_dir, "resize")) >= resizes + 2
+                     and events(run_dir, "workers")[-1]["world"] == 2, 180, proc)
+            start_step = last_step(run_dir)
+            wait_for(lambda: last_step(run_dir) >= start_step + 3, 180, proc)
+    finally:
+        stop(proc)
+        nodes.close()
+    return found
+
+
 def throughput(tmp: Path, name: str, extra: list[str], steps: int) -> float:
     """Median tokens/s over the logged steps after the first 10."""
     proc, run_dir = start(tmp, name, [f"run.steps={steps}", *extra])
@@ -137,7 +203,8 @@ def summary(rows: list[dict], key: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--injections", type=int, default=10)
-    parser.add_argument("--kinds", default="kill,hang")
+    parser.add_argument("--kinds", default="kill,hang,node")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the memory tier's cost")
     parser.add_argument("--throughput-steps", type=int, default=80)
     args = parser.parse_args()
     rng = random.Random(0)
@@ -145,6 +212,9 @@ def main() -> int:
     print(f"start: {load_line()}")
     configs = []
     for kind in args.kinds.split(","):
+        if kind == "node":
+            configs.append(("node lost, memory tier, shrink to 1", kind, []))
+            continue
         hang = ["fault_tolerance.hang_timeout_s=5"] if kind == "hang" else []
         configs.append((f"{kind}, memory tier", kind, ["checkpoint.memory_interval=1", *hang]))
         if kind == "kill":
@@ -152,12 +222,14 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="atoll-rec-", dir="/tmp") as tmp:
         for label, kind, extra in configs:
-            results[label] = inject(Path(tmp), label.replace(", ", "-").replace(" ", "_"), kind,
-                                    args.injections, extra, rng)
-        with_tier = throughput(Path(tmp), "tput-memory", ["checkpoint.memory_interval=1"],
-                               args.throughput_steps)
-        without = throughput(Path(tmp), "tput-none", ["checkpoint.memory_interval=0"],
-                             args.throughput_steps)
+            name = label.replace(", ", "-").replace(" ", "_")
+            results[label] = (inject_node_losses(Path(tmp), name, args.injections) if kind == "node" else
+                              inject(Path(tmp), name, kind, args.injections, extra, rng))
+        if not args.no_throughput:
+            with_tier = throughput(Path(tmp), "tput-memory", ["checkpoint.memory_interval=1"],
+                                   args.throughput_steps)
+            without = throughput(Path(tmp), "tput-none", ["checkpoint.memory_interval=0"],
+                                 args.throughput_steps)
     print(f"end: {load_line()}")
     print("\n| failure | n | detection s (median / p95) | recovery s (median / p95) | lost steps "
           "(median / p95) | resumed from |")
@@ -166,8 +238,9 @@ def main() -> int:
         sources = sorted({r["source"] for r in rows})
         print(f"| {label} | {len(rows)} | {summary(rows, 'detection_s')} | {summary(rows, 'recovery_s')} "
               f"| {summary(rows, 'lost_steps')} | {', '.join(sources)} |")
-    print(f"\nmemory tier throughput: {with_tier:,.0f} tok/s with memory_interval=1, "
-          f"{without:,.0f} without: ratio {with_tier / without:.3f}")
+    if not args.no_throughput:
+        print(f"\nmemory tier throughput: {with_tier:,.0f} tok/s with memory_interval=1, "
+              f"{without:,.0f} without: ratio {with_tier / without:.3f}")
     return 0
 
 
