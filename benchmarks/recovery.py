@@ -211,7 +211,7 @@ def main() -> int:
     print(machine_line())
     print(f"start: {load_line()}")
     configs = []
-    for kind in args.kinds.split(","):
+    for kind in filter(None, args.kinds.split(",")):
         if kind == "node":
             configs.append(("node lost, memory tier, shrink to 1", kind, []))
             continue

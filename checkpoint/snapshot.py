@@ -25,19 +25,21 @@ import pickle
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import Metadata, StorageReader, StorageWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, Metadata, StorageReader, StorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan,
                                                   SavePlanner, WriteItemType)
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from atoll.checkpoint.dcp_io import nest_by_prefix, safe_unpickle
@@ -86,6 +88,11 @@ class MemoryWriter(StorageWriter):
         self.copied = copied if copied is not None else threading.Event()
         self.extra = extra if extra is not None else {}
         self.is_coordinator = False
+        # What this save planned, for the next snapshots of the same state (see SavedLayout).
+        self.layout: list = []
+        self.total = 0
+        self.metadata: Optional[Metadata] = None
+        self.world = 0
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -107,8 +114,17 @@ class MemoryWriter(StorageWriter):
             nbytes = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
             layout.append((item, total, nbytes))
             total += -(-nbytes // _ALIGN) * _ALIGN
+        self.layout, self.total = layout, total
+        self.write_shard(layout, total, planner)
+        results = [WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=(self.rank, offset, nbytes))
+                   for item, offset, nbytes in layout]
+        done: Future = Future()
+        done.set_result(results)
+        return done
+
+    def write_shard(self, layout: list, total: int, planner: SavePlanner) -> None:
+        """Copy each planned chunk to its offset in the buffer, then put the shard."""
         buffer: Optional[torch.Tensor] = None
-        results = []
         for item, offset, nbytes in layout:
             tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
             if buffer is None:
@@ -119,20 +135,19 @@ class MemoryWriter(StorageWriter):
             # One copy, from the live tensor (any device, any strides) straight into the shard.
             dtype = item.tensor_data.properties.dtype
             buffer[offset:offset + nbytes].view(dtype).view(tensor.shape).copy_(tensor)
-            results.append(WriteResult(index=item.index, size_in_bytes=nbytes,
-                                       storage_data=(self.rank, offset, nbytes)))
         self.copied.set()
         shard = buffer if buffer is not None else self.buffer.ensure(0, pin=False)
         self.store.put_shard(self.step, self.rank, shard[:total].numpy())
-        done: Future = Future()
-        done.set_result(results)
-        return done
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         # Runs after every rank's write_data returned, i.e. after every put_shard.
         metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        self.metadata, self.world = metadata, len(results)
+        self.put_meta(metadata, len(results))
+
+    def put_meta(self, metadata: Metadata, world: int) -> None:
         meta = pickle.dumps({"metadata": metadata, "extra": self.extra}, protocol=pickle.HIGHEST_PROTOCOL)
-        self.store.put_meta(self.step, len(results), meta)
+        self.store.put_meta(self.step, world, meta)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
@@ -211,6 +226,35 @@ def _saved_chunk(metadata: Metadata, index: MetadataIndex) -> tuple[torch.dtype,
 
 # ---------------------------------------------------------------- train-loop API
 
+def _structure(flat: dict[str, Any]) -> tuple:
+    """What decides DCP's plan for a flattened state dict: names, global and local shapes, dtypes."""
+    key = []
+    for fqn, value in sorted(flat.items()):
+        local = value.to_local() if isinstance(value, DTensor) else value
+        key.append((fqn, type(value).__name__, tuple(value.shape), tuple(local.shape), str(value.dtype))
+                   if isinstance(value, torch.Tensor) else (fqn, type(value).__name__))
+    return tuple(key)
+
+
+@dataclass
+class SavedLayout:
+    """One rank's plan from a full `dcp.save`: reused while the state keeps its structure.
+
+    DCP plans every save from scratch: object collectives of the local and
+    global plans and of the metadata, tens of milliseconds of Python at every
+    step. A snapshot of a state with the same names, shapes and dtypes gets
+    the same plan, so after the first one each rank copies its chunks to the
+    offsets it used then; the coordinator stores the same Metadata with the
+    new JSON state.
+    """
+
+    structure: tuple
+    layout: list  # (WriteItem, offset, nbytes) of this rank's chunks
+    total: int
+    metadata: Optional[Metadata]  # the coordinator's; None elsewhere
+    world: int
+
+
 class MemorySnapshotter:
     """Snapshots of the training state into a store every `interval` steps, one in flight.
 
@@ -242,6 +286,7 @@ class MemorySnapshotter:
         self._thread: Optional[threading.Thread] = None
         self._copied = threading.Event()
         self._copied.set()
+        self._saved: Optional[SavedLayout] = None
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
@@ -289,7 +334,13 @@ class MemorySnapshotter:
     def _run(self, step: int, writer: MemoryWriter, tensors: dict) -> None:
         started = time.perf_counter()
         try:
-            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            planner = DefaultSavePlanner()
+            planner.set_up_planner(tensors, is_coordinator=self.is_coordinator)
+            structure = _structure(planner.state_dict)
+            if not self._save_as_before(writer, planner, structure):
+                dcp.save(tensors, storage_writer=writer, process_group=self.group)
+                self._saved = SavedLayout(structure, writer.layout, writer.total, writer.metadata,
+                                          dist.get_world_size(self.group))
             if writer.is_coordinator:  # it wrote the meta: the step is complete, older ones are not needed
                 self.store.retain(step)
             self.last_step, self.last_error = step, None
@@ -303,6 +354,30 @@ class MemorySnapshotter:
                 self.on_event("snapshot_failed", step=step, error=self.last_error)
         finally:
             writer.copied.set()  # nothing more will be copied: wait_copied must not hang
+
+    def _save_as_before(self, writer: MemoryWriter, planner: DefaultSavePlanner, structure: tuple) -> bool:
+        """Store the snapshot with the previous save's plan, if every rank's state kept its
+        structure; False (nothing stored) when one did not and a full `dcp.save` is needed."""
+        saved = self._saved
+        same = torch.tensor([int(saved is not None and saved.structure == structure)])
+        dist.all_reduce(same, op=dist.ReduceOp.MIN, group=self.group)
+        if not same.item():
+            return False
+        failure: Optional[BaseException] = None
+        try:
+            writer.write_shard(saved.layout, saved.total, planner)
+        except Exception as exc:  # every rank must still reach the collective below
+            failure = exc
+        failed = torch.tensor([int(failure is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if failure is not None:
+            raise failure
+        if failed.item():
+            raise CheckpointError(f"memory snapshot of step {writer.step}: a peer could not store its shard")
+        if saved.metadata is not None:  # the coordinator: every shard is stored
+            writer.is_coordinator = True
+            writer.put_meta(saved.metadata, saved.world)
+        return True
 
     def close(self, wait_for_peers: bool = True) -> None:
         """Wait for the snapshot in flight and join its thread.

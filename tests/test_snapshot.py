@@ -80,6 +80,52 @@ def test_restore_is_bitwise_after_more_steps(tmp_path, world_of_one):
     snapshotter.close()
 
 
+class TensorState:
+    """A Stateful holding one tensor, to change the structure of the snapshotted state."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def state_dict(self) -> dict:
+        return {"tensor": self.tensor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tensor.copy_(state["tensor"])
+
+
+def test_later_snapshots_reuse_the_plan_and_hold_their_own_step(tmp_path, world_of_one):
+    """Snapshots of a state with the same structure reuse the first one's plan and still
+    restore their own step's values bitwise; a state that gained a tensor is planned again."""
+    model, optimizer, states = tiny_states()
+    store = ShmSnapshotStore(tmp_path / "shm")
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=1)
+    snapshotter.save(0, states, {"at": 0})
+    assert snapshotter.wait()
+    first_plan = snapshotter._saved
+    states["counter"] = TensorState(torch.zeros(3))
+    expected = {}
+    for step in (1, 2, 3):
+        train(model, optimizer, 1, seed=step)
+        states["progress"].values["step"] = step
+        states["counter"].tensor += step
+        expected[step] = {name: t.clone() for name, t in split_state(states)[0].items()}
+        snapshotter.save(step, states, {"at": step})
+        assert snapshotter.wait(), snapshotter.last_error
+        if step == 1:
+            planned = snapshotter._saved
+            assert planned is not first_plan  # a tensor more: planned again
+        assert snapshotter._saved is planned
+    train(model, optimizer, 2, seed=9)
+    states["counter"].tensor.zero_()
+    assert restore_snapshot(store, 3, states, process_group=snapshotter.group) == {"at": 3}
+    restored = split_state(states)[0]
+    assert restored.keys() == expected[3].keys() and "counter.tensor" in restored
+    for name, value in expected[3].items():
+        assert torch.equal(restored[name], value), name
+    assert not torch.equal(expected[2]["model.output.weight"], expected[3]["model.output.weight"])
+    snapshotter.close()
+
+
 class FullStore(ShmSnapshotStore):
     """A store that runs out of memory on its first shard."""
 
