@@ -16,8 +16,8 @@ what the tier saves). From events.jsonl: detection (the `failure` event's
 time minus the injection's), recovery (injection to the first completed step
 after the restart, from the `restart` event), lost steps. Printed as median
 and p95. Then the memory tier's throughput cost: median tokens/s of two
-failure-free runs, memory_interval=1 over memory_interval=0, printed as a
-ratio.
+failure-free runs, memory_interval=1 over memory_interval=0, alternated
+`--throughput-pairs` times (median of each side), printed as a ratio.
 
 - `node`: the run joins a two-node cluster on this machine (Ray's
   `cluster_utils.Cluster`, 1 CPU per node; `launch.ray_address`,
@@ -206,6 +206,7 @@ def main() -> int:
     parser.add_argument("--kinds", default="kill,hang,node")
     parser.add_argument("--no-throughput", action="store_true", help="skip the memory tier's cost")
     parser.add_argument("--throughput-steps", type=int, default=80)
+    parser.add_argument("--throughput-pairs", type=int, default=3)
     args = parser.parse_args()
     rng = random.Random(0)
     print(machine_line())
@@ -226,10 +227,16 @@ def main() -> int:
             results[label] = (inject_node_losses(Path(tmp), name, args.injections) if kind == "node" else
                               inject(Path(tmp), name, kind, args.injections, extra, rng))
         if not args.no_throughput:
-            with_tier = throughput(Path(tmp), "tput-memory", ["checkpoint.memory_interval=1"],
-                                   args.throughput_steps)
-            without = throughput(Path(tmp), "tput-none", ["checkpoint.memory_interval=0"],
-                                 args.throughput_steps)
+            # Alternated and repeated: single runs on 2 busy cores differ by several percent.
+            with_runs, without_runs = [], []
+            for i in range(args.throughput_pairs):
+                with_runs.append(throughput(Path(tmp), f"tput-memory-{i}", ["checkpoint.memory_interval=1"],
+                                            args.throughput_steps))
+                without_runs.append(throughput(Path(tmp), f"tput-none-{i}", ["checkpoint.memory_interval=0"],
+                                               args.throughput_steps))
+                print(f"  throughput pair {i + 1}: {with_runs[-1]:,.0f} / {without_runs[-1]:,.0f} tok/s",
+                      flush=True)
+            with_tier, without = percentile(with_runs, 0.5), percentile(without_runs, 0.5)
     print(f"end: {load_line()}")
     print("\n| failure | n | detection s (median / p95) | recovery s (median / p95) | lost steps "
           "(median / p95) | resumed from |")

@@ -1,7 +1,8 @@
 """The memory tier of checkpoints: DCP snapshots held in host memory, outside the workers.
 
-Every `checkpoint.memory_interval` steps each rank copies its shard of the
-training state into one reusable host buffer and hands it to a
+Every `checkpoint.memory_interval` steps each rank hands its shard of the
+training state, as views of the live host tensors (GPU tensors go through
+one reusable pinned buffer), to a
 `SnapshotStore` (checkpoint/snapshot_store.py) that outlives the worker
 processes: files in /dev/shm under torchrun, keeper actors under Ray. A
 restarted group then resumes from state seconds old instead of from the
@@ -44,7 +45,7 @@ from torch.futures import Future
 
 from atoll.checkpoint.dcp_io import nest_by_prefix, safe_unpickle
 from atoll.checkpoint.manifest import CheckpointError
-from atoll.checkpoint.snapshot_store import (Buffer, ShmSnapshotStore, SnapshotStore, default_shm_root,
+from atoll.checkpoint.snapshot_store import (Buffer, Shard, ShmSnapshotStore, SnapshotStore, default_shm_root,
                                              shm_root)
 from atoll.checkpoint.state import restore_states, split_state
 
@@ -76,8 +77,8 @@ class MemoryWriter(StorageWriter):
     """Writes one snapshot into a store: per rank one shard of raw chunk bytes, then DCP's Metadata.
 
     Each chunk's storage data is `(rank, offset, nbytes)` into that rank's
-    shard. `copied` is set once every tensor is in the buffer (before the
-    shard is put), when the live tensors may change again.
+    shard. `copied` is set once the store holds the shard, when the live
+    tensors may change again.
     """
 
     def __init__(self, store: SnapshotStore, step: int, *, rank: int, buffer: Optional[ShardBuffer] = None,
@@ -123,21 +124,24 @@ class MemoryWriter(StorageWriter):
         return done
 
     def write_shard(self, layout: list, total: int, planner: SavePlanner) -> None:
-        """Copy each planned chunk to its offset in the buffer, then put the shard."""
-        buffer: Optional[torch.Tensor] = None
+        """Put each planned chunk at its offset: a contiguous host tensor as it is (the store's
+        copy is the only one), any other (a GPU tensor, odd strides) through the staging buffer."""
+        pieces, staging = [], None
         for item, offset, nbytes in layout:
             tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
-            if buffer is None:
-                buffer = self.buffer.ensure(total, pin=tensor.is_cuda)
             if tensor.shape != item.tensor_data.chunk.sizes:
                 raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
                                       f"{tuple(item.tensor_data.chunk.sizes)}")
-            # One copy, from the live tensor (any device, any strides) straight into the shard.
-            dtype = item.tensor_data.properties.dtype
-            buffer[offset:offset + nbytes].view(dtype).view(tensor.shape).copy_(tensor)
-        self.copied.set()
-        shard = buffer if buffer is not None else self.buffer.ensure(0, pin=False)
-        self.store.put_shard(self.step, self.rank, shard[:total].numpy())
+            if tensor.device.type == "cpu" and tensor.is_contiguous():
+                pieces.append((offset, tensor.reshape(-1).view(torch.uint8).numpy()))
+                continue
+            if staging is None:
+                staging = self.buffer.ensure(total, pin=tensor.is_cuda)
+            region = staging[offset:offset + nbytes]
+            region.view(item.tensor_data.properties.dtype).view(tensor.shape).copy_(tensor)
+            pieces.append((offset, region.numpy()))
+        self.store.put_shard(self.step, self.rank, Shard(total, pieces))
+        self.copied.set()  # the store holds its copy: the live tensors may change again
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         # Runs after every rank's write_data returned, i.e. after every put_shard.
@@ -258,10 +262,9 @@ class SavedLayout:
 class MemorySnapshotter:
     """Snapshots of the training state into a store every `interval` steps, one in flight.
 
-    After the optimizer step of a due step the loop calls `save`; the copy
-    runs on a thread during the next forward/backward, and `wait_copied` before
-    the next optimizer step is the only wait (the put into the store may still
-    run). Snapshot collectives use their own gloo group, so they never
+    After the optimizer step of a due step the loop calls `save`; the store
+    copies the state on a thread during the next forward/backward, and
+    `wait_copied` before the next optimizer step is the only wait. Snapshot collectives use their own gloo group, so they never
     interleave with training or disk-checkpoint collectives. Failures are
     reported (`last_error`, `warn`, a `snapshot_failed` event), never raised:
     the previous complete snapshot stays valid.
@@ -345,7 +348,7 @@ class MemorySnapshotter:
                 self.store.retain(step)
             self.last_step, self.last_error = step, None
             if self.is_coordinator and self.on_event is not None:
-                self.on_event("memory_snapshot", step=step, shard_bytes=self.buffer.data.numel(),
+                self.on_event("memory_snapshot", step=step, shard_bytes=self._saved.total,
                               seconds=round(time.perf_counter() - started, 4))
         except (Exception, CheckpointException) as exc:  # the latter is a BaseException
             self.last_error = f"memory snapshot of step {step} failed: {_one_line(exc)}"

@@ -17,6 +17,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -25,6 +26,25 @@ import numpy as np
 from atoll.checkpoint.manifest import CheckpointError
 
 Buffer = Union[np.ndarray, bytes, memoryview]
+
+
+@dataclass
+class Shard:
+    """One rank's bytes as pieces at their offsets: views of the live tensors (or of a
+    staging buffer for tensors that need a copy first), so a store copies each byte once."""
+
+    nbytes: int
+    pieces: list[tuple[int, np.ndarray]]  # (offset, 1-D uint8)
+
+    @classmethod
+    def of(cls, data: Union["Shard", np.ndarray]) -> "Shard":
+        return data if isinstance(data, Shard) else cls(data.size, [(0, data)])
+
+    def contiguous(self) -> np.ndarray:
+        out = np.zeros(self.nbytes, dtype=np.uint8)
+        for offset, piece in self.pieces:
+            out[offset:offset + piece.size] = piece
+        return out
 
 
 class SnapshotStore(abc.ABC):
@@ -37,8 +57,9 @@ class SnapshotStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    def put_shard(self, step: int, rank: int, data: np.ndarray) -> None:
-        """Store one rank's shard (1-D uint8); return once stored, keeping no reference to `data`."""
+    def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
+        """Store one rank's shard (a `Shard`, or one 1-D uint8 array); return once stored,
+        keeping no reference to `data`: its pieces may be live tensors that change next."""
 
     @abc.abstractmethod
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
@@ -124,11 +145,14 @@ class ShmSnapshotStore(SnapshotStore):
     def _step_dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
-    def put_shard(self, step: int, rank: int, data: np.ndarray) -> None:
-        _write_atomically(self._step_dir(step) / f"rank-{rank}.bin", memoryview(data))
+    def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
+        shard = Shard.of(data)
+        _write_atomically(self._step_dir(step) / f"rank-{rank}.bin",
+                          *[(offset, memoryview(piece)) for offset, piece in shard.pieces], size=shard.nbytes)
 
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
-        _write_atomically(self._step_dir(step) / _META_FILE, _WORLD_HEADER.pack(world), meta)
+        header = _WORLD_HEADER.pack(world)
+        _write_atomically(self._step_dir(step) / _META_FILE, (0, header), (len(header), meta))
 
     def get_shard(self, step: int, rank: int) -> np.ndarray:
         path = self._step_dir(step) / f"rank-{rank}.bin"
@@ -191,13 +215,18 @@ class ShmSnapshotStore(SnapshotStore):
         return stale
 
 
-def _write_atomically(path: Path, *chunks: Any) -> None:
+def _write_atomically(path: Path, *chunks: tuple[int, Any], size: Optional[int] = None) -> None:
+    """Write (offset, bytes) chunks under a temp name (gaps read as zeros), then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(temp, "wb") as out:
-            for chunk in chunks:
+            for offset, chunk in chunks:
+                if out.tell() != offset:
+                    out.seek(offset)
                 out.write(chunk)
+            if size is not None:
+                out.truncate(size)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

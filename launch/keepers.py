@@ -1,11 +1,12 @@
 """Memory snapshots on Ray: one keeper actor per node, outliving the worker groups.
 
 The driver starts a `SnapshotKeeper` on every node (no CPU reserved, pinned
-to its node). A worker's `RaySnapshotStore.put_shard` puts its shard into
-the object store once and hands it to its node's keeper and to
-`checkpoint.memory_replicas` keepers on other nodes; each keeper puts a copy
-that it owns on its own node (an object dies with its owner, and the
-worker's object dies with the worker). It returns once every copy exists, so
+to its node). A worker's `RaySnapshotStore.put_shard` has its node's keeper
+pull the shard: the keeper calls the worker actor's `export_shard`, and the
+object that answer creates is owned by the keeper (an object dies with its
+owner, and a worker's own objects die with the worker), at the cost of one
+copy of the live tensors. `checkpoint.memory_replicas` keepers on other
+nodes then copy it onto their own nodes. It returns once every copy exists, so
 a snapshot the coordinator marks complete survives the loss of any one node
 (keeper included). `latest()`
 merges what the live keepers hold. The training side only sees the
@@ -14,10 +15,13 @@ merges what the live keepers hold. The training side only sees the
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import uuid
+from typing import Any, Optional, Union
+
+import numpy as np
 
 from atoll.checkpoint.manifest import CheckpointError
-from atoll.checkpoint.snapshot_store import SnapshotStore
+from atoll.checkpoint.snapshot_store import Shard, SnapshotStore
 
 KEEPER_CALL_TIMEOUT_S = 10.0
 
@@ -33,8 +37,18 @@ class SnapshotKeeper:
     def __repr__(self) -> str:
         return f"keeper-{self.node[:8]}"
 
+    def pull(self, step: int, rank: int, worker, token: str) -> list:
+        """Ask the worker (an actor on this node) for its shard: the object its answer
+        creates is owned by this keeper, so it outlives the worker, with one copy."""
+        import ray
+
+        ref = worker.export_shard.remote(token)
+        ray.get(ref, timeout=KEEPER_CALL_TIMEOUT_S * 3)  # on this node: mapped, not copied
+        self.shards[(step, rank)] = ref
+        return [ref]
+
     def hold(self, step: int, rank: int, shard) -> bool:
-        """Own a copy of a shard: the worker's object dies with the worker, this one does not."""
+        """Own a copy of a shard from another node: an object dies with its node and its owner."""
         import ray
 
         self.shards[(step, rank)] = ray.put(shard)
@@ -98,21 +112,38 @@ class RaySnapshotStore(SnapshotStore):
         self.keepers = dict(sorted(keepers.items()))
         self.replicas = min(replicas, max(0, len(self.keepers) - 1))
 
-    def _targets(self) -> list[Any]:
-        """This node's keeper first, then the next `replicas` nodes in ring order."""
+    def _targets(self) -> tuple[Optional[Any], list[Any]]:
+        """(this node's keeper or None, the keepers of the next `replicas` nodes in ring order)."""
         import ray
 
         nodes = list(self.keepers)
         here = ray.get_runtime_context().get_node_id()
-        start = nodes.index(here) if here in nodes else 0
-        return [self.keepers[nodes[(start + i) % len(nodes)]] for i in range(self.replicas + 1)]
+        if here not in nodes:  # a node that joined after the group started has no keeper yet
+            return None, [self.keepers[n] for n in nodes[:self.replicas + 1]]
+        start = nodes.index(here)
+        return self.keepers[here], [self.keepers[nodes[(start + i) % len(nodes)]]
+                                    for i in range(1, self.replicas + 1)]
 
-    def put_shard(self, step: int, rank: int, data) -> None:
+    def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
+        """This node's keeper pulls the shard from the worker (one copy); replicas copy that."""
         import ray
 
-        ref = ray.put(data)  # once; each keeper pulls it to its node and keeps its own copy
-        ray.get([k.hold.remote(step, rank, ref) for k in self._targets()],
-                timeout=KEEPER_CALL_TIMEOUT_S * 3)
+        shard = Shard.of(data)
+        local, remote = self._targets()
+        worker = _current_actor()
+        if local is not None and worker is not None:
+            token = f"{step}-{rank}-{uuid.uuid4().hex}"
+            _EXPORTS[token] = shard
+            try:
+                source = ray.get(local.pull.remote(step, rank, worker, token),
+                                 timeout=KEEPER_CALL_TIMEOUT_S * 3)[0]
+            finally:
+                _EXPORTS.pop(token, None)
+        else:  # no keeper here, or not called from an actor: put it, and every keeper copies it
+            source = ray.put(_exported(shard))
+            remote = ([local] if local is not None else []) + remote
+        # Passed by reference at the top level: each replica gets the value on its node.
+        ray.get([k.hold.remote(step, rank, source) for k in remote], timeout=KEEPER_CALL_TIMEOUT_S * 3)
 
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
         import ray
@@ -161,9 +192,10 @@ class RaySnapshotStore(SnapshotStore):
         for boxed in self._ask_all("shard", step, rank):
             if boxed is not None:
                 try:
-                    return ray.get(boxed[0], timeout=KEEPER_CALL_TIMEOUT_S * 3)
+                    nbytes, pieces = ray.get(boxed[0], timeout=KEEPER_CALL_TIMEOUT_S * 3)
                 except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                     continue
+                return Shard(nbytes, pieces).contiguous()
         raise CheckpointError(f"no live keeper holds rank {rank} of memory snapshot step {step}")
 
     def get_meta(self, step: int) -> bytes:
@@ -180,6 +212,29 @@ class RaySnapshotStore(SnapshotStore):
 
     def close(self) -> None:
         pass
+
+
+# Shards waiting for their node's keeper to pull them (`TrainWorker.export_shard`).
+_EXPORTS: dict[str, Shard] = {}
+
+
+def _exported(shard: Shard) -> tuple[int, list]:
+    """What a keeper's object holds: numpy pieces travel out of band, copied once."""
+    return shard.nbytes, shard.pieces
+
+
+def _current_actor():
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:  # a driver or task, not an actor
+        return None
+
+
+def take_export(token: str) -> tuple[int, list]:
+    """The shard a keeper pulls, for the worker actor's `export_shard`."""
+    return _exported(_EXPORTS.pop(token))
 
 
 def _missing(world: Optional[int], ranks: set) -> Optional[str]:

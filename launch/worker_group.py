@@ -112,6 +112,12 @@ class TrainWorker:
     def request_stop(self) -> None:
         self.stop = True
 
+    def export_shard(self, token: str):
+        """A memory-snapshot shard, for the keeper that asked (launch/keepers.py)."""
+        from atoll.launch.keepers import take_export
+
+        return take_export(token)
+
 
 def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
     """(local rank, workers on that node) for each global rank."""
