@@ -43,7 +43,9 @@ __all__ = ["run_on_ray", "WorkerFailed", "ray_init_options"]
 
 def ray_init_options(cfg: DictConfig) -> dict:
     """ray.init arguments for a cluster atoll starts itself (loopback, tight health checks)."""
-    world = cfg.parallel.pp * cfg.parallel.dp
+    from atoll.trainer.config import world_size
+
+    world = world_size(cfg)
     return dict(num_cpus=world * cfg.launch.cpus_per_worker, _node_ip_address="127.0.0.1",
                 object_store_memory=cfg.launch.ray_object_store_mb * 1024 * 1024,
                 _system_config=dict(HEALTH_CHECKS))

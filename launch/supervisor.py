@@ -93,9 +93,10 @@ def fit_layout(recipe: dict, workers: int, min_workers: int) -> Optional[dict]:
     """
     par, data = recipe["parallel"], recipe["data"]
     pp, full_dp, accum = par["pp"], par["dp"], data["grad_accum"]
+    islands = _islands(recipe)
     batch_units = full_dp * accum
-    for dp in range(min(full_dp, workers // pp), 0, -1):
-        if batch_units % dp or pp * dp < max(min_workers, 1):
+    for dp in range(min(full_dp, workers // (pp * islands)), 0, -1):
+        if batch_units % dp or islands * pp * dp < max(min_workers, 1):
             continue
         resized = copy.deepcopy(recipe)
         resized["parallel"]["dp"] = dp
@@ -106,8 +107,12 @@ def fit_layout(recipe: dict, workers: int, min_workers: int) -> Optional[dict]:
     return None
 
 
+def _islands(recipe: dict) -> int:
+    return recipe.get("diloco", {}).get("islands", 1)
+
+
 def world_of(recipe: dict) -> int:
-    return recipe["parallel"]["pp"] * recipe["parallel"]["dp"]
+    return _islands(recipe) * recipe["parallel"]["pp"] * recipe["parallel"]["dp"]
 
 
 def layout_of(recipe: dict) -> dict:

@@ -36,6 +36,7 @@ class ProcessEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    island: int = 0  # with DiLoCo islands, rank and world_size are those inside the island
 
     @classmethod
     def from_environ(cls) -> "ProcessEnv":
@@ -52,7 +53,17 @@ class ProcessEnv:
 
     @property
     def is_logging_rank(self) -> bool:
+        return self.rank == 0 and self.island == 0
+
+    @property
+    def is_island_lead(self) -> bool:
         return self.rank == 0
+
+    def in_island(self, island_world: int) -> "ProcessEnv":
+        """The same process seen from inside its island of `island_world` ranks."""
+        return ProcessEnv(rank=self.rank % island_world, world_size=island_world,
+                          local_rank=self.local_rank, local_world_size=self.local_world_size,
+                          island=self.rank // island_world)
 
 
 def running_under_torchrun() -> bool:
@@ -65,28 +76,39 @@ class Layout:
     dp: int = 1
     ep: int = 1
     dp_shard: str = "fsdp"
+    islands: int = 1
 
     @classmethod
     def from_recipe(cls, cfg) -> "Layout":
         par = cfg.parallel
-        return cls(pp=par.pp, dp=par.dp, ep=par.ep, dp_shard=par.dp_shard)
+        return cls(pp=par.pp, dp=par.dp, ep=par.ep, dp_shard=par.dp_shard, islands=cfg.diloco.islands)
+
+    @property
+    def island_world(self) -> int:
+        return self.pp * self.dp
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp
+        return self.islands * self.island_world
 
     def describe(self) -> str:
-        return f"world={self.world_size} (pp={self.pp} × dp={self.dp}, ep={self.ep}), dp_shard={self.dp_shard}"
+        islands = f"{self.islands} islands × " if self.islands > 1 else ""
+        return (f"world={self.world_size} ({islands}pp={self.pp} × dp={self.dp}, ep={self.ep}), "
+                f"dp_shard={self.dp_shard}")
 
     def to_dict(self) -> dict:
-        return {"pp": self.pp, "dp": self.dp, "ep": self.ep, "dp_shard": self.dp_shard,
-                "world_size": self.world_size}
+        out = {"pp": self.pp, "dp": self.dp, "ep": self.ep, "dp_shard": self.dp_shard,
+               "world_size": self.world_size}
+        if self.islands > 1:
+            out["islands"] = self.islands
+        return out
 
     def check_world(self, env: ProcessEnv) -> None:
         if env.world_size != self.world_size:
+            islands = f"diloco.islands={self.islands} × " if self.islands > 1 else ""
             raise LayoutError(
                 f"WORLD_SIZE={env.world_size} but the recipe's layout needs {self.world_size} "
-                f"processes (parallel.pp={self.pp} × parallel.dp={self.dp})")
+                f"processes ({islands}parallel.pp={self.pp} × parallel.dp={self.dp})")
 
 
 def _free_port() -> int:
@@ -154,23 +176,33 @@ class ParallelMesh:
     def __init__(self, layout: Layout, env: ProcessEnv, device: torch.device,
                  timeout_s: float = 600.0):
         self.layout = layout
-        self.env = env
+        layout.check_world(env)
+        # The process group is the island's: DiLoCo islands talk only through their outer groups.
+        self.env = env = env.in_island(layout.island_world)
         self.device = device
         self.mesh: Optional[DeviceMesh] = None
+        self.store: Optional[dist.Store] = None  # the run's store, under every island's prefix
         self._flattened: dict[str, DeviceMesh] = {}
-        layout.check_world(env)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             # Even a world of one gets a (gloo) process group: the checkpoint
             # writer process coordinates through it. Training itself uses none.
-            if env.world_size == 1:
+            if layout.world_size == 1:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
                 os.environ.setdefault("MASTER_PORT", str(_free_port()))
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=timeout_s)
-            store = torchrun_store(env, timeout) if running_under_torchrun() else \
-                rendezvous_store(env, timeout)
+            whole = ProcessEnv(rank=env.island * layout.island_world + env.rank,
+                               world_size=layout.world_size)
+            store = torchrun_store(whole, timeout) if running_under_torchrun() else \
+                rendezvous_store(whole, timeout)
+            self.store = store
+            if layout.islands > 1:
+                store = dist.PrefixStore(f"island-{env.island}", store)
+                # Each island's checkpoint writers form a group of their own as well.
+                os.environ[WRITER_STORE_PREFIX_ENV] = \
+                    os.environ.get(WRITER_STORE_PREFIX_ENV, "") + f"island-{env.island}/"
             dist.init_process_group(backend=backend, store=store, rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
         if env.world_size == 1:

@@ -80,6 +80,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -88,6 +89,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
 
 
 @dataclass
@@ -135,6 +137,23 @@ class FaultToleranceConfig:
 
 
 @dataclass
+class DilocoConfig:
+    islands: int = 1  # replicas of the whole layout that sync every inner_steps; 1 = plain training
+    inner_steps: int = 50  # H: inner optimizer steps between outer steps
+    outer_optimizer: str = "sgd"  # sgd (with outer_momentum and nesterov)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    fragments: int = 1  # F: layer fragments synced on staggered steps
+    overlap_steps: int = 0  # tau: inner steps a fragment's reduction overlaps before it applies
+    delayed_update: bool = False  # apply each outer update one outer step late (eager local part)
+    quantize: str = "none"  # none | bf16 | int8 | int4 pseudo-gradients on the wire
+    int4_group: int = 64  # values per int4 scale
+    wait_timeout_s: float = 60.0  # how long an outer reduction waits for a lost island
+    bandwidth_mbit: float = 0.0  # throttle the outer reduction to this link speed; 0 = unthrottled
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 10
     eval_interval: int = 50  # 0 = never
@@ -153,6 +172,7 @@ class Recipe:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -169,6 +189,9 @@ CHOICES = {
     "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
     "model.moe.balance": ("aux_loss", "aux_free", "none"),
     "model.moe.score_func": ("softmax", "sigmoid"),
+    "optim.name": ("adamw", "sgd"),
+    "diloco.outer_optimizer": ("sgd",),
+    "diloco.quantize": ("none", "bf16", "int8", "int4"),
     "data.source": ("stdlib", "folder", "tokens"),
     "data.token_dtype": ("uint16", "uint32"),
     "parallel.dp_shard": ("fsdp", "ddp"),
@@ -182,7 +205,8 @@ POSITIVE_INTS = (
     "model.moe.top_k", "data.seq_len", "data.micro_batch", "data.grad_accum",
     "data.max_bytes", "parallel.dp", "parallel.ep", "parallel.pp",
     "launch.ray_object_store_mb", "launch.cpus_per_worker", "logging.log_interval",
-    "logging.eval_batches",
+    "logging.eval_batches", "diloco.islands", "diloco.inner_steps", "diloco.fragments",
+    "diloco.int4_group",
 )
 NON_NEGATIVE = (
     "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.bias_update_rate",
@@ -191,10 +215,12 @@ NON_NEGATIVE = (
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
     "launch.threads_per_worker", "checkpoint.memory_interval", "checkpoint.memory_replicas",
     "fault_tolerance.max_restarts", "fault_tolerance.restart_backoff_s",
-    "fault_tolerance.min_workers", "fault_tolerance.spike_factor",
+    "fault_tolerance.min_workers", "fault_tolerance.spike_factor", "optim.momentum",
+    "diloco.outer_momentum", "diloco.overlap_steps", "diloco.bandwidth_mbit",
 )
 POSITIVE = ("fault_tolerance.hang_timeout_s", "fault_tolerance.placement_timeout_s",
-            "fault_tolerance.collective_timeout_s", "fault_tolerance.max_bad_steps")
+            "fault_tolerance.collective_timeout_s", "fault_tolerance.max_bad_steps",
+            "diloco.outer_lr", "diloco.wait_timeout_s")
 
 
 # --------------------------------------------------------------------------- loading
@@ -381,6 +407,8 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"parallel.ep={par.ep} must divide model.moe.num_experts={moe.num_experts}")
     if par.pp > 1:
         _validate_pipeline(cfg)
+    if cfg.diloco.islands > 1:
+        _validate_diloco(cfg)
     ft = cfg.fault_tolerance
     if ft.spike_factor and ft.spike_factor <= 1:
         raise RecipeError(f"fault_tolerance.spike_factor={ft.spike_factor} must be above 1 (0 = off)")
@@ -388,7 +416,36 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"fault_tolerance.min_workers={ft.min_workers} exceeds the layout's "
                           f"{world_size(cfg)} workers")
     if cfg.launch.backend == "local" and world_size(cfg) != 1:
-        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp})")
+        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp}, diloco.islands={cfg.diloco.islands})")
+
+
+def _validate_diloco(cfg: DictConfig) -> None:
+    """Constraints that only matter with several islands."""
+    lo = cfg.diloco
+    if lo.fragments > cfg.model.layers:
+        raise RecipeError(f"diloco.fragments={lo.fragments} exceeds model.layers={cfg.model.layers} "
+                          "(each fragment holds at least one layer)")
+    if lo.inner_steps % lo.fragments:
+        raise RecipeError(f"diloco.fragments={lo.fragments} must divide diloco.inner_steps={lo.inner_steps} "
+                          "(fragments sync on evenly staggered steps)")
+    if lo.overlap_steps >= lo.inner_steps:
+        raise RecipeError(f"diloco.overlap_steps={lo.overlap_steps} must be below diloco.inner_steps={lo.inner_steps}")
+    if lo.delayed_update and lo.overlap_steps:
+        raise RecipeError("diloco.overlap_steps must be 0 with diloco.delayed_update=true "
+                          "(a delayed update always overlaps a whole outer step)")
+    unsupported = [key for key, on in (("diloco.fragments", lo.fragments > 1),
+                                       ("diloco.overlap_steps", lo.overlap_steps > 0),
+                                       ("diloco.delayed_update", lo.delayed_update),
+                                       ("checkpoint.interval", cfg.checkpoint.interval > 0)) if on]
+    if unsupported:
+        raise RecipeError(f"recipe key '{unsupported[0]}' is not supported with diloco.islands > 1 yet; "
+                          "leave it at its default")
+    if cfg.checkpoint.interval % lo.inner_steps:
+        raise RecipeError(f"checkpoint.interval={cfg.checkpoint.interval} must be a multiple of "
+                          f"diloco.inner_steps={lo.inner_steps} (checkpoints are taken at outer steps)")
+    if cfg.run.stop_at % lo.inner_steps or cfg.run.steps % lo.inner_steps:
+        raise RecipeError(f"run.steps={cfg.run.steps} and run.stop_at={cfg.run.stop_at} must be multiples of "
+                          f"diloco.inner_steps={lo.inner_steps} (a run ends at an outer step)")
 
 
 def _validate_pipeline(cfg: DictConfig) -> None:
@@ -417,7 +474,7 @@ def _validate_pipeline(cfg: DictConfig) -> None:
 
 def world_size(cfg: DictConfig) -> int:
     """Processes the recipe's layout needs: islands × pp × dp."""
-    return cfg.parallel.pp * cfg.parallel.dp
+    return cfg.diloco.islands * cfg.parallel.pp * cfg.parallel.dp
 
 
 def run_dir(cfg: DictConfig) -> Path:

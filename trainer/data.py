@@ -7,7 +7,8 @@ its share of every step (DESIGN §4): step `s` consumes global samples
 `[s·B, (s+1)·B)`, B = micro_batch × grad_accum × dp, and the order is a pure
 function of (seed, epoch, global index). The loader's only state is the number
 of samples consumed, so a resume under another layout neither skips nor
-repeats a sample.
+repeats a sample. DiLoCo islands share one order and take turns: island k's
+step s reads global samples `[(s·M + k)·B, (s·M + k + 1)·B)` of M islands.
 
 This module must not know about process groups (dp rank and size are plain
 ints), models (only `vocab_size` as an int) or checkpoint files (it offers
@@ -207,11 +208,17 @@ class DataLoader:
     """This rank's micro-batches, step after step; state is samples consumed (layout-free)."""
 
     def __init__(self, dataset: TokenDataset, micro_batch: int, grad_accum: int, dp_rank: int,
-                 dp_size: int, vocab_size: Optional[int] = None):
+                 dp_size: int, vocab_size: Optional[int] = None, island: int = 0, islands: int = 1):
         step_sample_indices(0, micro_batch, grad_accum, dp_rank, dp_size)  # validates the layout
         self.dataset, self.micro_batch, self.grad_accum = dataset, micro_batch, grad_accum
         self.dp_rank, self.dp_size, self.vocab_size = dp_rank, dp_size, vocab_size
-        self.samples_consumed = 0
+        self.island, self.islands = island, islands
+        self.samples_consumed = 0  # of this island's stream
+
+    def stream_index(self, i: int) -> int:
+        """Global sample of this island's i-th: islands take turns, one global batch each."""
+        batch = self.global_batch
+        return (i // batch) * batch * self.islands + self.island * batch + i % batch
 
     @property
     def global_batch(self) -> int:
@@ -221,7 +228,8 @@ class DataLoader:
         """One (inputs_BS, targets_BS) per micro-batch; advances by the global batch."""
         groups = step_sample_indices(self.samples_consumed, self.micro_batch, self.grad_accum,
                                      self.dp_rank, self.dp_size)
-        batches = [_to_batch([self.dataset.train_sample(g) for g in idx], self.vocab_size) for idx in groups]
+        batches = [_to_batch([self.dataset.train_sample(self.stream_index(i)) for i in idx], self.vocab_size)
+                   for idx in groups]
         self.samples_consumed += self.global_batch
         return batches
 
@@ -243,8 +251,9 @@ def val_batches(dataset: TokenDataset, micro_batch: int, num_batches: int, dp_ra
 
 
 def build_data(cfg: DataConfig, seed: int, dp_rank: int, dp_size: int,
-               vocab_size: int) -> tuple[TokenDataset, DataLoader]:
-    """Dataset and this rank's loader for a recipe's data section."""
+               vocab_size: int, island: int = 0, islands: int = 1) -> tuple[TokenDataset, DataLoader]:
+    """Dataset and this rank's loader for a recipe's data section (and its DiLoCo island)."""
     dataset = TokenDataset(load_tokens(cfg), cfg.seq_len, cfg.val_fraction, seed)
-    loader = DataLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, vocab_size=vocab_size)
+    loader = DataLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, vocab_size=vocab_size,
+                        island=island, islands=islands)
     return dataset, loader

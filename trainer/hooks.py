@@ -87,6 +87,17 @@ class MemorySnapshotHook(StepHook):
         trainer.snapshotter.close(wait_for_peers=clean)
 
 
+class DilocoHook(StepHook):
+    """DiLoCo's outer step every `diloco.inner_steps` steps, before anything logs or saves."""
+
+    def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        diloco = trainer.diloco
+        if diloco.due(trainer.step):
+            fields = diloco.sync(trainer.loader.samples_consumed)
+            trainer.island_event("outer_step", island=trainer.env.island,
+                                 bytes_sent=trainer.outer_bytes_pending(), **fields)
+
+
 class MetricsHook(StepHook):
     """metrics.jsonl, progress and eval on log steps."""
 

@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule.
 
-AdamW with decoupled weight decay on matrices only (norm gains and other 1-D
+AdamW (or SGD, e.g. as DiLoCo's inner optimizer) with weight decay on matrices only (norm gains and other 1-D
 parameters are not decayed), using the fused or foreach implementation where
 the build and the parameter types allow, and a linear-warmup + cosine-decay
 schedule. Both objects are `Stateful` (state_dict/load_state_dict) so the
@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor
 from atoll.trainer.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decayed, 1-D parameters not.
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD with `optim.name: sgd`); matrices decayed, 1-D parameters not.
 
     Parameters are grouped by kind as well (plain tensors vs DTensors, e.g.
     expert shards under DDP), since one fused/foreach call cannot mix them.
@@ -30,6 +30,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
             groups.setdefault((param.ndim >= 2, isinstance(param, DTensor)), []).append(param)
     param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decayed else 0.0}
                     for (decayed, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                               foreach=_implementation(list(model.parameters())).get("foreach", False))
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              **_implementation(list(model.parameters())))
 

@@ -33,14 +33,15 @@ from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, r
                                            sync_expert_grads)
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.diloco import DiLoCo, OuterGroup, make_codec
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
-from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
+from atoll.trainer.config import (DataConfig, DilocoConfig, OptimConfig, as_dataclass, model_config,
                                   recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
-from atoll.trainer.hooks import (DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook, MetricsHook,
-                                 RunControl, StepHook)
+from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
+                                 MetricsHook, RunControl, StepHook)
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -84,6 +85,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, env: Optional[ProcessEnv] = None,
                  control: Optional[RunControl] = None):
         self.mesh: Optional[ParallelMesh] = None
+        self.outer: Optional[OuterGroup] = None
+        self.diloco: Optional[DiLoCo] = None
         self.checkpointer: Optional[Checkpointer] = None
         self.snapshotter: Optional[MemorySnapshotter] = None
         self._snapshots_failing = False
@@ -105,9 +108,16 @@ class Trainer:
         self.device = device_for(self.env)
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
+        self.env = self.mesh.env  # ranks inside this rank's island
+        diloco_cfg = as_dataclass(cfg.diloco, DilocoConfig)
+        if self.layout.islands > 1:
+            self.outer = OuterGroup(self.mesh.store, self.env.island, self.layout.islands, self.env.rank,
+                                    diloco_cfg.wait_timeout_s, diloco_cfg.bandwidth_mbit)
         if self.env.is_logging_rank:
             prepare_run_dir(cfg, restarting=self.control.attempt > 0)
         self.mesh.barrier()
+        if self.outer is not None:
+            self.outer.barrier()  # no island writes into the run directory before it is prepared
         self.is_logging_rank = self.env.is_logging_rank
 
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
@@ -127,7 +137,8 @@ class Trainer:
 
         data_cfg = as_dataclass(cfg.data, DataConfig)
         self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
-                                               self.layout.dp, cfg.model.vocab_size)
+                                               self.layout.dp, cfg.model.vocab_size,
+                                               island=self.env.island, islands=self.layout.islands)
         self.val = (val_batches(self.dataset, data_cfg.micro_batch, cfg.logging.eval_batches,
                                 self.mesh.dp_rank, self.layout.dp)
                     if cfg.logging.eval_interval else [])
@@ -143,7 +154,7 @@ class Trainer:
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
             recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
         store = self.control.snapshot_store
-        if store is not None and ckpt.memory_interval:
+        if store is not None and ckpt.memory_interval and self.layout.islands == 1:
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
                                                  is_coordinator=self.is_logging_rank,
                                                  interval=ckpt.memory_interval, warn=self._warn,
@@ -157,6 +168,14 @@ class Trainer:
         self.states = {"model_optim": ModelOptimizerState(list(zip(self.parts, self.optimizers))),
                        "scheduler": ScheduleState(self.schedulers), "data": self.loader,
                        "train": self.progress, "guard": self.guard}
+        if self.outer is not None:
+            self.diloco = DiLoCo(
+                [(n, p) for part in self.parts for n, p in part.named_parameters()],
+                [(n, b) for part in self.parts for n, b in part.named_buffers() if n.endswith("expert_bias_E")],
+                self.outer, inner_steps=diloco_cfg.inner_steps, outer_lr=diloco_cfg.outer_lr,
+                outer_momentum=diloco_cfg.outer_momentum, nesterov=diloco_cfg.nesterov,
+                codec=make_codec(diloco_cfg.quantize, diloco_cfg.int4_group))
+            self.states["diloco"] = self.diloco
         self.resumed_step: Optional[int] = None
         self.resume_source: Optional[str] = None
         self.resumed_from = self._resume()
@@ -174,7 +193,9 @@ class Trainer:
         # Order matters: a step's metrics row is written before its snapshot can complete,
         # so a run resumed from that snapshot never lacks the row; the heartbeat comes last,
         # so a step counts as done only once its snapshot has started.
-        self.hooks = [MetricsHook()] + ([MemorySnapshotHook()] if self.snapshotter else []) + \
+        self._outer_bytes_logged = 0
+        self.hooks = ([DilocoHook()] if self.diloco else []) + [MetricsHook()] + \
+            ([MemorySnapshotHook()] if self.snapshotter else []) + \
             [DiskCheckpointHook(), HeartbeatHook(self.control)]
 
     def _build_parts(self, cfg: DictConfig) -> None:
@@ -215,6 +236,17 @@ class Trainer:
     def _event(self, event: str, /, **fields) -> None:
         if self.is_logging_rank:
             record_event(run_dir(self.cfg), event, **fields)
+
+    def island_event(self, event: str, /, **fields) -> None:
+        """An event every island reports for itself (DiLoCo): written by its first rank."""
+        if self.env.is_island_lead:
+            record_event(run_dir(self.cfg), event, **fields)
+
+    def outer_bytes_pending(self) -> int:
+        """Bytes this rank sent to other islands since the last call (0 without islands)."""
+        sent = self.outer.take_bytes() if self.outer is not None else 0
+        self._outer_bytes_logged += sent
+        return sent
 
     def _resume(self) -> Optional[Path]:
         """Load the newest state: a memory snapshot or the checkpoint `checkpoint.resume` names.
@@ -399,9 +431,14 @@ class Trainer:
                    "step_time_s": elapsed / steps,
                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
                    "tflops": self.flops_per_token * tokens_per_s / 1e12,
-                   "comm_bytes": self.comm_bytes}
+                   "comm_bytes": self.comm_bytes * steps + self._take_outer_logged()}
         metrics.update(self.load_metrics())
         return metrics
+
+    def _take_outer_logged(self) -> int:
+        """Outer-reduction bytes since the previous metrics row (outer_step events report them too)."""
+        value, self._outer_bytes_logged = self._outer_bytes_logged, 0
+        return value
 
     def one_step(self) -> StepResult:
         """A training step, then every hook that follows one."""
@@ -459,6 +496,9 @@ class Trainer:
             except Exception as exc:  # closing must not hide the error that got us here
                 print(f"warning: closing the checkpointer failed: {exc}", flush=True)
             self.checkpointer = None
+        if self.outer is not None:
+            self.outer.close()
+            self.outer = None
         if self.mesh is not None:
             self.mesh.close()
             self.mesh = None
