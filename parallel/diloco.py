@@ -85,13 +85,14 @@ class Int8Codec(Codec):
         rows = _padded(flat, self.row)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
         q = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
-        return torch.cat([scale.view(torch.uint8).flatten(), q.view(torch.uint8).flatten()])
+        # The padding of the last row is not sent.
+        return torch.cat([scale.view(torch.uint8).flatten(), q.view(torch.uint8).flatten()[:flat.numel()]])
 
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         nrows = -(-numel // self.row)
         scale = payload[:4 * nrows].view(torch.float32).view(nrows, 1)
-        q = payload[4 * nrows:].view(torch.int8).view(nrows, self.row)
-        return (q.float() * scale).flatten()[:numel]
+        q = _padded(payload[4 * nrows:].view(torch.int8).float(), self.row)
+        return (q * scale).flatten()[:numel]
 
 
 class Int4Codec(Codec):
@@ -107,6 +108,7 @@ class Int4Codec(Codec):
         scale = (groups.abs().amax(dim=1, keepdim=True) / 7).to(torch.bfloat16)
         safe = scale.float().clamp_min(1e-30)
         q = (torch.round(groups / safe).clamp_(-7, 7) + 8).to(torch.uint8).flatten()
+        q = q[:flat.numel() + flat.numel() % 2]  # the padding of the last group is not sent
         packed = q[0::2] | (q[1::2] << 4)
         return torch.cat([scale.view(torch.uint8).flatten(), packed])
 
@@ -115,7 +117,7 @@ class Int4Codec(Codec):
         scale = payload[:2 * ngroups].view(torch.bfloat16).float().view(ngroups, 1)
         packed = payload[2 * ngroups:]
         q = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten().to(torch.int16) - 8
-        return (q.float().view(ngroups, self.group) * scale).flatten()[:numel]
+        return (_padded(q.float(), self.group) * scale).flatten()[:numel]
 
 
 def _padded(flat: torch.Tensor, width: int) -> torch.Tensor:
