@@ -27,6 +27,12 @@ BAD_OVERRIDES = [
     (["model.moe.top_k=9"], "model.moe.top_k=9 must not exceed model.moe.num_experts=8"),
     (["launch.backend=local"], "launch.backend=local runs one process, but the layout needs 2 (parallel.dp=2, parallel.pp=1)"),
     (["data.source=folder"], "data.path is required when data.source=folder"),
+    (["diloco.quantize=int3"], "recipe key 'diloco.quantize' must be one of none, bf16, int8, int4, got 'int3'"),
+    (["diloco.islands=2", "diloco.inner_steps=10", "run.steps=25", "checkpoint.interval=0"],
+     "run.steps=25 and run.stop_at=0 must be multiples of diloco.inner_steps=10 (a run ends at an outer step)"),
+    (["diloco.islands=2", "diloco.inner_steps=10", "diloco.overlap_steps=5", "run.steps=20", "checkpoint.interval=0"],
+     "recipe key 'diloco.overlap_steps' is not supported with diloco.islands > 1 yet; leave it at its default"),
+    (["diloco.islands=0"], "recipe key 'diloco.islands' must be at least 1, got 0"),
     (["checkpoint.asynch=true"], "unknown recipe key 'checkpoint.asynch'"),
     (["run"], "override 'run' must look like key=value"),
 ]

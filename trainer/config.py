@@ -416,7 +416,8 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"fault_tolerance.min_workers={ft.min_workers} exceeds the layout's "
                           f"{world_size(cfg)} workers")
     if cfg.launch.backend == "local" and world_size(cfg) != 1:
-        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp}, diloco.islands={cfg.diloco.islands})")
+        islands = f", diloco.islands={cfg.diloco.islands}" if cfg.diloco.islands > 1 else ""
+        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp}{islands})")
 
 
 def _validate_diloco(cfg: DictConfig) -> None:
