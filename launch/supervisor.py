@@ -191,7 +191,9 @@ class Supervisor:
             self.log(f"supervisor: {exc}")
             return None
         self.emit("workers", attempt=self.attempt, world=world, layout=layout_of(recipe),
-                  ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node} for r in ranks])
+                  ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node,
+                          **({"island": r.rank * _islands(recipe) // world} if _islands(recipe) > 1 else {})}
+                         for r in ranks])
         group.start(recipe, self.factory.snapshot_store(), self.attempt)
         self.state = "running"
         return group

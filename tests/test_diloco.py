@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from atoll.parallel.diloco import (Bf16Codec, DiLoCo, DilocoError, Int4Codec, Int8Codec,
+from atoll.parallel.diloco import (Bf16Codec, DiLoCo, Int4Codec, Int8Codec,
                                    OuterGroup, make_codec)
 from atoll.trainer.metrics import read_jsonl
 from conftest import TINY_MOE, free_port, run_cli

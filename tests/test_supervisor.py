@@ -110,6 +110,16 @@ def kinds(events):
     return [e["event"] for e in events]
 
 
+def test_workers_event_names_each_ranks_island():
+    rec = to_dict(load_recipe(None, ["parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=10",
+                                     "checkpoint.interval=0"]))
+    factory = FakeFactory([])
+    sup, events, _ = supervise(factory, rec)
+    sup.run()
+    assert [(r["rank"], r["island"]) for r in events[0]["ranks"]] == [(0, 0), (1, 1)]
+    assert events[0]["world"] == 2
+
+
 def test_a_healthy_group_finishes_with_every_rank_result():
     factory = FakeFactory([])
     sup, events, _ = supervise(factory, recipe())
