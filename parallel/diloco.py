@@ -3,183 +3,79 @@
 Each island is a replica of the whole pp × dp × ep layout with its own
 process group (parallel/layout.py) and its own data stream. Every
 `diloco.inner_steps` (H) steps the islands average their pseudo-gradients
-(global − local parameters) and an outer optimizer (SGD, Nesterov momentum
-by default) moves the global parameters; every island then continues from
-them. The global parameters, the outer optimizer's state and the outer step
-are `Stateful` here, so checkpoints and snapshots hold them like any other
-state.
+(the distance each island moved from where it started) and an outer
+optimizer (SGD, Nesterov momentum by default) moves the global parameters,
+which every island then continues from.
 
-Communication between islands goes through an `OuterGroup`: one gloo group
-per in-island rank, joining the ranks that hold the same shard in every
-island, built on the run's store so that it never shares a connection with
-the islands' own collectives. Pseudo-gradients travel as fp32 (the mean of
-the local parameters, exact), bf16, int8 (absmax scale per row) or int4
-(scale per group, error feedback kept per island). With a lossy encoding
-every island, the sender included, decodes every island's payload and sums
-them in island order, so all islands end an outer step with bit-identical
-global state; a sha256 of that state is compared across islands after every
-outer step, and a mismatch is an error naming the island.
+Streaming: the parameters form `fragments` (F) groups (by layer); fragment p
+syncs on the steps s ≡ (p+1)·H/F (mod H), so each sync carries 1/F of the
+model. A fragment's reduction runs in the background while `overlap_steps`
+(τ) further inner steps run; when it lands, the island keeps what it learned
+meanwhile (local ← global + progress since the send). With `delayed_update`
+the reduction of a round overlaps the whole next round: the true outer
+update is applied one round late, and each island starts its next round
+from an eager estimate that mixes its own fresh pseudo-gradient with the
+previous round's average ((Δ_own + (M−1)·Δ̄_prev) / M), so it never waits.
+The global parameters and the outer optimizer only ever see the averaged,
+agreed values, so they stay bit-identical on every island in every mode;
+their sha256 (with the outer step and every island's committed data
+position) is compared after every outer step.
 
-This module knows parameters and process groups; it knows nothing of the
-model's structure, of checkpoints' files or of the launcher.
+This module knows parameters and the outer group (parallel/outer_group.py);
+it knows nothing of the model's structure, checkpoint files or the launcher.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
+import re
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-INT8_ROW = 512  # values per int8 scale
+from atoll.parallel.outer_group import DilocoError, OuterGroup, Transfer
+from atoll.parallel.pseudo_grad_codecs import Codec
 
-
-class DilocoError(RuntimeError):
-    """The islands' shared state diverged or an outer reduction failed; names the island."""
+__all__ = ["DiLoCo", "DilocoError", "fragment_of"]
 
 
 def local_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-# --------------------------------------------------------------------------- encodings
+def fragment_of(name: str, layers: int, fragments: int) -> int:
+    """The fragment a parameter belongs to: contiguous layer ranges; embeddings go with
+    the first fragment, everything after the last layer with the last."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) * fragments // layers
+    return 0 if "embed" in name else fragments - 1
 
 
-class Codec:
-    """How a flat fp32 pseudo-gradient goes on the wire; `none` is exact fp32."""
+@dataclass
+class _Sync:
+    """One fragment's reduction between its send and its outer update."""
 
-    name = "none"
-    lossy = False
-
-    def encode(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.view(torch.uint8)
-
-    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        return payload.view(torch.float32)[:numel]
-
-
-class Bf16Codec(Codec):
-    name, lossy = "bf16", True
-
-    def encode(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat.to(torch.bfloat16).view(torch.uint8)
-
-    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        return payload.view(torch.bfloat16)[:numel].float()
+    fragment: int
+    send_step: int
+    apply_step: int
+    position: int  # this island's data position when it sent: what its pseudo-gradient covers
+    delta: torch.Tensor  # what this island sent, before encoding (fp32, flat)
+    transfers: list[Transfer]
+    sent_at: float
+    local_at_send: Optional[list[torch.Tensor]] = None  # overlap: to keep the progress since
+    buffers_at_send: Optional[torch.Tensor] = None
 
 
-class Int8Codec(Codec):
-    """Per-row absmax: row r is stored as round(x / s_r) with s_r = max|x_r| / 127."""
-
-    name, lossy = "int8", True
-
-    def __init__(self, row: int = INT8_ROW):
-        self.row = row
-
-    def encode(self, flat: torch.Tensor) -> torch.Tensor:
-        rows = _padded(flat, self.row)
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127
-        q = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
-        # The padding of the last row is not sent.
-        return torch.cat([scale.view(torch.uint8).flatten(), q.view(torch.uint8).flatten()[:flat.numel()]])
-
-    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        nrows = -(-numel // self.row)
-        scale = payload[:4 * nrows].view(torch.float32).view(nrows, 1)
-        q = _padded(payload[4 * nrows:].view(torch.int8).float(), self.row)
-        return (q * scale).flatten()[:numel]
-
-
-class Int4Codec(Codec):
-    """Groups of `group` values, two per byte, scale max|x| / 7 per group (bf16)."""
-
-    name, lossy = "int4", True
-
-    def __init__(self, group: int = 64):
-        self.group = group
-
-    def encode(self, flat: torch.Tensor) -> torch.Tensor:
-        groups = _padded(flat, self.group)
-        scale = (groups.abs().amax(dim=1, keepdim=True) / 7).to(torch.bfloat16)
-        safe = scale.float().clamp_min(1e-30)
-        q = (torch.round(groups / safe).clamp_(-7, 7) + 8).to(torch.uint8).flatten()
-        q = q[:flat.numel() + flat.numel() % 2]  # the padding of the last group is not sent
-        packed = q[0::2] | (q[1::2] << 4)
-        return torch.cat([scale.view(torch.uint8).flatten(), packed])
-
-    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        ngroups = -(-numel // self.group)
-        scale = payload[:2 * ngroups].view(torch.bfloat16).float().view(ngroups, 1)
-        packed = payload[2 * ngroups:]
-        q = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten().to(torch.int16) - 8
-        return (_padded(q.float(), self.group) * scale).flatten()[:numel]
-
-
-def _padded(flat: torch.Tensor, width: int) -> torch.Tensor:
-    pad = (-flat.numel()) % width
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, width)
-
-
-def make_codec(name: str, int4_group: int = 64) -> Codec:
-    return {"none": Codec, "bf16": Bf16Codec, "int8": Int8Codec,
-            "int4": lambda: Int4Codec(int4_group)}[name]()
-
-
-# --------------------------------------------------------------------------- the outer group
-
-
-class OuterGroup:
-    """This rank and its counterparts (same in-island rank) in every island.
-
-    Counts the bytes this rank sends, with the ring algorithms' volumes, and
-    throttles to `bandwidth_mbit` when asked, so that a benchmark projects
-    onto islands joined by a slow link.
-    """
-
-    def __init__(self, store: dist.Store, island: int, islands: int, in_island_rank: int,
-                 timeout_s: float, bandwidth_mbit: float = 0.0):
-        self.island, self.islands = island, islands
-        self.bandwidth_mbit = bandwidth_mbit
-        prefix = f"atoll/outer/rank-{in_island_rank}/epoch-0"
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), island, islands,
-                                        datetime.timedelta(seconds=timeout_s))
-        self.bytes_sent = 0
-
-    def _sent(self, nbytes: float) -> None:
-        self.bytes_sent += int(nbytes)
-        if self.bandwidth_mbit:
-            time.sleep(nbytes * 8 / (self.bandwidth_mbit * 1e6))
-
-    def all_reduce_mean(self, flat: torch.Tensor) -> torch.Tensor:
-        self.pg.allreduce([flat]).wait()
-        self._sent(2 * (self.islands - 1) / self.islands * flat.numel() * flat.element_size())
-        return flat.div_(self.islands)
-
-    def all_gather(self, payload: torch.Tensor) -> list[torch.Tensor]:
-        out = [torch.empty_like(payload) for _ in range(self.islands)]
-        self.pg.allgather([out], [payload]).wait()
-        self._sent((self.islands - 1) * payload.numel())
-        return out
-
-    def barrier(self) -> None:
-        self.pg.allreduce([torch.zeros(1)]).wait()
-
-    def close(self) -> None:
-        self.pg = None  # gloo closes its connections when the group is released
-
-    def take_bytes(self) -> int:
-        value, self.bytes_sent = self.bytes_sent, 0
-        return value
-
-
-# --------------------------------------------------------------------------- the algorithm
+@dataclass
+class _Fragment:
+    params: list[int]  # indices into DiLoCo.params
+    buffers: list[int] = field(default_factory=list)
+    offset: int = 0
 
 
 class DiLoCo:
@@ -187,106 +83,283 @@ class DiLoCo:
 
     `params` are this rank's (name, parameter) pairs; `buffers` the state
     that is not a parameter but must agree across islands (the aux-free
-    expert bias), averaged at every outer step.
+    expert bias), averaged at each outer step of its fragment. `fragments`
+    maps each parameter (and buffer) name to its fragment.
     """
 
     def __init__(self, params: list[tuple[str, nn.Parameter]], buffers: list[tuple[str, torch.Tensor]],
                  group: OuterGroup, *, inner_steps: int, outer_lr: float, outer_momentum: float,
-                 nesterov: bool, codec: Codec):
+                 nesterov: bool, codec: Codec, fragments: int = 1,
+                 fragment_of_name: Callable[[str], int] = lambda name: 0,
+                 overlap_steps: int = 0, delayed_update: bool = False,
+                 island_digest: Callable[[str], str] = lambda digest: digest):
         self.names = [name for name, _ in params]
         self.params = [p for _, p in params]
-        self.buffers = buffers
+        self.buffers = [b for _, b in buffers]
         self.group, self.codec = group, codec
-        self.inner_steps = inner_steps
+        self.inner_steps, self.overlap_steps, self.delayed = inner_steps, overlap_steps, delayed_update
         self.lr, self.momentum = outer_lr, outer_momentum
+        self.nesterov = nesterov and outer_momentum > 0
+        self.island_digest = island_digest
+        self.fragments = [_Fragment([], [], ((p + 1) * inner_steps // fragments) % inner_steps)
+                          for p in range(fragments)]
+        for index, name in enumerate(self.names):
+            self.fragments[fragment_of_name(name)].params.append(index)
+        for index, (name, _) in enumerate(buffers):
+            self.fragments[fragment_of_name(name)].buffers.append(index)
         # Global copies with the parameters' placements, so that DCP reshards them like the model.
         self.global_params = [_like(p) for p in self.params]
-        self.outer_optimizer = torch.optim.SGD(
-            [local_view(g) for g in self.global_params], lr=outer_lr, momentum=outer_momentum,
-            nesterov=nesterov and outer_momentum > 0)
+        # The outer optimizer owns these local views (a DTensor's to_local() is a new view each call).
+        self.global_locals = [local_view(g) for g in self.global_params]
+        self.outer_optimizer = torch.optim.SGD(self.global_locals, lr=outer_lr, momentum=outer_momentum,
+                                               nesterov=self.nesterov)
+        if outer_momentum:  # zeros step exactly like torch's first-step clone, and are always there
+            for g in self.outer_optimizer.param_groups[0]["params"]:
+                self.outer_optimizer.state[g]["momentum_buffer"] = torch.zeros_like(g)
         self.errors = [_like(p, zero=True) for p in self.params] if codec.name == "int4" else []
+        # Delayed updates measure each round from where the island started it (its eager start).
+        self.starts = [g.clone() for g in self.global_locals] if delayed_update else []
+        self.last_mean: dict[int, torch.Tensor] = {}  # fragment -> previous round's mean pseudo-gradient
+        self.in_flight: list[_Sync] = []
         self.outer_step = 0
+        self.positions: dict[int, int] = {}  # every island's committed data position
         self.last_hash = ""
+        self.step = 0
+        self.joiners: dict[int, str] = {}  # islands asking to join, admitted at the end of a step
 
-    def due(self, step: int) -> bool:
-        return step > 0 and step % self.inner_steps == 0
+    # ------------------------------------------------------------------ schedule
+
+    def due(self, step: int) -> list[int]:
+        """The fragments whose sync starts after inner step `step`."""
+        return [p for p, frag in enumerate(self.fragments)
+                if step > 0 and step % self.inner_steps == frag.offset]
+
+    def after_inner_step(self, step: int, position: int) -> list[dict[str, Any]]:
+        """Land the reductions due now, start the syncs due now; the finished outer steps."""
+        self.step = step
+        events = []
+        if not self.delayed:
+            for sync in [s for s in self.in_flight if s.apply_step == step]:
+                events.append(self._land(sync))
+        for fragment in self.due(step):
+            if self.delayed:
+                events += self._send_delayed(fragment, step, position)
+            else:
+                sync = self._send(fragment, step, position, self.overlap_steps)
+                if self.overlap_steps == 0:
+                    events.append(self._land(sync))
+        if self.joiners:
+            self._admit()
+        return events
+
+    def finish(self, step: int, position: int) -> list[dict[str, Any]]:
+        """At the end of the run: land everything in flight and sync every fragment that
+        moved since its last sync, so the final model is the global one on every island."""
+        self.step = step
+        events = [self._land(sync) for sync in list(self.in_flight)]
+        for fragment in range(len(self.fragments)):
+            if fragment in self.due(step):
+                continue  # sent after this very step, landed above
+            sync = self._send(fragment, step, position, 0)
+            events.append(self._land(sync))
+        with torch.no_grad():
+            for p, g in zip(self.params, self.global_locals):
+                local_view(p).copy_(g)
+        self.joiners = {}
+        self.group.announce_finished()
+        return events
+
+    # ------------------------------------------------------------------ send and land
+
+    def _average_mode(self) -> bool:
+        """Outer lr 1 without momentum: the new global is the islands' mean itself (exact)."""
+        return self.lr == 1.0 and self.momentum == 0.0 and not self.codec.lossy and not self.delayed
 
     @torch.no_grad()
-    def sync(self, samples_consumed: int) -> dict[str, Any]:
-        """One outer step; returns the fields of its `outer_step` event."""
-        started = time.perf_counter()
-        locals_ = [local_view(p) for p in self.params]
-        globals_ = [local_view(g) for g in self.global_params]
+    def _send(self, fragment: int, step: int, position: int, overlap: int) -> _Sync:
+        frag = self.fragments[fragment]
+        locals_ = [local_view(self.params[i]) for i in frag.params]
+        if self.delayed:
+            reference = [self.starts[i] for i in frag.params]
+        else:
+            reference = [self.global_locals[i] for i in frag.params]
+        if self._average_mode():
+            delta = _flat(locals_)  # the mean of the local parameters is the new global
+        else:
+            delta = _flat([r - p for r, p in zip(reference, locals_)])
+            if self.errors:
+                delta += _flat([local_view(self.errors[i]) for i in frag.params])
         if self.codec.lossy:
-            deltas = self._reduce_lossy(locals_, globals_)
+            transfers = [Transfer("all_gather", self.codec.encode(delta))]
         else:
-            mean = self.group.all_reduce_mean(_flat(locals_))
-            averaged = _split(mean, locals_)
-            deltas = None if self._is_average() else [g - a for g, a in zip(globals_, averaged)]
-        if deltas is None:  # outer lr 1 without momentum: the new global is the average itself
-            for g, a in zip(globals_, averaged):
-                g.copy_(a)
+            transfers = [Transfer("all_reduce_sum", delta)]
+        buffers = _flat([self.buffers[i] for i in frag.buffers])
+        if buffers.numel():
+            transfers.append(Transfer("all_reduce_sum", buffers))
+        sync = _Sync(fragment, step, step + overlap, position, delta, transfers, time.perf_counter())
+        if overlap:
+            sync.local_at_send = [p.clone() for p in locals_]
+            sync.buffers_at_send = buffers
+        for transfer in transfers:
+            self.group.start(transfer)
+        self.in_flight.append(sync)
+        return sync
+
+    @torch.no_grad()
+    def _land(self, sync: _Sync) -> dict[str, Any]:
+        """Wait for a sync, apply the outer update to its fragment, check the shared hash."""
+        started, bytes_before = time.perf_counter(), self.group.total_bytes
+        decision = self.group.settle(sync.transfers, sync.position)
+        self.in_flight.remove(sync)
+        self.positions.update(decision.positions)
+        frag = self.fragments[sync.fragment]
+        globals_ = [self.global_locals[i] for i in frag.params]
+        mean = self._mean(sync)
+        if self._average_mode():
+            for g, m in zip(globals_, _split(mean, globals_)):
+                g.copy_(m)
         else:
-            for g, d in zip(globals_, deltas):
+            for g, d in zip(globals_, _split(mean, globals_)):
                 g.grad = d
             self.outer_optimizer.step()
-            self.outer_optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(locals_, globals_):
-            p.copy_(g)
-        if self.buffers:
-            flat = self.group.all_reduce_mean(_flat([b for _, b in self.buffers]))
-            for (_, b), mean_b in zip(self.buffers, _split(flat, [b for _, b in self.buffers])):
-                b.copy_(mean_b)
+            for g in globals_:
+                g.grad = None
+            self.last_mean[sync.fragment] = mean
+        if not self.delayed:  # delayed rounds start from their eager estimate (_send_delayed)
+            locals_ = [local_view(self.params[i]) for i in frag.params]
+            if sync.local_at_send is None:
+                for p, g in zip(locals_, globals_):
+                    p.copy_(g)
+            else:  # keep what the island learned while the reduction was in flight
+                for p, g, sent in zip(locals_, globals_, sync.local_at_send):
+                    p.copy_(g + (p - sent))
+        self._land_buffers(sync, frag)
         self.outer_step += 1
-        self.last_hash = self._check_hash(samples_consumed)
-        return {"outer_step": self.outer_step, "islands": self.group.islands,
-                "seconds": round(time.perf_counter() - started, 4), "state_sha256": self.last_hash}
+        self.last_hash = self._agree_hash()
+        fields = {"outer_step": self.outer_step, "fragment": sync.fragment, "islands": self.group.size,
+                  "seconds": round(time.perf_counter() - started, 4),
+                  "in_flight_s": round(time.perf_counter() - sync.sent_at, 4),
+                  "bytes_sent": self.group.total_bytes - bytes_before, "state_sha256": self.last_hash}
+        self.joiners.update(decision.joiners)
+        return fields
 
-    def _is_average(self) -> bool:
-        return self.lr == 1.0 and self.momentum == 0.0
-
-    def _reduce_lossy(self, locals_: list, globals_: list) -> list[torch.Tensor]:
-        """Mean pseudo-gradient, decoded from every island's payload (its own included)."""
-        flat = _flat([g - p for g, p in zip(globals_, locals_)])
-        if self.errors:
-            flat += _flat([local_view(e) for e in self.errors])
-        payloads = self.group.all_gather(self.codec.encode(flat))
-        decoded = [self.codec.decode(payload, flat.numel()) for payload in payloads]
+    def _mean(self, sync: _Sync) -> torch.Tensor:
+        transfer = sync.transfers[0]
+        if not self.codec.lossy:
+            return transfer.out.div_(self.group.size)
+        decoded = [self.codec.decode(payload, sync.delta.numel()) for payload in transfer.out]
         if self.errors:  # what this island's payload failed to carry goes out next time
-            residual = _split(flat - decoded[self.group.island], globals_)
-            for e, r in zip(self.errors, residual):
-                local_view(e).copy_(r)
+            frag = self.fragments[sync.fragment]
+            residual = sync.delta - decoded[self.group.index]
+            for i, r in zip(frag.params, _split(residual, [self.errors[i] for i in frag.params])):
+                local_view(self.errors[i]).copy_(r)
         total = decoded[0].clone()
         for other in decoded[1:]:
             total += other
-        return _split(total.div_(self.group.islands), globals_)
+        return total.div_(self.group.size)
 
-    def _check_hash(self, samples_consumed: int) -> str:
-        """sha256 of the shared state, equal on every island or a DilocoError naming the one that differs."""
-        positions = torch.tensor([samples_consumed], dtype=torch.int64)
-        every = self.group.all_gather(positions.view(torch.uint8))
+    def _land_buffers(self, sync: _Sync, frag: _Fragment) -> None:
+        if len(sync.transfers) < 2:
+            return
+        buffers = [self.buffers[i] for i in frag.buffers]
+        mean = sync.transfers[1].out.div_(self.group.size)
+        drift = _flat(buffers) - sync.buffers_at_send if sync.buffers_at_send is not None else None
+        if drift is not None:
+            mean = mean + drift
+        for b, m in zip(buffers, _split(mean, buffers)):
+            b.copy_(m)
+
+    @torch.no_grad()
+    def _send_delayed(self, fragment: int, step: int, position: int) -> list[dict[str, Any]]:
+        """Land the previous round's reduction (the true update, one round late), send this
+        round's, and start the next round from the eager estimate."""
+        events = [self._land(s) for s in [s for s in self.in_flight if s.fragment == fragment]]
+        previous = self.last_mean.get(fragment)
+        sync = self._send(fragment, step, position, self.inner_steps)
+        frag = self.fragments[fragment]
+        own = sync.delta
+        islands = self.group.size
+        estimate = own if previous is None else (own + (islands - 1) * previous) / islands
+        globals_ = [self.global_locals[i] for i in frag.params]
+        for i, start in zip(frag.params, self._eager_start(frag, _split(estimate, globals_))):
+            local_view(self.params[i]).copy_(start)
+            self.starts[i].copy_(start)
+        return events
+
+    def _eager_start(self, frag: _Fragment, estimate: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the outer optimizer would make of the fragment with pseudo-gradient
+        `estimate`, computed on copies: the shared state is not touched."""
+        scratch = [self.global_locals[i].clone() for i in frag.params]
+        optimizer = torch.optim.SGD(scratch, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+        momenta = _momenta(self.outer_optimizer)
+        for j, (tensor, d) in enumerate(zip(scratch, estimate)):
+            tensor.grad = d
+            if momenta:
+                optimizer.state[tensor]["momentum_buffer"] = momenta[frag.params[j]].clone()
+        optimizer.step()
+        return scratch
+
+    # ------------------------------------------------------------------ agreement and joining
+
+    def _digest(self) -> str:
         digest = hashlib.sha256()
-        for tensor in [local_view(g) for g in self.global_params] + _momenta(self.outer_optimizer):
+        for tensor in self._shared_tensors():
             digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
         digest.update(str(self.outer_step).encode())
-        for blob in every:
-            digest.update(blob.numpy().tobytes())
-        mine = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
-        hashes = self.group.all_gather(mine)
-        for island, other in enumerate(hashes):
-            if not torch.equal(other, hashes[0]):
-                raise DilocoError(f"DiLoCo state diverged at outer step {self.outer_step}: island "
-                                  f"{island}'s sha256 differs from island 0's")
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return digest.hexdigest()
-        pieces = [None] * dist.get_world_size()  # the island's ranks (its own process group)
-        dist.all_gather_object(pieces, digest.hexdigest())
-        return hashlib.sha256("".join(pieces).encode()).hexdigest()
+        digest.update(repr(sorted(self.positions.items())).encode())
+        return self.island_digest(digest.hexdigest())
+
+    def _agree_hash(self) -> str:
+        digest = self._digest()
+        self.group.agree_hash(digest)
+        return digest
+
+    def _shared_tensors(self) -> list[torch.Tensor]:
+        return list(self.global_locals) + _momenta(self.outer_optimizer)
+
+    def _admit(self) -> None:
+        """Members, at the end of a step: land everything in flight, take the joiners in and
+        send them the shared state. Each member keeps its own local parameters."""
+        for sync in list(self.in_flight):
+            self._land(sync)
+        joiners, self.joiners = self.joiners, {}
+        source = self.group.admit(joiners, self.group.round)
+        self._exchange_state(source)
+        self.last_hash = self._agree_hash()
+
+    def join(self, token: str, timeout_s: float) -> Optional[int]:
+        """A restarted island: the shared state from a peer; returns the step to continue
+        after, or None when the other islands finished the run meanwhile."""
+        source = self.group.join(token, timeout_s)
+        if source is None:
+            return None
+        self._exchange_state(source)
+        with torch.no_grad():
+            for i, g in enumerate(self.global_locals):
+                local_view(self.params[i]).copy_(g)
+                if self.starts:
+                    self.starts[i].copy_(g)
+            for e in self.errors:
+                local_view(e).zero_()
+        self.last_hash = self._agree_hash()
+        return self.step
+
+    def _exchange_state(self, source: int) -> None:
+        islands = self.group.islands
+        header = torch.tensor([self.outer_step, self.step] +
+                              [self.positions.get(i, -1) for i in range(islands)], dtype=torch.int64)
+        self.group.broadcast([header] + self._shared_tensors(), source)
+        self.outer_step, self.step = int(header[0]), int(header[1])
+        self.positions = {i: int(v) for i, v in enumerate(header[2:].tolist()) if v >= 0}
+        # Buffers are averaged at every sync; a joiner takes the source's.
+        if self.buffers:
+            self.group.broadcast(self.buffers, source)
 
     # ------------------------------------------------------------------ Stateful
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"outer_step": self.outer_step,
+                                 "positions": {str(k): v for k, v in self.positions.items()},
                                  "global": dict(zip(self.names, self.global_params))}
         momenta = _momenta(self.outer_optimizer)
         if momenta:
@@ -297,14 +370,17 @@ class DiLoCo:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer_step = int(state["outer_step"])
-        for name, g in zip(self.names, self.global_params):
-            local_view(g).copy_(local_view(state["global"][name]))
+        self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        for name, g in zip(self.names, self.global_locals):
+            g.copy_(local_view(state["global"][name]))
         if "momentum" in state:
-            for name, g in zip(self.names, self.outer_optimizer.param_groups[0]["params"]):
+            for name, g in zip(self.names, self.global_locals):
                 self.outer_optimizer.state[g]["momentum_buffer"] = \
                     local_view(state["momentum"][name]).clone()
         for name, e in zip(self.names, self.errors):
             local_view(e).copy_(local_view(state["error"][name]))
+        for start, g in zip(self.starts, self.global_locals):
+            start.copy_(g)
 
 
 def _like(param: torch.Tensor, zero: bool = False) -> torch.Tensor:

@@ -24,6 +24,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from atoll.checkpoint.dcp_io import WRITER_STORE_PREFIX_ENV
 
 MESH_DIMS = ("pp", "dp_mod_ep", "ep")
+# "host:port" of a store the launcher keeps for the islands' outer groups. With it,
+# each island also rendezvous on its own (MASTER_ADDR/MASTER_PORT are the island's), so
+# an island can fail and come back while the others and the store live on.
+OUTER_STORE_ENV = "ATOLL_OUTER_STORE"
 
 
 class LayoutError(ValueError):
@@ -195,10 +199,16 @@ class ParallelMesh:
             timeout = datetime.timedelta(seconds=timeout_s)
             whole = ProcessEnv(rank=env.island * layout.island_world + env.rank,
                                world_size=layout.world_size)
-            store = torchrun_store(whole, timeout) if running_under_torchrun() else \
-                rendezvous_store(whole, timeout)
-            self.store = store
-            if layout.islands > 1:
+            outer = os.environ.get(OUTER_STORE_ENV) if layout.islands > 1 else None
+            if outer:
+                host, port = outer.rsplit(":", 1)
+                self.store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+                store = rendezvous_store(env, timeout)
+            else:
+                store = torchrun_store(whole, timeout) if running_under_torchrun() else \
+                    rendezvous_store(whole, timeout)
+                self.store = store
+            if layout.islands > 1 and not outer:
                 store = dist.PrefixStore(f"island-{env.island}", store)
                 # Each island's checkpoint writers form a group of their own as well.
                 os.environ[WRITER_STORE_PREFIX_ENV] = \
@@ -257,6 +267,22 @@ class ParallelMesh:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_of(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank of the process group (this island)."""
+        if self.mesh is None:
+            return flag
+        buf = torch.tensor([0 if flag else 1], dtype=torch.int32)  # CPU: gloo under either backend
+        dist.all_reduce(buf)
+        return int(buf) == 0
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's small picklable object, in rank order."""
+        if self.mesh is None:
+            return [obj]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def all_reduce_mean(self, values: list[float]) -> list[float]:
         """Mean over the data-parallel group of a few scalars (for logging)."""

@@ -149,7 +149,7 @@ class DilocoConfig:
     delayed_update: bool = False  # apply each outer update one outer step late (eager local part)
     quantize: str = "none"  # none | bf16 | int8 | int4 pseudo-gradients on the wire
     int4_group: int = 64  # values per int4 scale
-    wait_timeout_s: float = 60.0  # how long an outer reduction waits for a lost island
+    wait_timeout_s: float = 30.0  # how long an outer reduction waits for a lost island (< hang_timeout_s)
     bandwidth_mbit: float = 0.0  # throttle the outer reduction to this link speed; 0 = unthrottled
 
 
@@ -434,13 +434,12 @@ def _validate_diloco(cfg: DictConfig) -> None:
     if lo.delayed_update and lo.overlap_steps:
         raise RecipeError("diloco.overlap_steps must be 0 with diloco.delayed_update=true "
                           "(a delayed update always overlaps a whole outer step)")
-    unsupported = [key for key, on in (("diloco.fragments", lo.fragments > 1),
-                                       ("diloco.overlap_steps", lo.overlap_steps > 0),
-                                       ("diloco.delayed_update", lo.delayed_update),
-                                       ("checkpoint.interval", cfg.checkpoint.interval > 0)) if on]
-    if unsupported:
-        raise RecipeError(f"recipe key '{unsupported[0]}' is not supported with diloco.islands > 1 yet; "
-                          "leave it at its default")
+    if cfg.checkpoint.interval > 0:
+        raise RecipeError("recipe key 'checkpoint.interval' is not supported with diloco.islands > 1 yet; "
+                          "set checkpoint.interval=0")
+    if cfg.fault_tolerance.hang_timeout_s <= lo.wait_timeout_s:
+        raise RecipeError(f"fault_tolerance.hang_timeout_s={cfg.fault_tolerance.hang_timeout_s:g} must exceed "
+                          f"diloco.wait_timeout_s={lo.wait_timeout_s:g} (islands wait that long for a lost one)")
     if cfg.checkpoint.interval % lo.inner_steps:
         raise RecipeError(f"checkpoint.interval={cfg.checkpoint.interval} must be a multiple of "
                           f"diloco.inner_steps={lo.inner_steps} (checkpoints are taken at outer steps)")

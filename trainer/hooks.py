@@ -35,12 +35,16 @@ class RunControl:
       at the next step boundary (with a snapshot), e.g. to grow the group
       back. Ranks see the request at different moments; the loop agrees on
       the step through its per-step all-reduce.
+    - `rejoin_token`: set when the launcher restarted one lost DiLoCo island
+      while the others went on: the island takes the shared state from a
+      peer instead of resuming from a checkpoint (the token names this try).
     """
 
     snapshot_store: Optional["SnapshotStore"] = None
     attempt: int = 0  # > 0: a restart of this run, which continues it (also with nothing to resume)
     heartbeat: Optional[Callable[[dict], None]] = None
     stop_request: Optional[Callable[[], bool]] = None
+    rejoin_token: Optional[str] = None
 
 
 class StepHook:
@@ -88,14 +92,18 @@ class MemorySnapshotHook(StepHook):
 
 
 class DilocoHook(StepHook):
-    """DiLoCo's outer step every `diloco.inner_steps` steps, before anything logs or saves."""
+    """DiLoCo's outer steps (syncs that land, syncs that start), before anything logs or
+    saves; at the last step every fragment lands so the final model is the global one."""
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
-        diloco = trainer.diloco
-        if diloco.due(trainer.step):
-            fields = diloco.sync(trainer.loader.samples_consumed)
-            trainer.island_event("outer_step", island=trainer.env.island,
-                                 bytes_sent=trainer.outer_bytes_pending(), **fields)
+        diloco, position = trainer.diloco, trainer.loader.samples_consumed
+        events = diloco.after_inner_step(trainer.step, position)
+        if trainer.at_boundary():
+            events += diloco.finish(trainer.step, position)
+        for change in trainer.outer.take_changes():
+            trainer.island_event("membership", outer_step=diloco.outer_step, **change)
+        for fields in events:
+            trainer.island_event("outer_step", island=trainer.env.island, **fields)
 
 
 class MetricsHook(StepHook):

@@ -13,6 +13,7 @@ snapshots, metrics, heartbeat) to its step hooks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, r
                                            sync_expert_grads)
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
-from atoll.parallel.diloco import DiLoCo, OuterGroup, make_codec
+from atoll.parallel.diloco import DiLoCo, fragment_of
+from atoll.parallel.outer_group import OuterGroup
+from atoll.parallel.pseudo_grad_codecs import make_codec
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, DilocoConfig, OptimConfig, as_dataclass, model_config,
@@ -112,12 +115,14 @@ class Trainer:
         diloco_cfg = as_dataclass(cfg.diloco, DilocoConfig)
         if self.layout.islands > 1:
             self.outer = OuterGroup(self.mesh.store, self.env.island, self.layout.islands, self.env.rank,
-                                    diloco_cfg.wait_timeout_s, diloco_cfg.bandwidth_mbit)
+                                    diloco_cfg.wait_timeout_s, diloco_cfg.bandwidth_mbit,
+                                    island_all=self.mesh.all_of)
         if self.env.is_logging_rank:
             prepare_run_dir(cfg, restarting=self.control.attempt > 0)
         self.mesh.barrier()
-        if self.outer is not None:
-            self.outer.barrier()  # no island writes into the run directory before it is prepared
+        if self.outer is not None and self.control.rejoin_token is None:
+            # no island writes into the run directory before it is prepared
+            self.outer.all_gather_now(torch.zeros(1), position=0)
         self.is_logging_rank = self.env.is_logging_rank
 
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
@@ -174,11 +179,15 @@ class Trainer:
                 [(n, b) for part in self.parts for n, b in part.named_buffers() if n.endswith("expert_bias_E")],
                 self.outer, inner_steps=diloco_cfg.inner_steps, outer_lr=diloco_cfg.outer_lr,
                 outer_momentum=diloco_cfg.outer_momentum, nesterov=diloco_cfg.nesterov,
-                codec=make_codec(diloco_cfg.quantize, diloco_cfg.int4_group))
+                codec=make_codec(diloco_cfg.quantize, diloco_cfg.int4_group),
+                fragments=diloco_cfg.fragments,
+                fragment_of_name=lambda name: fragment_of(name, cfg.model.layers, diloco_cfg.fragments),
+                overlap_steps=diloco_cfg.overlap_steps, delayed_update=diloco_cfg.delayed_update,
+                island_digest=self._island_digest)
             self.states["diloco"] = self.diloco
         self.resumed_step: Optional[int] = None
         self.resume_source: Optional[str] = None
-        self.resumed_from = self._resume()
+        self.resumed_from = self._rejoin() if self.control.rejoin_token else self._resume()
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
                                     recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
@@ -193,7 +202,6 @@ class Trainer:
         # Order matters: a step's metrics row is written before its snapshot can complete,
         # so a run resumed from that snapshot never lacks the row; the heartbeat comes last,
         # so a step counts as done only once its snapshot has started.
-        self._outer_bytes_logged = 0
         self.hooks = ([DilocoHook()] if self.diloco else []) + [MetricsHook()] + \
             ([MemorySnapshotHook()] if self.snapshotter else []) + \
             [DiskCheckpointHook(), HeartbeatHook(self.control)]
@@ -242,11 +250,28 @@ class Trainer:
         if self.env.is_island_lead:
             record_event(run_dir(self.cfg), event, **fields)
 
-    def outer_bytes_pending(self) -> int:
-        """Bytes this rank sent to other islands since the last call (0 without islands)."""
-        sent = self.outer.take_bytes() if self.outer is not None else 0
-        self._outer_bytes_logged += sent
-        return sent
+    def _island_digest(self, shard_digest: str) -> str:
+        """One sha256 for the island's shared state, from every rank's shard digest."""
+        pieces = self.mesh.gather_objects(shard_digest)
+        return pieces[0] if len(pieces) == 1 else hashlib.sha256("".join(pieces).encode()).hexdigest()
+
+    def _rejoin(self) -> Optional[Path]:
+        """A restarted DiLoCo island: the shared state from a peer island, the island's own
+        data stream from its committed position; fresh inner optimizer state."""
+        timeout = self.cfg.fault_tolerance.collective_timeout_s
+        step = self.diloco.join(self.control.rejoin_token, timeout)
+        if step is None:  # the other islands finished the run while this one came back
+            self.step = self.last_step
+            return None
+        self.step = step
+        self.progress.values["step"] = step
+        self.loader.samples_consumed = self.diloco.positions.get(self.env.island, 0)
+        ScheduleState(self.schedulers).load_state_dict({"last_epoch": step})
+        self.resumed_step, self.resume_source = step, "peer"
+        if self.env.is_island_lead:
+            print(f"island {self.env.island} rejoined at step {step} from a peer "
+                  f"({self.loader.samples_consumed} samples of its stream consumed)", flush=True)
+        return Path(f"peer:step-{step}")
 
     def _resume(self) -> Optional[Path]:
         """Load the newest state: a memory snapshot or the checkpoint `checkpoint.resume` names.
@@ -431,14 +456,9 @@ class Trainer:
                    "step_time_s": elapsed / steps,
                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
                    "tflops": self.flops_per_token * tokens_per_s / 1e12,
-                   "comm_bytes": self.comm_bytes * steps + self._take_outer_logged()}
+                   "comm_bytes": self.comm_bytes * steps + (self.outer.take_bytes() if self.outer else 0)}
         metrics.update(self.load_metrics())
         return metrics
-
-    def _take_outer_logged(self) -> int:
-        """Outer-reduction bytes since the previous metrics row (outer_step events report them too)."""
-        value, self._outer_bytes_logged = self._outer_bytes_logged, 0
-        return value
 
     def one_step(self) -> StepResult:
         """A training step, then every hook that follows one."""
