@@ -74,14 +74,12 @@ class OuterGroup:
     def __init__(self, store: dist.Store, island: int, islands: int, in_island_rank: int,
                  timeout_s: float, bandwidth_mbit: float = 0.0,
                  island_all: Optional[Callable[[bool], bool]] = None,
-                 island_gather: Optional[Callable[[str], list[str]]] = None):
+                 joining: bool = False):
         self.store = dist.PrefixStore("atoll/outer", store)
         self.island, self.islands, self.rank = island, islands, in_island_rank
         self.timeout_s, self.bandwidth_mbit = timeout_s, bandwidth_mbit
-        # AND over this island's ranks, and a gather of strings over them: the island
-        # speaks with one voice in the store.
+        # AND over this island's ranks: the island speaks with one voice in the store.
         self.island_all = island_all or (lambda ok: ok)
-        self.island_gather = island_gather or (lambda text: [text])
         self.members = list(range(islands))
         self.epoch = 0
         self.round = 0
@@ -90,7 +88,8 @@ class OuterGroup:
         self.changes: list[dict] = []  # membership changes not yet reported
         self._link_free_at = 0.0
         self.pg: Optional[dist.ProcessGroup] = None
-        self._connect()
+        if not joining:  # a restarted island connects once it is admitted (`join`)
+            self._connect()
 
     @property
     def is_lead(self) -> bool:
@@ -276,8 +275,10 @@ class OuterGroup:
             self.store.set("finished", "1")
 
     def broadcast(self, tensors: list[torch.Tensor], source_index: int) -> None:
+        options = dist.BroadcastOptions()
+        options.rootRank = source_index
         for tensor in tensors:
-            self.pg.broadcast([tensor], source_index).wait()
+            self.pg.broadcast([tensor], options).wait()
 
     # ------------------------------------------------------------------ bookkeeping
 

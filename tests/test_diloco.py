@@ -8,7 +8,11 @@ islands one after the other with torch's own SGD as the outer optimizer.
 from __future__ import annotations
 
 import datetime
+import os
+import time
 import traceback
+
+import numpy as np
 
 import pytest
 import torch
@@ -355,3 +359,85 @@ def test_two_islands_under_torchrun_agree_after_every_outer_step(tmp_path):
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
     # comm_bytes counts every byte sent between islands: the outer steps' and the 4-byte start barrier
     assert sum(r["comm_bytes"] for r in rows) == sum(e["bytes_sent"] for e in steps if e["island"] == 0) + 4
+
+
+# ------------------------------------------------------------------ islands that come and go
+
+def _island_that_fails(rank: int, port: int, options: dict, results) -> None:
+    """One island of a 2-island run: `die_at` ends the process abruptly after that step (after
+    its sync was sent when that step starts one); `join_token` makes it a restarted island."""
+    try:
+        options = {**DEFAULTS, **options}
+        store = dist.TCPStore("127.0.0.1", port, None, rank == 0 and "join_token" not in options,
+                              timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+        joining = "join_token" in options
+        group = OuterGroup(store, rank, 2, 0, timeout_s=options["wait"], joining=joining)
+        model = _model()
+        inner = _inner_optimizer(model, options)
+        diloco = DiLoCo(list(model.named_parameters()), [], group, inner_steps=options["H"],
+                        outer_lr=options["lr"], outer_momentum=options["momentum"], nesterov=True,
+                        codec=make_codec(options["quantize"], 16), overlap_steps=options["overlap"])
+        first = 1
+        if joining:
+            first = diloco.join(options["join_token"], timeout_s=60) + 1
+        committed = dict(diloco.positions)
+        events, changes = [], []
+        for step in range(first, options["steps"] + 1):
+            time.sleep(options.get("pace", 0.0))
+            _inner_step(model, inner, rank, step)
+            events += diloco.after_inner_step(step, position=step)
+            changes += group.take_changes()
+            if options.get("die_at") == step:
+                os._exit(3)
+        events += diloco.finish(options["steps"], position=options["steps"])
+        if rank == 0:
+            store.wait(["atoll/outer/report-1"], datetime.timedelta(seconds=60))  # the joiner has read it
+        results.put((rank, "ok", [p.detach().numpy().copy() for p in model.parameters()],
+                     [(e["outer_step"], e["state_sha256"], e["islands"]) for e in events],
+                     {"first": first, "committed": committed, "changes": changes}))
+        if rank == 1:
+            store.set("atoll/outer/report-1", "1")
+    except Exception as exc:
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap, die_at", [(0, 7), (2, 6)], ids=["between-syncs", "mid-reduction"])
+def test_lost_island_survivor_goes_on_and_restarted_island_rejoins_bit_identical(overlap, die_at):
+    """Island 1 dies (between syncs, or while its reduction is in flight); island 0 waits at most
+    wait_timeout_s, goes on alone, admits the restarted island at an outer step with the shared
+    state from its peer; both end with the same global state and hashes."""
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    common = {"H": 3, "steps": 45, "wait": 3.0, "overlap": overlap, "pace": 0.1}
+    survivor = ctx.Process(target=_island_that_fails, args=(0, port, common, results))
+    doomed = ctx.Process(target=_island_that_fails, args=(1, port, {**common, "die_at": die_at}, results))
+    survivor.start()
+    doomed.start()
+    doomed.join(timeout=60)
+    assert doomed.exitcode == 3
+    joiner = ctx.Process(target=_island_that_fails, args=(1, port, {**common, "join_token": "try-2"}, results))
+    joiner.start()
+    out = {}
+    try:
+        for _ in range(2):
+            rank, *rest = results.get(timeout=120)
+            out[rank] = rest
+    finally:
+        for proc in (survivor, joiner):
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    (s0, params0, events0, info0), (s1, params1, events1, info1) = out[0], out[1]
+    assert s0 == "ok", events0
+    assert s1 == "ok", events1
+    for a, b in zip(params0, params1):
+        assert np.array_equal(a, b)
+    # The survivor went on alone, then with the joiner; the joiner's outer steps hash as the survivor's.
+    assert [c["change"] for c in info0["changes"]] == ["lost", "rejoined"]
+    assert 1 in {islands for _, _, islands in events0}
+    assert events1 and set(events1) <= set(events0)
+    # The restarted island continues its stream where its last committed sync left it.
+    last_committed = (die_at // 3) * 3 if overlap == 0 else die_at - die_at % 3 - 3
+    assert info1["committed"][1] == last_committed
+    assert info1["first"] > die_at

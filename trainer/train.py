@@ -116,7 +116,8 @@ class Trainer:
         if self.layout.islands > 1:
             self.outer = OuterGroup(self.mesh.store, self.env.island, self.layout.islands, self.env.rank,
                                     diloco_cfg.wait_timeout_s, diloco_cfg.bandwidth_mbit,
-                                    island_all=self.mesh.all_of)
+                                    island_all=self.mesh.all_of,
+                                    joining=self.control.rejoin_token is not None)
         if self.env.is_logging_rank:
             prepare_run_dir(cfg, restarting=self.control.attempt > 0)
         self.mesh.barrier()
