@@ -87,9 +87,25 @@ class RayGroupFactory:
         self.memory = cfg.checkpoint.memory_interval > 0
         self.keepers: dict[str, Any] = {}
         self.pool = ActorPool()
+        self.outer_store = None
 
     def group(self, recipe: dict, world: int, placement_timeout_s: float) -> RayWorkerGroup:
-        return RayWorkerGroup(self.cpus, world, placement_timeout_s, self.pool)
+        islands = recipe["diloco"]["islands"]
+        return RayWorkerGroup(self.cpus, world, placement_timeout_s, self.pool, islands=islands,
+                              outer_store=self._outer_store_address() if islands > 1 else "")
+
+    def _outer_store_address(self) -> str:
+        """A store in the driver that outlives every island: where islands meet (DiLoCo)."""
+        if self.outer_store is None:
+            import datetime
+
+            import ray
+
+            from atoll.parallel.layout import serve_store
+
+            ip = ray.util.get_node_ip_address()
+            self.outer_store = serve_store(ip, 0, datetime.timedelta(seconds=300))
+        return f"{self.outer_store.host}:{self.outer_store.port}"
 
     def capacity(self, running_world: int) -> int:
         import ray
@@ -110,6 +126,7 @@ class RayGroupFactory:
         import ray
 
         self.pool.close()
+        self.outer_store = None  # the driver's store server stops with it
         for keeper in self.keepers.values():
             with contextlib.suppress(Exception):
                 ray.kill(keeper, no_restart=True)

@@ -65,6 +65,7 @@ class WorkerGroup(Protocol):
     def poll(self, timeout_s: float) -> list[RankStatus]: ...
     def request_stop(self) -> None: ...
     def shutdown(self) -> None: ...
+    def restart_island(self, island: int, recipe: dict, store: Any, attempt: int) -> list[RankInfo]: ...
 
 
 class GroupFactory(Protocol):
@@ -141,6 +142,7 @@ class Supervisor:
         self.restarts = 0
         self.group: Optional[WorkerGroup] = None
         self._failure: Optional[tuple[Failure, float, int]] = None  # failure, when detected, last step
+        self._restarted: list[int] = []  # ranks of an island restarted alone (DiLoCo)
 
     # ------------------------------------------------------------------ main loop
 
@@ -153,6 +155,8 @@ class Supervisor:
                     current = self._shrink(current)
                     continue
                 outcome = self._watch(group, current)
+                while isinstance(outcome, Failure) and self._restart_island(group, outcome, current):
+                    outcome = self._watch(group, current)
                 ranks = group.ranks
                 group.shutdown()  # every process of the group, survivors included
                 self.group = None
@@ -197,6 +201,33 @@ class Supervisor:
         group.start(recipe, self.factory.snapshot_store(), self.attempt)
         self.state = "running"
         return group
+
+    def _restart_island(self, group: WorkerGroup, failure: Failure, recipe: dict) -> bool:
+        """DiLoCo: a failure inside one island restarts that island only; the others keep
+        training and admit it back. False when the whole group must restart instead."""
+        islands = _islands(recipe)
+        if islands < 2 or failure.user or failure.kind == "node_lost":
+            return False
+        island_world = group.world // islands
+        island = failure.rank // island_world
+        broken = {s.rank // island_world for s in self._last_statuses
+                  if s.state in ("failed", "dead", "node_lost")}
+        if broken - {island}:
+            return False
+        self._handle_failure(failure, group.ranks)
+        try:
+            ranks = group.restart_island(island, self._restart_recipe(recipe),
+                                         self.factory.snapshot_store(), self.attempt)
+        except PlacementTimeout as exc:
+            self.log(f"supervisor: cannot restart island {island} alone ({exc}); restarting all")
+            return False
+        self._restarted = [r.rank for r in ranks if r.rank // island_world == island]
+        self.emit("workers", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
+                  ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node, "island": r.rank // island_world}
+                         for r in ranks], restarted_island=island)
+        self.log(f"supervisor: restarted island {island} (ranks {self._restarted[0]}-"
+                 f"{self._restarted[-1]}); it rejoins from a peer island")
+        return True
 
     def _shrink(self, current: dict) -> dict:
         capacity = self.factory.capacity(0)
@@ -268,10 +299,12 @@ class Supervisor:
 
     def _note_first_step(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus],
                          now: float) -> bool:
-        beats = [s.beat for s in statuses if s.beat.get("step") is not None]
+        watched = [s for s in statuses if not self._restarted or s.rank in self._restarted]
+        beats = [s.beat for s in watched if s.beat.get("step") is not None]
         done = [b for b in beats if b.get("step", 0) > (b.get("resumed_step") or 0)]
         if not done:
             return False
+        self._restarted = []
         if self._failure is not None:
             failure, detected_at, failed_step = self._failure
             resumed = beats[0].get("resumed_step")

@@ -15,6 +15,7 @@ The group binds every rendezvous to the address Ray gave its node, which is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from atoll.parallel.layout import OUTER_STORE_ENV
 
 
 class PlacementTimeout(RuntimeError):
@@ -80,26 +82,28 @@ class TrainWorker:
 
         return True
 
-    def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0) -> None:
+    def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,
+              rejoin_token: Optional[str] = None) -> None:
         os.environ.update(env)
         self.state, self.beat = "running", {"time": time.time()}
-        self.thread = threading.Thread(target=self._train, args=(recipe, store, attempt), daemon=True,
-                                       name=f"atoll-train-rank{self.rank}")
+        self.thread = threading.Thread(target=self._train, args=(recipe, store, attempt, rejoin_token),
+                                       daemon=True, name=f"atoll-train-rank{self.rank}")
         self.thread.start()
 
-    def _train(self, recipe: dict, store: Any, attempt: int) -> None:
+    def _train(self, recipe: dict, store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
         from atoll.launch.cli import user_errors
+        from atoll.parallel.outer_group import StateDiverged
         from atoll.trainer.hooks import RunControl
         from atoll.trainer.train import TrainingError, train
 
         control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=self._heartbeat,
-                             stop_request=lambda: self.stop)
+                             stop_request=lambda: self.stop, rejoin_token=rejoin_token)
         try:
             self.result = train(recipe, control)
             self.state = "finished"
         except BaseException as exc:  # reported to the driver, which decides
             self.error = {"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
-                          "user": isinstance(exc, user_errors() + (TrainingError,)),
+                          "user": isinstance(exc, user_errors() + (TrainingError, StateDiverged)),
                           "traceback": traceback.format_exc()[-4000:]}
             self.state = "failed"
 
@@ -186,8 +190,11 @@ class RayWorkerGroup:
     """`world` actors on one placement group; started, polled and killed together."""
 
     def __init__(self, cpus_per_worker: int, world: int, placement_timeout_s: float,
-                 pool: Optional[ActorPool] = None):
+                 pool: Optional[ActorPool] = None, islands: int = 1, outer_store: str = ""):
         self.cpus, self.world = cpus_per_worker, world
+        # DiLoCo islands rendezvous each on their own, and meet in the launcher's store.
+        self.islands, self.outer_store = islands, outer_store
+        self._env_extra: dict[str, str] = {}
         self.placement_timeout_s = placement_timeout_s
         self.pool = pool or ActorPool()
         self.actors: list = []
@@ -216,17 +223,50 @@ class RayWorkerGroup:
         ray.get([actor.warm_up.remote() for actor in self.actors])
         self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"])
                       for rank, info in enumerate(infos)]
-        self._master = infos[0]
+        self._infos = list(infos)
         self.pool.replenish(nodes)  # the next group's actors warm up while this one trains
         return self.ranks
 
     def start(self, recipe: dict, store: Any = None, attempt: int = 0) -> None:
+        if self.islands > 1:  # every start of the whole group meets under a prefix of its own
+            self._env_extra = {OUTER_STORE_ENV: f"{self.outer_store}/group-{attempt}"}
+        self._start_ranks(range(self.world), recipe, store, attempt)
+
+    def _start_ranks(self, ranks, recipe: dict, store: Any, attempt: int,
+                     rejoin_token: Optional[str] = None) -> None:
         local = local_ranks([r.node for r in self.ranks])
-        for rank, actor in enumerate(self.actors):
+        island_world = self.world // self.islands
+        for rank in ranks:
+            master = self._infos[rank - rank % island_world if self.islands > 1 else 0]
             env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
                    "LOCAL_RANK": str(local[rank][0]), "LOCAL_WORLD_SIZE": str(local[rank][1]),
-                   "MASTER_ADDR": self._master["ip"], "MASTER_PORT": str(self._master["port"])}
-            actor.start.remote(env, recipe, store, attempt)
+                   "MASTER_ADDR": master["ip"], "MASTER_PORT": str(master["port"]), **self._env_extra}
+            self.actors[rank].start.remote(env, recipe, store, attempt, rejoin_token)
+
+    def restart_island(self, island: int, recipe: dict, store: Any, attempt: int) -> list[RankInfo]:
+        """Kill one DiLoCo island's actors and start new ones on the same nodes; they rejoin
+        the islands that kept going. The other ranks are not touched."""
+        import ray
+
+        island_world = self.world // self.islands
+        ranks = range(island * island_world, (island + 1) * island_world)
+        for rank in ranks:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[rank], no_restart=True)
+            self._pending.pop(rank, None)
+        nodes = [self.ranks[rank].node for rank in ranks]
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        if any(node not in alive for node in nodes):
+            raise PlacementTimeout(f"island {island}'s node is gone")
+        fresh = self.pool.take(nodes, alive)
+        infos = ray.get([actor.info.remote(rank) for rank, actor in zip(ranks, fresh)])
+        ray.get([actor.warm_up.remote() for actor in fresh])
+        for rank, actor, info in zip(ranks, fresh, infos):
+            self.actors[rank], self._infos[rank] = actor, info
+            self.ranks[rank] = RankInfo(rank, info["pid"], info["node"], info["ip"])
+        self._start_ranks(ranks, recipe, store, attempt, rejoin_token=f"attempt-{attempt}")
+        self.pool.replenish(nodes)
+        return self.ranks
 
     def poll(self, timeout_s: float) -> list[RankStatus]:
         """Every rank's status; one outstanding call per rank, never more."""

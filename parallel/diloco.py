@@ -239,7 +239,9 @@ class DiLoCo:
         fields = {"outer_step": self.outer_step, "fragment": sync.fragment, "islands": self.group.size,
                   "seconds": round(time.perf_counter() - started, 4),
                   "in_flight_s": round(time.perf_counter() - sync.sent_at, 4),
-                  "bytes_sent": self.group.total_bytes - bytes_before, "state_sha256": self.last_hash}
+                  "bytes_sent": self.group.total_bytes - bytes_before,
+                  "positions": {str(k): v for k, v in sorted(self.positions.items())},
+                  "state_sha256": self.last_hash}
         self.joiners.update(decision.joiners)
         return fields
 

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from atoll.checkpoint.dcp_io import WRITER_STORE_PREFIX_ENV
 
 MESH_DIMS = ("pp", "dp_mod_ep", "ep")
-# "host:port" of a store the launcher keeps for the islands' outer groups. With it,
+# "host:port/prefix" of a store the launcher keeps for the islands' outer groups. With it,
 # each island also rendezvous on its own (MASTER_ADDR/MASTER_PORT are the island's), so
 # an island can fail and come back while the others and the store live on.
 OUTER_STORE_ENV = "ATOLL_OUTER_STORE"
@@ -135,12 +135,27 @@ def rendezvous_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.TCPSt
     os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
     if env.rank != 0:
         return dist.TCPStore(addr, port, env.world_size, False, timeout=timeout)
+    return serve_store(addr, port, timeout, env.world_size)
+
+
+def serve_store(addr: str, port: int, timeout: datetime.timedelta,
+                world_size: Optional[int] = None) -> dist.TCPStore:
+    """A TCPStore server listening on `addr` only (port 0: a free one, see `.port`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((addr, port))
     sock.listen(1024)
-    return dist.TCPStore(addr, port, env.world_size, True, timeout=timeout, wait_for_workers=False,
+    port = sock.getsockname()[1]
+    return dist.TCPStore(addr, port, world_size, True, timeout=timeout, wait_for_workers=False,
                          master_listen_fd=sock.detach())
+
+
+def connect_outer_store(address: str, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store for the islands, from `host:port/prefix`."""
+    location, _, prefix = address.partition("/")
+    host, port = location.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    return dist.PrefixStore(prefix, store) if prefix else store
 
 
 def torchrun_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
@@ -201,8 +216,7 @@ class ParallelMesh:
                                world_size=layout.world_size)
             outer = os.environ.get(OUTER_STORE_ENV) if layout.islands > 1 else None
             if outer:
-                host, port = outer.rsplit(":", 1)
-                self.store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+                self.store = connect_outer_store(outer, timeout)
                 store = rendezvous_store(env, timeout)
             else:
                 store = torchrun_store(whole, timeout) if running_under_torchrun() else \

@@ -45,6 +45,10 @@ class DilocoError(RuntimeError):
     """The islands' shared state diverged or an outer reduction failed; names the island."""
 
 
+class StateDiverged(DilocoError):
+    """The shared state's sha256 differs between islands: a bug or corruption, never retried."""
+
+
 class IslandLost(DilocoError):
     """This island was left out of the islands' decision (it was too slow or cut off)."""
 
@@ -227,7 +231,7 @@ class OuterGroup:
                                      position=-1)
         for island, other in zip(self.members, hashes):
             if other.numpy().tobytes().hex() != digest:
-                raise DilocoError(f"DiLoCo state diverged at round {self.round}: island {island}'s "
+                raise StateDiverged(f"DiLoCo state diverged at round {self.round}: island {island}'s "
                                   f"sha256 differs from island {self.island}'s")
 
     # ------------------------------------------------------------------ joining

@@ -24,7 +24,9 @@ from atoll.parallel.diloco import DiLoCo
 from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pseudo_grad_codecs import Bf16Codec, Codec, Int4Codec, Int8Codec, make_codec
 from atoll.trainer.metrics import read_jsonl
-from conftest import TINY_MOE, free_port, run_cli
+import signal
+
+from conftest import TINY_MOE, ended, events, finish, free_port, last_step, run_cli, start_ray_run, wait_for
 
 INNER_STEPS, OUTER_STEPS = 3, 2
 
@@ -337,7 +339,7 @@ def test_diverged_island_is_named():
     for rank in (0, 1):
         status, message, *_ = out[rank]
         assert status == "error"
-        assert "DilocoError" in message and "sha256 differs" in message
+        assert "StateDiverged" in message and "sha256 differs" in message
     assert "island 1's" in out[0][1] and "island 0's" in out[1][1]
 
 
@@ -441,3 +443,54 @@ def test_lost_island_survivor_goes_on_and_restarted_island_rejoins_bit_identical
     last_committed = (die_at // 3) * 3 if overlap == 0 else die_at - die_at % 3 - 3
     assert info1["committed"][1] == last_committed
     assert info1["first"] > die_at
+
+
+ISLANDS_ON_RAY = [*TINY_MOE, "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=4",
+                  "diloco.overlap_steps=2", "diloco.quantize=int8", "diloco.wait_timeout_s=4",
+                  "diloco.bandwidth_mbit=20", "run.steps=64", "checkpoint.interval=0",
+                  "checkpoint.memory_interval=0", "fault_tolerance.hang_timeout_s=40"]
+
+
+@pytest.mark.slow
+def test_killed_island_on_ray_rejoins_while_the_other_keeps_stepping(short_tmp):
+    """SIGKILL island 1's rank twice (the second time while its reduction is in flight on a
+    throttled link); island 0 never restarts, the supervisor restarts island 1 alone, it
+    rejoins from island 0 with the same state hash and its stream's committed position."""
+    run_dir = short_tmp / "islands"
+    proc = start_ray_run([*ISLANDS_ON_RAY, f"run.dir={run_dir}"], short_tmp)
+    with ended(proc):
+        kills = []
+        for kill in range(2):
+            wait_for(lambda: len(events(run_dir, "membership")) >= 2 * kill and last_step(run_dir) >= 6 + 12 * kill,
+                     120, proc, "training")
+            if kill:  # mid-reduction: island 1 sent its sync and has not landed it
+                wait_for(lambda: last_step(run_dir) % 4 in (1, 2), 60, proc, "a reduction in flight")
+            pid = next(r["pid"] for r in events(run_dir, "workers")[-1]["ranks"] if r["island"] == 1)
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+            wait_for(lambda: len(events(run_dir, "membership")) >= 2 * kill + 2, 120, proc, "the rejoin")
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+    failures = events(run_dir, "failure")
+    assert [f["pid"] for f in failures] == kills and all(f["kind"] == "died" for f in failures)
+    workers = events(run_dir, "workers")
+    assert [w.get("restarted_island") for w in workers] == [None, 1, 1]
+    # island 0 kept its process and stepped on: one metrics row per step, never rewound
+    assert len({r["pid"] for w in workers for r in w["ranks"] if r["island"] == 0}) == 1
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 65))
+    membership = events(run_dir, "membership")
+    assert [(m["island"], m["change"]) for m in membership] == [(1, "lost"), (1, "rejoined")] * 2
+    outer = [e for e in events(run_dir, "outer_step")]
+    rejoins = [e for e in events(run_dir, "resume") if e.get("source") == "peer"]
+    assert len(rejoins) == 2
+    for rejoin in rejoins:
+        # the restarted island continues its own stream where its last committed sync left it
+        before = [e for e in outer if e["island"] == 0 and e["outer_step"] <= rejoin["outer_step"]]
+        assert rejoin["samples"] == before[-1]["positions"]["1"]
+    # after every outer step both islands hold the same state (also right after the rejoin)
+    by_step = {}
+    for e in outer:
+        by_step.setdefault(e["outer_step"], {})[e["island"]] = e["state_sha256"]
+    both = [hashes for hashes in by_step.values() if len(hashes) == 2]
+    assert both and all(h[0] == h[1] for h in both)
+    assert max(by_step) == max(s for s, h in by_step.items() if len(h) == 2)  # they ended together

@@ -269,6 +269,8 @@ class Trainer:
         self.loader.samples_consumed = self.diloco.positions.get(self.env.island, 0)
         ScheduleState(self.schedulers).load_state_dict({"last_epoch": step})
         self.resumed_step, self.resume_source = step, "peer"
+        self.island_event("resume", island=self.env.island, step=step, source="peer",
+                          samples=self.loader.samples_consumed, outer_step=self.diloco.outer_step)
         if self.env.is_island_lead:
             print(f"island {self.env.island} rejoined at step {step} from a peer "
                   f"({self.loader.samples_consumed} samples of its stream consumed)", flush=True)
