@@ -65,10 +65,15 @@ class _Sync:
     apply_step: int
     position: int  # this island's data position when it sent: what its pseudo-gradient covers
     delta: torch.Tensor  # what this island sent, before encoding (fp32, flat)
-    transfers: list[Transfer]
+    payload: Optional[Transfer]  # None where this rank holds none of the fragment (a pipeline stage)
+    buffers: Optional[Transfer]
     sent_at: float
     local_at_send: Optional[list[torch.Tensor]] = None  # overlap: to keep the progress since
     buffers_at_send: Optional[torch.Tensor] = None
+
+    @property
+    def transfers(self) -> list[Transfer]:
+        return [t for t in (self.payload, self.buffers) if t is not None]
 
 
 @dataclass
@@ -117,6 +122,7 @@ class DiLoCo:
             for g in self.outer_optimizer.param_groups[0]["params"]:
                 self.outer_optimizer.state[g]["momentum_buffer"] = torch.zeros_like(g)
         self.errors = [_like(p, zero=True) for p in self.params] if codec.name == "int4" else []
+        self.error_locals = [local_view(e) for e in self.errors]
         # Delayed updates measure each round from where the island started it (its eager start).
         self.starts = [g.clone() for g in self.global_locals] if delayed_update else []
         self.last_mean: dict[int, torch.Tensor] = {}  # fragment -> previous round's mean pseudo-gradient
@@ -188,19 +194,19 @@ class DiLoCo:
         else:
             delta = _flat([r - p for r, p in zip(reference, locals_)])
             if self.errors:
-                delta += _flat([local_view(self.errors[i]) for i in frag.params])
-        if self.codec.lossy:
-            transfers = [Transfer("all_gather", self.codec.encode(delta))]
-        else:
-            transfers = [Transfer("all_reduce_sum", delta)]
+                delta += _flat([self.error_locals[i] for i in frag.params])
+        payload = None
+        if delta.numel():  # the same in-island rank holds the same shards on every island
+            payload = Transfer("all_gather", self.codec.encode(delta)) if self.codec.lossy else \
+                Transfer("all_reduce_sum", delta)
         buffers = _flat([self.buffers[i] for i in frag.buffers])
-        if buffers.numel():
-            transfers.append(Transfer("all_reduce_sum", buffers))
-        sync = _Sync(fragment, step, step + overlap, position, delta, transfers, time.perf_counter())
+        sync = _Sync(fragment, step, step + overlap, position, delta, payload,
+                     Transfer("all_reduce_sum", buffers) if buffers.numel() else None,
+                     time.perf_counter())
         if overlap:
             sync.local_at_send = [p.clone() for p in locals_]
             sync.buffers_at_send = buffers
-        for transfer in transfers:
+        for transfer in sync.transfers:
             self.group.start(transfer)
         self.in_flight.append(sync)
         return sync
@@ -246,25 +252,27 @@ class DiLoCo:
         return fields
 
     def _mean(self, sync: _Sync) -> torch.Tensor:
-        transfer = sync.transfers[0]
+        transfer = sync.payload
+        if transfer is None:
+            return sync.delta
         if not self.codec.lossy:
             return transfer.out.div_(self.group.size)
         decoded = [self.codec.decode(payload, sync.delta.numel()) for payload in transfer.out]
         if self.errors:  # what this island's payload failed to carry goes out next time
             frag = self.fragments[sync.fragment]
             residual = sync.delta - decoded[self.group.index]
-            for i, r in zip(frag.params, _split(residual, [self.errors[i] for i in frag.params])):
-                local_view(self.errors[i]).copy_(r)
+            for i, r in zip(frag.params, _split(residual, [self.error_locals[i] for i in frag.params])):
+                self.error_locals[i].copy_(r)
         total = decoded[0].clone()
         for other in decoded[1:]:
             total += other
         return total.div_(self.group.size)
 
     def _land_buffers(self, sync: _Sync, frag: _Fragment) -> None:
-        if len(sync.transfers) < 2:
+        if sync.buffers is None:
             return
         buffers = [self.buffers[i] for i in frag.buffers]
-        mean = sync.transfers[1].out.div_(self.group.size)
+        mean = sync.buffers.out.div_(self.group.size)
         drift = _flat(buffers) - sync.buffers_at_send if sync.buffers_at_send is not None else None
         if drift is not None:
             mean = mean + drift
@@ -341,8 +349,8 @@ class DiLoCo:
                 local_view(self.params[i]).copy_(g)
                 if self.starts:
                     self.starts[i].copy_(g)
-            for e in self.errors:
-                local_view(e).zero_()
+            for e in self.error_locals:
+                e.zero_()
         self.last_hash = self._agree_hash()
         return self.step
 
@@ -379,8 +387,8 @@ class DiLoCo:
             for name, g in zip(self.names, self.global_locals):
                 self.outer_optimizer.state[g]["momentum_buffer"] = \
                     local_view(state["momentum"][name]).clone()
-        for name, e in zip(self.names, self.errors):
-            local_view(e).copy_(local_view(state["error"][name]))
+        for name, e in zip(self.names, self.error_locals):
+            e.copy_(local_view(state["error"][name]))
         for start, g in zip(self.starts, self.global_locals):
             start.copy_(g)
 
