@@ -15,13 +15,21 @@ A save (every `checkpoint.interval` steps and at the end) goes:
 With `checkpoint.async=false` the same happens synchronously inside `save`.
 Checkpoint collectives use their own gloo group, so they never interleave
 with training collectives. This module knows state dicts, not models.
+
+DiLoCo islands (`IslandSaves`) each hold state of their own (local
+parameters, inner optimizer, data position): island k writes its files and
+its JSON state into `step-N.partial/island-k/` with its own group, reports
+them durable, and the lead of island 0 writes the one manifest (hashing
+every island's files) and commits once every member island has reported.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,13 +41,40 @@ from torch.distributed.checkpoint.stateful import Stateful
 from atoll.checkpoint.dcp_io import (BackgroundStager, SafeFileSystemReader, file_writer,
                                     nest_by_prefix, quiet_writer_process, stop_writer_process,
                                     tensor_index)
-from atoll.checkpoint.manifest import CheckpointError, write_manifest
+from atoll.checkpoint.manifest import CheckpointError, atomic_write_text, write_manifest
 from atoll.checkpoint.state import restore_states, split_state
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
 
 EventSink = Callable[..., None]
 # On the error path, how long a save in flight may still finish before it is abandoned.
 ABANDON_SAVE_AFTER_S = 60.0
+
+
+ISLAND_STATE = "state.json"
+
+
+def island_dir(ckpt_dir: Path, island: int) -> Path:
+    return Path(ckpt_dir) / f"island-{island}"
+
+
+def tensor_dir(ckpt_dir: Path, manifest: dict) -> Path:
+    """Where a checkpoint's tensors are read from: island 0's folder for a DiLoCo run
+    (every island holds the same names and shapes), else the checkpoint itself."""
+    return island_dir(ckpt_dir, 0) if manifest.get("islands") else Path(ckpt_dir)
+
+
+@dataclass
+class IslandSaves:
+    """How one DiLoCo island's saves join the run's checkpoint.
+
+    `report(step)`: this island's files of `step` are durable. `wait_all(step)`:
+    (island 0) until every member island reported `step`; raises past its timeout.
+    """
+
+    island: int
+    islands: int
+    report: Callable[[int], None]
+    wait_all: Callable[[int], None]
 
 
 class _InFlight:
@@ -57,13 +92,17 @@ class _InFlight:
 class Checkpointer:
     def __init__(self, root: Path, *, is_coordinator: bool, use_async: bool,
                  interval: int, keep: int, keep_every: int, layout: dict, recipe: dict,
-                 on_event: EventSink, warn: Callable[[str], None] = print):
+                 on_event: EventSink, warn: Callable[[str], None] = print,
+                 islands: Optional[IslandSaves] = None, clean_partials: Optional[bool] = None):
         self.root = Path(root)
         self.is_coordinator = is_coordinator
         self.use_async = use_async
         self.interval, self.keep, self.keep_every = interval, keep, keep_every
         self.layout, self.recipe = layout, recipe
         self.on_event, self.warn = on_event, warn
+        self.islands = islands
+        # Commits, retention and leftovers are the run's coordinator's: island 0's lead.
+        self.commits = is_coordinator and (islands is None or islands.island == 0)
         self.group = dist.new_group(backend="gloo")
         self.stager = BackgroundStager() if use_async else None
         if use_async:
@@ -76,6 +115,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         if is_coordinator:
             self.root.mkdir(parents=True, exist_ok=True)
+        if self.commits if clean_partials is None else clean_partials:
             for path in remove_partials(self.root):
                 warn(f"removed {path.name}: a save that never committed")
 
@@ -89,7 +129,7 @@ class Checkpointer:
         self._wait_in_flight()
         tensors, json_state = split_state(states)
         save = _InFlight(step, time.time(), tensors, json_state, samples)
-        target = partial_dir(self.root, step)
+        target = self._target(step)
         writer = file_writer(target)
         if self.use_async:
             response = dcp.async_save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group,
@@ -154,15 +194,28 @@ class Checkpointer:
                 return
         self.in_flight = None
 
+    def _target(self, step: int) -> Path:
+        target = partial_dir(self.root, step)
+        return island_dir(target, self.islands.island) if self.islands else target
+
     def _finalise(self, save: _InFlight) -> None:
         target = partial_dir(self.root, save.step)
+        extra = {}
+        if self.islands is not None:
+            atomic_write_text(self._target(save.step) / ISLAND_STATE, json.dumps(save.state, sort_keys=True))
+            self.islands.report(save.step)
+            if not self.commits:
+                return
+            self.islands.wait_all(save.step)
+            extra = {"islands": self.islands.islands}
         write_manifest(target, step=save.step, samples=save.samples, layout=self.layout,
-                       recipe=self.recipe, tensors=saved_tensor_index(target), state=save.state)
+                       recipe=self.recipe, tensors=saved_tensor_index(tensor_dir(target, extra)),
+                       state=save.state, extra=extra)
         final = commit(self.root, save.step)
         self.last_error = None
         removed = apply_retention(self.root, self.keep, self.keep_every)
         total_s = time.time() - save.started
-        size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
         self.on_event("checkpoint_commit", step=save.step, path=str(final), bytes=size,
                       tensor_bytes=save.bytes, seconds=round(total_s, 4),
                       bytes_per_s=round(size / max(total_s, 1e-9)), removed=[p.name for p in removed])
@@ -172,7 +225,7 @@ class Checkpointer:
         message = f"checkpoint of step {save.step} failed: {type(exc).__name__}: {exc}"
         self.last_error = message
         self.warn(message)
-        if self.is_coordinator:
+        if self.commits:
             self.on_event("checkpoint_failed", step=save.step, error=message)
 
     def close(self, wait_for_peers: bool = True) -> None:
@@ -204,9 +257,15 @@ class Checkpointer:
         pieces = [None] * dist.get_world_size()
         dist.all_gather_object(pieces, tensor_index(tensors), group=self.group)
         check_fits(ckpt_dir, manifest, {k: v for piece in pieces for k, v in piece.items()})
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(ckpt_dir)),
-                 process_group=self.group)
-        restore_states(states, tensors, manifest["state"])
+        folder, state = Path(ckpt_dir), manifest["state"]
+        if manifest.get("islands"):
+            if self.islands is None or self.islands.islands != manifest["islands"]:
+                raise CheckpointError(f"checkpoint {ckpt_dir} holds {manifest['islands']} DiLoCo islands; "
+                                      f"resume it with diloco.islands={manifest['islands']}")
+            folder = island_dir(ckpt_dir, self.islands.island)
+            state = json.loads((folder / ISLAND_STATE).read_text(encoding="utf-8"))
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(folder)), process_group=self.group)
+        restore_states(states, tensors, state)
 
 
 def saved_tensor_index(ckpt_dir: Path) -> dict[str, dict]:

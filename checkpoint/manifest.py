@@ -59,7 +59,7 @@ def data_files(ckpt_dir: Path) -> list[Path]:
 
 
 def write_manifest(ckpt_dir: Path, *, step: int, samples: int, layout: dict, recipe: dict,
-                   tensors: dict[str, dict], state: dict[str, Any]) -> dict:
+                   tensors: dict[str, dict], state: dict[str, Any], extra: Optional[dict] = None) -> dict:
     """Hash every data file and write the manifest last, atomically."""
     files = {}
     for path in data_files(ckpt_dir):
@@ -67,7 +67,7 @@ def write_manifest(ckpt_dir: Path, *, step: int, samples: int, layout: dict, rec
                                                          "sha256": hash_file(path)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "samples": samples,
                 "created": time.time(), "layout": layout, "recipe": recipe,
-                "tensors": tensors, "state": state, "files": files}
+                "tensors": tensors, "state": state, "files": files, **(extra or {})}
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from atoll.checkpoint.checkpointer import tensor_dir
 from atoll.checkpoint.dcp_io import read_tensors, tensor_index, write_tensors
 from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
 from atoll.checkpoint.manifest import CheckpointError, read_manifest, verify, write_manifest
 from atoll.checkpoint.store import commit, partial_dir, resolve_checkpoint
 
 MODEL_PREFIX = "model."
+DILOCO_GLOBAL_PREFIX = "diloco.global."
 MOMENT_PREFIX = "optim.state."
 PARAM_GROUP_PREFIX = "param_groups."
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")
@@ -48,7 +50,10 @@ def verify_path(path: Path) -> Path:
 def load_model_and_moments(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
     """(manifest, every tensor, per-parameter optimizer hyper-parameters) of a verified checkpoint."""
     manifest = verify(ckpt)
-    tensors = read_tensors(ckpt, manifest["tensors"])
+    tensors = read_tensors(tensor_dir(ckpt, manifest), manifest["tensors"])
+    if manifest.get("islands"):  # DiLoCo: the model is the islands' global parameters
+        for name in [k for k in tensors if k.startswith(DILOCO_GLOBAL_PREFIX)]:
+            tensors[MODEL_PREFIX + name[len(DILOCO_GLOBAL_PREFIX):]] = tensors[name]
     optim_json = manifest["state"].get("model_optim", {}).get("optim", {})
     groups: dict[str, dict] = defaultdict(dict)
     for key, value in optim_json.items():

@@ -140,8 +140,10 @@ class DiLoCo:
         return [p for p, frag in enumerate(self.fragments)
                 if step > 0 and step % self.inner_steps == frag.offset]
 
-    def after_inner_step(self, step: int, position: int) -> list[dict[str, Any]]:
-        """Land the reductions due now, start the syncs due now; the finished outer steps."""
+    def after_inner_step(self, step: int, position: int, land_all: bool = False) -> list[dict[str, Any]]:
+        """Land the reductions due now, start the syncs due now; the finished outer steps.
+        `land_all` (a checkpoint is taken after this step) lands everything in flight, so a
+        checkpoint never holds a reduction half done."""
         self.step = step
         events = []
         if not self.delayed:
@@ -154,6 +156,8 @@ class DiLoCo:
                 sync = self._send(fragment, step, position, self.overlap_steps)
                 if self.overlap_steps == 0:
                     events.append(self._land(sync))
+        if land_all:
+            events += [self._land(sync) for sync in list(self.in_flight)]
         if self.joiners:
             self._admit()
         return events
@@ -376,7 +380,19 @@ class DiLoCo:
             state["momentum"] = {n: _wrap(m, p) for n, m, p in zip(self.names, momenta, self.params)}
         if self.errors:
             state["error"] = dict(zip(self.names, self.errors))
+        if self.delayed:  # each island's own round start and the last mean it estimates with
+            state["start"] = {n: _wrap(t, p) for n, t, p in zip(self.names, self.starts, self.params)}
+            state["last_mean"] = self._last_mean_per_param()
+            state["last_mean_fragments"] = sorted(self.last_mean)
         return state
+
+    def _last_mean_per_param(self) -> dict[str, torch.Tensor]:
+        per_param = [torch.zeros_like(g) for g in self.global_locals]
+        for fragment, mean in self.last_mean.items():
+            params = self.fragments[fragment].params
+            for i, part in zip(params, _split(mean, [self.global_locals[i] for i in params])):
+                per_param[i] = part.clone()
+        return {n: _wrap(t, p) for n, t, p in zip(self.names, per_param, self.params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer_step = int(state["outer_step"])
@@ -389,8 +405,12 @@ class DiLoCo:
                     local_view(state["momentum"][name]).clone()
         for name, e in zip(self.names, self.error_locals):
             e.copy_(local_view(state["error"][name]))
-        for start, g in zip(self.starts, self.global_locals):
-            start.copy_(g)
+        for name, start, g in zip(self.names, self.starts, self.global_locals):
+            start.copy_(local_view(state["start"][name]) if "start" in state else g)
+        self.last_mean = {}
+        for fragment in state.get("last_mean_fragments", []):
+            params = self.fragments[fragment].params
+            self.last_mean[fragment] = _flat([local_view(state["last_mean"][self.names[i]]) for i in params])
 
 
 def _like(param: torch.Tensor, zero: bool = False) -> torch.Tensor:

@@ -284,6 +284,23 @@ class OuterGroup:
         for tensor in tensors:
             self.pg.broadcast([tensor], options).wait()
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def report_saved(self, step: int) -> None:
+        """This island's checkpoint files of `step` are durable (called by its lead)."""
+        self.store.set(self._key("saved", step, self.island), "1")
+
+    def wait_saved(self, step: int, timeout_s: float) -> None:
+        """Until every member island reported its files of `step`."""
+        keys = [self._key("saved", step, island) for island in self.members]
+        deadline = time.monotonic() + timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline:
+                missing = [i for i, k in zip(self.members, keys) if not self.store.check([k])]
+                raise DilocoError(f"islands {missing} did not write their part of the checkpoint "
+                                  f"of step {step} within {timeout_s:g}s")
+            time.sleep(0.05)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def take_bytes(self) -> int:

@@ -26,7 +26,12 @@ from atoll.parallel.pseudo_grad_codecs import Bf16Codec, Codec, Int4Codec, Int8C
 from atoll.trainer.metrics import read_jsonl
 import signal
 
-from conftest import TINY_MOE, ended, events, finish, free_port, last_step, run_cli, start_ray_run, wait_for
+from atoll.checkpoint.checkpointer import island_dir
+from atoll.checkpoint.dcp_io import read_tensors
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from conftest import (TINY_MOE, ended, events, finish, free_port, last_step, losses, run_cli, start_ray_run,
+                      wait_for)
 
 INNER_STEPS, OUTER_STEPS = 3, 2
 
@@ -359,8 +364,9 @@ def test_two_islands_under_torchrun_agree_after_every_outer_step(tmp_path):
         assert len(hashes) == 1
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
-    # comm_bytes counts every byte sent between islands: the outer steps' and the 4-byte start barrier
-    assert sum(r["comm_bytes"] for r in rows) == sum(e["bytes_sent"] for e in steps if e["island"] == 0) + 4
+    # comm_bytes counts every byte sent between islands: the outer steps' and, once, the start-up
+    # agreement (a 4-byte barrier and the 32-byte hash of the state resumed from)
+    assert sum(r["comm_bytes"] for r in rows) == sum(e["bytes_sent"] for e in steps if e["island"] == 0) + 36
 
 
 @pytest.mark.slow
@@ -518,3 +524,50 @@ def test_killed_island_on_ray_rejoins_while_the_other_keeps_stepping(short_tmp):
     both = [hashes for hashes in by_step.values() if len(hashes) == 2]
     assert both and all(h[0] == h[1] for h in both)
     assert max(by_step) == max(s for s, h in by_step.items() if len(h) == 2)  # they ended together
+
+
+def _island_tensors(run_dir) -> dict[str, torch.Tensor]:
+    """Every island's tensors of the newest checkpoint, named island-k/<tensor>."""
+    ckpt = resolve_checkpoint(run_dir)
+    manifest = verify(ckpt)
+    out = {}
+    for island in range(manifest["islands"]):
+        for name, tensor in read_tensors(island_dir(ckpt, island), manifest["tensors"]).items():
+            out[f"island-{island}/{name}"] = tensor
+    return out
+
+
+@pytest.mark.slow
+def test_streaming_delayed_islands_resume_exactly_from_a_checkpoint(tmp_path):
+    """Stopped at step 8 and resumed, streaming int4 islands with delayed updates end bit for
+    bit where the uninterrupted run ends: global and local parameters, inner and outer
+    optimizer state, error feedback, every island's data position. A resume under another
+    inner layout (dp=2 FSDP islands) goes on from the same state."""
+    common = [*TINY_MOE, "run.steps=16", "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=4",
+              "diloco.fragments=2", "diloco.delayed_update=true", "diloco.quantize=int4",
+              "checkpoint.interval=8", "model.moe.balance=aux_free"]
+    whole = run_cli(["train", *common, f"run.dir={tmp_path / 'whole'}"], torchrun_procs=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_cli(["train", *common, "run.stop_at=8", f"run.dir={tmp_path / 'split'}"], torchrun_procs=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(["train", *common, f"run.dir={tmp_path / 'split'}"], torchrun_procs=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    got, want = _island_tensors(tmp_path / "split"), _island_tensors(tmp_path / "whole")
+    assert got.keys() == want.keys()
+    assert any(".global." in k for k in want) and any(".error." in k for k in want)
+    assert any(k.startswith("island-1/") and k.endswith(".exp_avg_sq") for k in want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    hashes = lambda run: [e["state_sha256"] for e in events(tmp_path / run, "outer_step") if e["island"] == 0]
+    assert hashes("split") == hashes("whole")
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+    relaid = tmp_path / "relaid"
+    resumed = run_cli(["train", *common, "parallel.dp=2", "data.micro_batch=1", f"run.dir={relaid}",
+                       f"checkpoint.resume={resolve_checkpoint(tmp_path / 'whole').parent / 'step-00000008'}"],
+                      torchrun_procs=4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["step"] for e in events(relaid, "resume")] == [8]
+    rows = read_jsonl(relaid / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(9, 17))
+    np.testing.assert_allclose([r["loss"] for r in rows], losses(tmp_path / "whole")[8:], rtol=1e-3)

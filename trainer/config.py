@@ -434,9 +434,6 @@ def _validate_diloco(cfg: DictConfig) -> None:
     if lo.delayed_update and lo.overlap_steps:
         raise RecipeError("diloco.overlap_steps must be 0 with diloco.delayed_update=true "
                           "(a delayed update always overlaps a whole outer step)")
-    if cfg.checkpoint.interval > 0:
-        raise RecipeError("recipe key 'checkpoint.interval' is not supported with diloco.islands > 1 yet; "
-                          "set checkpoint.interval=0")
     if cfg.fault_tolerance.hang_timeout_s <= lo.wait_timeout_s:
         raise RecipeError(f"fault_tolerance.hang_timeout_s={cfg.fault_tolerance.hang_timeout_s:g} must exceed "
                           f"diloco.wait_timeout_s={lo.wait_timeout_s:g} (islands wait that long for a lost one)")

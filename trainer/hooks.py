@@ -69,10 +69,7 @@ class DiskCheckpointHook(StepHook):
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
         ckpt = trainer.checkpointer
         ckpt.poll()
-        # A clean stop (to resize) resumes from its memory snapshot when there is one.
-        boundary = trainer.step == trainer.last_step or (
-            trainer.step == trainer.stop_after and trainer.snapshotter is None)
-        if ckpt.interval and (trainer.step % ckpt.interval == 0 or boundary):
+        if trainer.disk_checkpoint_due():
             ckpt.save(trainer.step, trainer.states, trainer.loader.samples_consumed)
 
 
@@ -97,8 +94,10 @@ class DilocoHook(StepHook):
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
         diloco, position = trainer.diloco, trainer.loader.samples_consumed
-        events = diloco.after_inner_step(trainer.step, position)
-        if trainer.at_boundary():
+        end = trainer.step == trainer.cfg.run.steps
+        events = diloco.after_inner_step(trainer.step, position,
+                                         land_all=not end and trainer.disk_checkpoint_due())
+        if end:
             events += diloco.finish(trainer.step, position)
         for change in trainer.outer.take_changes():
             trainer.island_event("membership", outer_step=diloco.outer_step, **change)

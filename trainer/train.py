@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from atoll.checkpoint.checkpointer import Checkpointer
+from atoll.checkpoint.checkpointer import Checkpointer, IslandSaves
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import find_resumable
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
@@ -155,10 +155,11 @@ class Trainer:
 
         ckpt = cfg.checkpoint
         self.checkpointer = Checkpointer(
-            checkpoints_dir(cfg), is_coordinator=self.is_logging_rank,
+            checkpoints_dir(cfg), is_coordinator=self.env.is_island_lead if self.outer else self.is_logging_rank,
             use_async=ckpt.async_, interval=ckpt.interval,
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
-            recipe=to_dict(cfg), on_event=self._event, warn=self._warn)
+            recipe=to_dict(cfg), on_event=self._event, warn=self._warn,
+            islands=self._island_saves(), clean_partials=self.is_logging_rank and not self.control.rejoin_token)
         store = self.control.snapshot_store
         if store is not None and ckpt.memory_interval and self.layout.islands == 1:
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
@@ -251,6 +252,14 @@ class Trainer:
         if self.env.is_island_lead:
             record_event(run_dir(self.cfg), event, **fields)
 
+    def _island_saves(self) -> Optional[IslandSaves]:
+        """DiLoCo: each island writes its own part of a checkpoint; they meet in the outer store."""
+        if self.outer is None:
+            return None
+        timeout = self.cfg.fault_tolerance.collective_timeout_s
+        return IslandSaves(self.env.island, self.layout.islands, report=self.outer.report_saved,
+                           wait_all=lambda step: self.outer.wait_saved(step, timeout))
+
     def _island_digest(self, shard_digest: str) -> str:
         """One sha256 for the island's shared state, from every rank's shard digest."""
         pieces = self.mesh.gather_objects(shard_digest)
@@ -283,7 +292,7 @@ class Trainer:
         memory snapshot wins over a disk checkpoint that is not newer.
         """
         choice: tuple = ("none", None)
-        if self.is_logging_rank:
+        if self.env.is_island_lead:  # each DiLoCo island chooses for itself, then they compare
             try:
                 choice = self._choose_resume()
             except CheckpointError as exc:
@@ -291,6 +300,12 @@ class Trainer:
         kind, value = self.mesh.broadcast_object(choice)
         if kind == "error":
             raise CheckpointError(value)
+        if self.outer is not None:
+            mine = torch.frombuffer(bytearray(hashlib.sha256(repr((kind, value)).encode()).digest()),
+                                    dtype=torch.uint8)
+            if any(not torch.equal(other, mine) for other in self.outer.all_gather_now(mine, position=0)):
+                raise CheckpointError(f"DiLoCo islands found different states to resume from "
+                                      f"(island {self.env.island}: {value or 'none'}); check the run directory")
         if kind == "none":
             if self.control.attempt > 0 and self.is_logging_rank:
                 truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again
@@ -323,6 +338,13 @@ class Trainer:
     def snapshot_extra(self) -> dict:
         return {"step": self.step, "samples": self.loader.samples_consumed,
                 "layout": self.layout.to_dict()}
+
+    def disk_checkpoint_due(self) -> bool:
+        """A disk checkpoint is taken after this step: on the interval, at the last step of
+        this invocation, at a clean stop (to resize) that has no memory snapshot to resume from."""
+        boundary = self.step == self.last_step or (self.step == self.stop_after and self.snapshotter is None)
+        interval = self.checkpointer.interval
+        return bool(interval) and (self.step % interval == 0 or boundary)
 
     def at_boundary(self) -> bool:
         """The last step of this invocation: save whatever the next one resumes from."""
