@@ -132,6 +132,8 @@ class DiLoCo:
         self.last_hash = ""
         self.step = 0
         self.joiners: dict[int, str] = {}  # islands asking to join, admitted at the end of a step
+        self.fragment_digests = [b""] * fragments
+        self._hash_fragments()
 
     # ------------------------------------------------------------------ schedule
 
@@ -245,7 +247,7 @@ class DiLoCo:
                     p.copy_(g + (p - sent))
         self._land_buffers(sync, frag)
         self.outer_step += 1
-        self.last_hash = self._agree_hash()
+        self.last_hash = self._agree_hash([sync.fragment])
         fields = {"outer_step": self.outer_step, "fragment": sync.fragment, "islands": self.group.size,
                   "seconds": round(time.perf_counter() - started, 4),
                   "in_flight_s": round(time.perf_counter() - sync.sent_at, 4),
@@ -315,16 +317,26 @@ class DiLoCo:
 
     # ------------------------------------------------------------------ agreement and joining
 
-    def _digest(self) -> str:
-        digest = hashlib.sha256()
-        for tensor in self._shared_tensors():
-            digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    def _digest(self, changed: Optional[list[int]] = None) -> str:
+        """sha256 of the shared state: one digest per fragment (only `changed` ones are
+        hashed again; None: all), the outer step and every island's committed position."""
+        self._hash_fragments(changed)
+        digest = hashlib.sha256(b"".join(self.fragment_digests))
         digest.update(str(self.outer_step).encode())
         digest.update(repr(sorted(self.positions.items())).encode())
         return self.island_digest(digest.hexdigest())
 
-    def _agree_hash(self) -> str:
-        digest = self._digest()
+    def _hash_fragments(self, changed: Optional[list[int]] = None) -> None:
+        momenta = _momenta(self.outer_optimizer)
+        for fragment in range(len(self.fragments)) if changed is None else changed:
+            digest = hashlib.sha256()
+            for i in self.fragments[fragment].params:
+                for tensor in [self.global_locals[i]] + ([momenta[i]] if momenta else []):
+                    digest.update(tensor.detach().contiguous().view(torch.uint8).numpy())
+            self.fragment_digests[fragment] = digest.digest()
+
+    def _agree_hash(self, changed: Optional[list[int]] = None) -> str:
+        digest = self._digest(changed)
         self.group.agree_hash(digest)
         return digest
 
@@ -411,6 +423,7 @@ class DiLoCo:
         for fragment in state.get("last_mean_fragments", []):
             params = self.fragments[fragment].params
             self.last_mean[fragment] = _flat([local_view(state["last_mean"][self.names[i]]) for i in params])
+        self._hash_fragments()
 
 
 def _like(param: torch.Tensor, zero: bool = False) -> torch.Tensor:

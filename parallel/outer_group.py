@@ -14,7 +14,8 @@ own ranks whether its transfers arrived, its first rank votes in the store,
 and the first vote count that is complete (or the first that runs out of
 `timeout_s`) is written once with compare-and-set, so every island reads the
 same decision: `ok` (every member delivered) or `retry` with the islands
-that voted. On `retry` the survivors reconnect as a new epoch and send the
+that voted. Small agreements (the state's hash, start-up) go through the
+store alone, so only payloads cross the islands' link. On `retry` the survivors reconnect as a new epoch and send the
 same payloads again; an island left out of the decision raises `IslandLost`
 and its launcher restarts it. A restarted island asks to join in the store;
 the next decision that sees it admits it at an outer-step boundary, and its
@@ -38,7 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-POLL_S = 0.005
+POLL_S = 0.002
 
 
 class DilocoError(RuntimeError):
@@ -163,12 +164,6 @@ class OuterGroup:
             for t in transfers:
                 self.start(t)
 
-    def all_gather_now(self, tensor: torch.Tensor, position: int) -> list[torch.Tensor]:
-        """A small blocking all-gather that survives a lost member like `settle` does."""
-        transfer = self.start(Transfer("all_gather", tensor))
-        self.settle([transfer], position)
-        return transfer.out
-
     # ------------------------------------------------------------------ agreement
 
     def _key(self, *parts: Any) -> str:
@@ -225,14 +220,31 @@ class OuterGroup:
         self.pg = None
         self._connect()
 
+    def agree(self, name: str, value: str, timeout_s: float, required: bool = True) -> dict[int, str]:
+        """Every member island's `value` for `name` (its first rank writes it to the store).
+        A member that has not answered within `timeout_s` is an error when `required`, else
+        left out: it is lost, and the next reduction finds that out for everyone."""
+        key = lambda island: self._key("agree", name, self.epoch, self.round, island)
+        if self.is_lead:
+            self.store.set(key(self.island), value)
+        keys = {island: key(island) for island in self.members}
+        deadline = time.monotonic() + timeout_s
+        while not self.store.check(list(keys.values())):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        found = {island: self.store.get(k).decode() for island, k in keys.items() if self.store.check([k])}
+        missing = sorted(set(keys) - set(found))
+        if missing and required:
+            raise DilocoError(f"islands {missing} did not reach '{name}' within {timeout_s:g}s")
+        return found
+
     def agree_hash(self, digest: str) -> None:
-        """Every member's sha256 of the shared state equals this island's, else DilocoError."""
-        hashes = self.all_gather_now(torch.frombuffer(bytearray(bytes.fromhex(digest)), dtype=torch.uint8),
-                                     position=-1)
-        for island, other in zip(self.members, hashes):
-            if other.numpy().tobytes().hex() != digest:
+        """Every member's sha256 of the shared state equals this island's, else StateDiverged."""
+        for island, other in sorted(self.agree("sha256", digest, self.timeout_s, required=False).items()):
+            if other != digest:
                 raise StateDiverged(f"DiLoCo state diverged at round {self.round}: island {island}'s "
-                                  f"sha256 differs from island {self.island}'s")
+                                    f"sha256 differs from island {self.island}'s")
 
     # ------------------------------------------------------------------ joining
 

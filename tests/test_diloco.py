@@ -7,6 +7,7 @@ islands one after the other with torch's own SGD as the outer optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -124,29 +125,50 @@ def _island(rank: int, islands: int, port: int, options: dict, results) -> None:
                     diloco.global_locals[0].add_(1e-3)
             events += diloco.after_inner_step(step, position=step)
         events += diloco.finish(options["steps"], position=options["steps"])
+        store.set(f"done/{rank}", "1")
+        if rank == 0:  # it hosts the store: the others may still be reading it
+            store.wait([f"done/{r}" for r in range(islands)], datetime.timedelta(seconds=60))
         results.put((rank, "ok", [p.detach().numpy().copy() for p in model.parameters()],  # by value
                      [e["state_sha256"] for e in events], group.bytes_sent))
     except Exception as exc:
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0))
 
 
-def run_islands(islands: int, **options) -> dict:
+@contextlib.contextmanager
+def spawned():
+    """(start(target, *args), results queue); every process started is gone afterwards, also
+    when the test failed before reading what the processes sent."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_island, args=(r, islands, port, options, results)) for r in range(islands)]
-    for proc in procs:
+    results, procs = ctx.Queue(), []
+
+    def start(target, *args):
+        proc = ctx.Process(target=target, args=(*args, results))
         proc.start()
-    out = {}
+        procs.append(proc)
+        return proc
+
     try:
-        for _ in procs:
-            rank, status, params, *rest = results.get(timeout=120)
-            out[rank] = [status, [torch.from_numpy(p) for p in params] if status == "ok" else params, *rest]
+        yield start, results
     finally:
         for proc in procs:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
+
+
+RESULT_TIMEOUT_S = 240  # a loaded 2-core machine is slow to spawn and import
+
+
+def run_islands(islands: int, **options) -> dict:
+    port = free_port()
+    out = {}
+    with spawned() as (start, results):
+        for rank in range(islands):
+            start(_island, rank, islands, port, options)
+        for _ in range(islands):
+            rank, status, params, *rest = results.get(timeout=RESULT_TIMEOUT_S)
+            out[rank] = [status, [torch.from_numpy(p) for p in params] if status == "ok" else params, *rest]
     return out
 
 
@@ -307,14 +329,11 @@ def test_two_islands_one_inner_step_equal_data_parallelism():
     """islands=2, H=1, inner SGD, outer lr 1 without momentum is DDP over 2 ranks."""
     steps = 4
     islands = run_islands(2, lr=1.0, momentum=0.0, H=1, steps=steps, inner="sgd")
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, steps, results)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    ddp = dict(results.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=30)
+    port = free_port()
+    with spawned() as (start, results):
+        for rank in range(2):
+            start(_ddp_rank, rank, port, steps)
+        ddp = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in range(2))
     assert not isinstance(ddp[0], str), ddp[0]
     for rank in (0, 1):
         assert islands[rank][0] == "ok", islands[rank][1]
@@ -333,9 +352,8 @@ def test_int4_islands_end_identical_and_near_fp32():
         assert torch.equal(a, b)
         torch.testing.assert_close(a, ref, atol=0.03, rtol=0)
     params = sum(p.numel() for p in _model().parameters())
-    # per outer step: int4 payload (half a byte per value + a bf16 scale per 16) to one peer,
-    # plus the 32-byte hash
-    assert bytes0 <= OUTER_STEPS * (params // 2 + 2 + 2 * (params // 16 + 3 * 2) + 32)
+    # per outer step: the int4 payload (half a byte per value + a bf16 scale per 16) to one peer
+    assert bytes0 <= OUTER_STEPS * (params // 2 + 2 + 2 * (params // 16 + 3 * 2))
 
 
 @pytest.mark.slow
@@ -364,9 +382,8 @@ def test_two_islands_under_torchrun_agree_after_every_outer_step(tmp_path):
         assert len(hashes) == 1
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
-    # comm_bytes counts every byte sent between islands: the outer steps' and, once, the start-up
-    # agreement (a 4-byte barrier and the 32-byte hash of the state resumed from)
-    assert sum(r["comm_bytes"] for r in rows) == sum(e["bytes_sent"] for e in steps if e["island"] == 0) + 36
+    # comm_bytes counts every byte sent between islands: the outer steps' payloads, nothing else
+    assert sum(r["comm_bytes"] for r in rows) == sum(e["bytes_sent"] for e in steps if e["island"] == 0) > 0
 
 
 @pytest.mark.slow
@@ -439,27 +456,18 @@ def test_lost_island_survivor_goes_on_and_restarted_island_rejoins_bit_identical
     """Island 1 dies (between syncs, or while its reduction is in flight); island 0 waits at most
     wait_timeout_s, goes on alone, admits the restarted island at an outer step with the shared
     state from its peer; both end with the same global state and hashes."""
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    common = {"H": 3, "steps": 45, "wait": 3.0, "overlap": overlap, "pace": 0.1}
-    survivor = ctx.Process(target=_island_that_fails, args=(0, port, common, results))
-    doomed = ctx.Process(target=_island_that_fails, args=(1, port, {**common, "die_at": die_at}, results))
-    survivor.start()
-    doomed.start()
-    doomed.join(timeout=60)
-    assert doomed.exitcode == 3
-    joiner = ctx.Process(target=_island_that_fails, args=(1, port, {**common, "join_token": "try-2"}, results))
-    joiner.start()
+    port = free_port()
+    common = {"H": 3, "steps": 90, "wait": 3.0, "overlap": overlap, "pace": 0.1}
     out = {}
-    try:
+    with spawned() as (start, results):
+        start(_island_that_fails, 0, port, common)
+        doomed = start(_island_that_fails, 1, port, {**common, "die_at": die_at})
+        doomed.join(timeout=RESULT_TIMEOUT_S)
+        assert doomed.exitcode == 3
+        start(_island_that_fails, 1, port, {**common, "join_token": "try-2"})
         for _ in range(2):
-            rank, *rest = results.get(timeout=120)
+            rank, *rest = results.get(timeout=RESULT_TIMEOUT_S)
             out[rank] = rest
-    finally:
-        for proc in (survivor, joiner):
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
     (s0, params0, events0, info0), (s1, params1, events1, info1) = out[0], out[1]
     assert s0 == "ok", events0
     assert s1 == "ok", events1

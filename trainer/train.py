@@ -13,7 +13,6 @@ snapshots, metrics, heartbeat) to its step hooks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from atoll.checkpoint.checkpointer import Checkpointer, IslandSaves
+from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import find_resumable
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
@@ -34,17 +33,17 @@ from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, r
                                            sync_expert_grads)
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
-from atoll.parallel.diloco import DiLoCo, fragment_of
+from atoll.parallel.diloco import DiLoCo
 from atoll.parallel.outer_group import OuterGroup
-from atoll.parallel.pseudo_grad_codecs import make_codec
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
-from atoll.trainer.config import (DataConfig, DilocoConfig, OptimConfig, as_dataclass, model_config,
+from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
                                   recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook)
+from atoll.trainer.islands import agree_on_resume, build_diloco, connect_islands, island_saves, rejoin
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -112,18 +111,14 @@ class Trainer:
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
         self.env = self.mesh.env  # ranks inside this rank's island
-        diloco_cfg = as_dataclass(cfg.diloco, DilocoConfig)
         if self.layout.islands > 1:
-            self.outer = OuterGroup(self.mesh.store, self.env.island, self.layout.islands, self.env.rank,
-                                    diloco_cfg.wait_timeout_s, diloco_cfg.bandwidth_mbit,
-                                    island_all=self.mesh.all_of,
-                                    joining=self.control.rejoin_token is not None)
+            self.outer = connect_islands(cfg, self.mesh, joining=self.control.rejoin_token is not None)
         if self.env.is_logging_rank:
             prepare_run_dir(cfg, restarting=self.control.attempt > 0)
         self.mesh.barrier()
         if self.outer is not None and self.control.rejoin_token is None:
             # no island writes into the run directory before it is prepared
-            self.outer.all_gather_now(torch.zeros(1), position=0)
+            self.outer.agree("started", "1", cfg.fault_tolerance.collective_timeout_s)
         self.is_logging_rank = self.env.is_logging_rank
 
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
@@ -159,7 +154,8 @@ class Trainer:
             use_async=ckpt.async_, interval=ckpt.interval,
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
             recipe=to_dict(cfg), on_event=self._event, warn=self._warn,
-            islands=self._island_saves(), clean_partials=self.is_logging_rank and not self.control.rejoin_token)
+            islands=island_saves(self.outer, cfg.fault_tolerance.collective_timeout_s) if self.outer else None,
+            clean_partials=self.is_logging_rank and not self.control.rejoin_token)
         store = self.control.snapshot_store
         if store is not None and ckpt.memory_interval and self.layout.islands == 1:
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
@@ -176,16 +172,7 @@ class Trainer:
                        "scheduler": ScheduleState(self.schedulers), "data": self.loader,
                        "train": self.progress, "guard": self.guard}
         if self.outer is not None:
-            self.diloco = DiLoCo(
-                [(n, p) for part in self.parts for n, p in part.named_parameters()],
-                [(n, b) for part in self.parts for n, b in part.named_buffers() if n.endswith("expert_bias_E")],
-                self.outer, inner_steps=diloco_cfg.inner_steps, outer_lr=diloco_cfg.outer_lr,
-                outer_momentum=diloco_cfg.outer_momentum, nesterov=diloco_cfg.nesterov,
-                codec=make_codec(diloco_cfg.quantize, diloco_cfg.int4_group),
-                fragments=diloco_cfg.fragments,
-                fragment_of_name=lambda name: fragment_of(name, cfg.model.layers, diloco_cfg.fragments),
-                overlap_steps=diloco_cfg.overlap_steps, delayed_update=diloco_cfg.delayed_update,
-                island_digest=self._island_digest)
+            self.diloco = build_diloco(cfg, self.parts, self.outer, self.mesh)
             self.states["diloco"] = self.diloco
         self.resumed_step: Optional[int] = None
         self.resume_source: Optional[str] = None
@@ -252,37 +239,13 @@ class Trainer:
         if self.env.is_island_lead:
             record_event(run_dir(self.cfg), event, **fields)
 
-    def _island_saves(self) -> Optional[IslandSaves]:
-        """DiLoCo: each island writes its own part of a checkpoint; they meet in the outer store."""
-        if self.outer is None:
-            return None
-        timeout = self.cfg.fault_tolerance.collective_timeout_s
-        return IslandSaves(self.env.island, self.layout.islands, report=self.outer.report_saved,
-                           wait_all=lambda step: self.outer.wait_saved(step, timeout))
-
-    def _island_digest(self, shard_digest: str) -> str:
-        """One sha256 for the island's shared state, from every rank's shard digest."""
-        pieces = self.mesh.gather_objects(shard_digest)
-        return pieces[0] if len(pieces) == 1 else hashlib.sha256("".join(pieces).encode()).hexdigest()
-
     def _rejoin(self) -> Optional[Path]:
-        """A restarted DiLoCo island: the shared state from a peer island, the island's own
-        data stream from its committed position; fresh inner optimizer state."""
-        timeout = self.cfg.fault_tolerance.collective_timeout_s
-        step = self.diloco.join(self.control.rejoin_token, timeout)
-        if step is None:  # the other islands finished the run while this one came back
+        step = rejoin(self, self.control.rejoin_token)
+        if step is None:  # the other islands finished the run while this island came back
             self.step = self.last_step
             return None
         self.step = step
-        self.progress.values["step"] = step
-        self.loader.samples_consumed = self.diloco.positions.get(self.env.island, 0)
-        ScheduleState(self.schedulers).load_state_dict({"last_epoch": step})
         self.resumed_step, self.resume_source = step, "peer"
-        self.island_event("resume", island=self.env.island, step=step, source="peer",
-                          samples=self.loader.samples_consumed, outer_step=self.diloco.outer_step)
-        if self.env.is_island_lead:
-            print(f"island {self.env.island} rejoined at step {step} from a peer "
-                  f"({self.loader.samples_consumed} samples of its stream consumed)", flush=True)
         return Path(f"peer:step-{step}")
 
     def _resume(self) -> Optional[Path]:
@@ -301,11 +264,7 @@ class Trainer:
         if kind == "error":
             raise CheckpointError(value)
         if self.outer is not None:
-            mine = torch.frombuffer(bytearray(hashlib.sha256(repr((kind, value)).encode()).digest()),
-                                    dtype=torch.uint8)
-            if any(not torch.equal(other, mine) for other in self.outer.all_gather_now(mine, position=0)):
-                raise CheckpointError(f"DiLoCo islands found different states to resume from "
-                                      f"(island {self.env.island}: {value or 'none'}); check the run directory")
+            agree_on_resume(self.outer, (kind, value))
         if kind == "none":
             if self.control.attempt > 0 and self.is_logging_rank:
                 truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again

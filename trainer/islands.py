@@ -1,0 +1,89 @@
+"""What a training process adds when it is one rank of a DiLoCo island.
+
+The trainer asks this module for the island's link to the others (the
+`OuterGroup`, on the store the run shares), the `DiLoCo` state of its model
+parts, how its checkpoint saves join the other islands' and how a restarted
+island takes its place again from a peer. The algorithm itself lives in
+`atoll.parallel.diloco`; this module only wires it to a recipe and a mesh.
+It never imports Ray: the store and the rejoin token come from the launcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from atoll.checkpoint.checkpointer import IslandSaves
+from atoll.checkpoint.manifest import CheckpointError
+from atoll.parallel.diloco import DiLoCo, fragment_of
+from atoll.parallel.layout import ParallelMesh
+from atoll.parallel.outer_group import OuterGroup
+from atoll.parallel.pseudo_grad_codecs import make_codec
+from atoll.trainer.config import DilocoConfig, as_dataclass
+from atoll.trainer.optim import ScheduleState
+
+if TYPE_CHECKING:
+    from atoll.trainer.train import Trainer
+
+
+def connect_islands(cfg: DictConfig, mesh: ParallelMesh, joining: bool) -> OuterGroup:
+    """This rank's outer group; a restarted island connects only once it is admitted."""
+    lo = as_dataclass(cfg.diloco, DilocoConfig)
+    env = mesh.env
+    return OuterGroup(mesh.store, env.island, cfg.diloco.islands, env.rank, lo.wait_timeout_s,
+                      lo.bandwidth_mbit, island_all=mesh.all_of, joining=joining)
+
+
+def build_diloco(cfg: DictConfig, parts: list[torch.nn.Module], outer: OuterGroup,
+                 mesh: ParallelMesh) -> DiLoCo:
+    lo = as_dataclass(cfg.diloco, DilocoConfig)
+
+    def island_digest(shard_digest: str) -> str:
+        """One sha256 for the island's shared state, from every rank's shard digest."""
+        pieces = mesh.gather_objects(shard_digest)
+        return pieces[0] if len(pieces) == 1 else hashlib.sha256("".join(pieces).encode()).hexdigest()
+
+    return DiLoCo(
+        [(n, p) for part in parts for n, p in part.named_parameters()],
+        [(n, b) for part in parts for n, b in part.named_buffers() if n.endswith("expert_bias_E")],
+        outer, inner_steps=lo.inner_steps, outer_lr=lo.outer_lr, outer_momentum=lo.outer_momentum,
+        nesterov=lo.nesterov, codec=make_codec(lo.quantize, lo.int4_group), fragments=lo.fragments,
+        fragment_of_name=lambda name: fragment_of(name, cfg.model.layers, lo.fragments),
+        overlap_steps=lo.overlap_steps, delayed_update=lo.delayed_update, island_digest=island_digest)
+
+
+def island_saves(outer: OuterGroup, timeout_s: float) -> IslandSaves:
+    """Each island writes its own part of a checkpoint; they meet in the outer store."""
+    return IslandSaves(outer.island, outer.islands, report=outer.report_saved,
+                       wait_all=lambda step: outer.wait_saved(step, timeout_s))
+
+
+def agree_on_resume(outer: OuterGroup, choice: tuple) -> None:
+    """Every island must resume from the same state (each chose for itself)."""
+    mine = hashlib.sha256(repr(choice).encode()).hexdigest()
+    if set(outer.agree("resume", mine, outer.timeout_s).values()) != {mine}:
+        raise CheckpointError(f"DiLoCo islands found different states to resume from (island "
+                              f"{outer.island}: {choice[1] or 'none'}); check the run directory")
+
+
+def rejoin(trainer: "Trainer", token: str) -> Optional[int]:
+    """A restarted island: the shared state from a peer island, the island's own data
+    stream from its committed position, fresh inner optimizer state. Returns the step,
+    or None when the other islands finished the run meanwhile."""
+    diloco = trainer.diloco
+    step = diloco.join(token, trainer.cfg.fault_tolerance.collective_timeout_s)
+    if step is None:
+        return None
+    island = trainer.env.island
+    trainer.progress.values["step"] = step
+    trainer.loader.samples_consumed = diloco.positions.get(island, 0)
+    ScheduleState(trainer.schedulers).load_state_dict({"last_epoch": step})
+    trainer.island_event("resume", island=island, step=step, source="peer",
+                         samples=trainer.loader.samples_consumed, outer_step=diloco.outer_step)
+    if trainer.env.is_island_lead:
+        print(f"island {island} rejoined at step {step} from a peer "
+              f"({trainer.loader.samples_consumed} samples of its stream consumed)", flush=True)
+    return step
