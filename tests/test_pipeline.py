@@ -12,21 +12,22 @@ from conftest import TINY_MOE, losses, run_cli
 
 # Four layers so two stages hold two each; micro_batch 2 splits into 2 pipeline microbatches.
 # Eval every 5 steps on the same 4 validation windows in every layout.
-PIPE = [*TINY_MOE, "model.layers=4", "run.steps=10", "checkpoint.interval=5", "logging.eval_interval=5"]
+PIPE = [*TINY_MOE, "model.layers=4", "run.steps=10", "checkpoint.interval=5", "logging.eval_interval=5",
+        "logging.eval_batches=2"]
 
 
 def reference(run_dir, samples_per_step: int, resume=None, micro_batch: int = 1) -> None:
     """One process that sees the same forwards (pipeline microbatches hold one sample)."""
     args = ["train", *PIPE, "launch.backend=local", "parallel.dp=1", f"data.micro_batch={micro_batch}",
             f"data.grad_accum={samples_per_step // micro_batch}",
-            f"logging.eval_batches={4 // micro_batch}", f"run.dir={run_dir}"]
+            f"run.dir={run_dir}"]
     assert main(args + ([f"checkpoint.resume={resume}"] if resume else [])) == 0
 
 
 def torchrun(run_dir, pp: int, dp: int, *overrides: str) -> None:
-    """pp × dp processes; micro-batches of 2 samples, so 4 // (2·dp) eval batches per rank."""
+    """pp × dp processes with micro-batches of 2 samples."""
     proc = run_cli(["train", *PIPE, f"parallel.pp={pp}", f"parallel.dp={dp}",
-                    f"logging.eval_batches={4 // (2 * dp)}", *overrides, f"run.dir={run_dir}"],
+                    *overrides, f"run.dir={run_dir}"],
                    torchrun_procs=pp * dp)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -157,7 +157,7 @@ class DilocoConfig:
 class LoggingConfig:
     log_interval: int = 10
     eval_interval: int = 50  # 0 = never
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation set: this many steps' worth of the run's samples (all islands)
     wandb: str = "offline"  # offline | online | disabled
     progress: bool = True  # rank-0 progress bar on a terminal
 

@@ -140,7 +140,10 @@ class Trainer:
         self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
                                                self.layout.dp, cfg.model.vocab_size,
                                                island=self.env.island, islands=self.layout.islands)
-        self.val = (val_batches(self.dataset, data_cfg.micro_batch, cfg.logging.eval_batches,
+        # The validation set is `eval_batches` steps' worth of windows of the whole run (every
+        # island's batch together), so every split of the same batch evaluates the same windows.
+        eval_micro_batches = cfg.logging.eval_batches * cfg.data.grad_accum * self.layout.islands
+        self.val = (val_batches(self.dataset, data_cfg.micro_batch, eval_micro_batches,
                                 self.mesh.dp_rank, self.layout.dp)
                     if cfg.logging.eval_interval else [])
         self.step = 0
