@@ -370,6 +370,20 @@ class DiLoCo:
         self.last_hash = self._agree_hash()
         return self.step
 
+    @torch.no_grad()
+    def start_from_model(self) -> None:
+        """The global parameters become the (loaded) local ones; the outer state starts fresh."""
+        for p, g in zip(self.params, self.global_locals):
+            g.copy_(local_view(p))
+        for start, g in zip(self.starts, self.global_locals):
+            start.copy_(g)
+        for momentum in _momenta(self.outer_optimizer):
+            momentum.zero_()
+        for e in self.error_locals:
+            e.zero_()
+        self.outer_step, self.positions, self.last_mean = 0, {}, {}
+        self._hash_fragments()
+
     def _exchange_state(self, source: int) -> None:
         islands = self.group.islands
         header = torch.tensor([self.outer_step, self.step] +

@@ -31,8 +31,8 @@ from atoll.checkpoint.checkpointer import island_dir
 from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
-from conftest import (TINY_MOE, ended, events, finish, free_port, last_step, losses, run_cli, start_ray_run,
-                      wait_for)
+from conftest import (TINY_MOE, ended, events, final_state, finish, free_port, last_step, losses, run_cli,
+                      start_ray_run, wait_for)
 
 INNER_STEPS, OUTER_STEPS = 3, 2
 
@@ -579,3 +579,34 @@ def test_streaming_delayed_islands_resume_exactly_from_a_checkpoint(tmp_path):
     rows = read_jsonl(relaid / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(9, 17))
     np.testing.assert_allclose([r["loss"] for r in rows], losses(tmp_path / "whole")[8:], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_islands_started_from_a_plain_checkpoint_continue_like_data_parallelism(tmp_path):
+    """A DDP run's checkpoint continued by 2 islands (H=1, inner SGD, outer lr 1 without
+    momentum) ends where DDP continuing it ends, and each island's stream takes its half of
+    the samples DDP had consumed."""
+    common = [*TINY_MOE, "optim.name=sgd", "optim.lr=0.05", "optim.grad_clip=0", "optim.warmup_steps=0",
+              "run.steps=12", "checkpoint.interval=6", "checkpoint.memory_interval=0"]
+    ddp = ["parallel.dp=2", "parallel.dp_shard=ddp"]
+    pre = run_cli(["train", *common, *ddp, "run.stop_at=6", f"run.dir={tmp_path / 'ddp'}"], torchrun_procs=2)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    start = resolve_checkpoint(tmp_path / "ddp")
+    islands = run_cli(["train", *common, "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=1",
+                       "diloco.outer_lr=1", "diloco.outer_momentum=0", f"checkpoint.resume={start}",
+                       f"run.dir={tmp_path / 'islands'}"], torchrun_procs=2)
+    assert islands.returncode == 0, islands.stderr[-3000:]
+    rest = run_cli(["train", *common, *ddp, f"run.dir={tmp_path / 'ddp'}"], torchrun_procs=2)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    first = [e for e in events(tmp_path / "islands", "outer_step") if e["outer_step"] == 1]
+    assert {e["positions"]["0"] for e in first} == {12 // 2 * 2 + 2}  # 6 DDP steps × 4 samples / 2, + 1 step
+    got = _island_tensors(tmp_path / "islands")
+    want = final_state(tmp_path / "ddp")
+    params = [k for k in want if k.startswith("model.")]
+    assert params
+    for name in params:
+        for island in (0, 1):
+            torch.testing.assert_close(got[f"island-{island}/{name}"], want[name], rtol=0, atol=1e-5)
+            global_name = f"island-{island}/diloco.global.{name[len('model.'):]}"
+            if global_name in got:  # a parameter, not the router's bias buffer
+                assert torch.equal(got[global_name], got[f"island-{island}/{name}"])

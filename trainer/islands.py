@@ -11,6 +11,7 @@ It never imports Ray: the store and the rejoin token come from the launcher.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -87,3 +88,19 @@ def rejoin(trainer: "Trainer", token: str) -> Optional[int]:
         print(f"island {island} rejoined at step {step} from a peer "
               f"({trainer.loader.samples_consumed} samples of its stream consumed)", flush=True)
     return step
+
+
+def start_islands_from_plain(trainer: "Trainer", path: Path, manifest: dict) -> None:
+    """Islands that start from a checkpoint of a run without islands (e.g. a pretrained
+    model, as DiLoCo is usually run): every island loads the same model, optimizer and
+    schedule, the global parameters start as that model, and each island's stream takes
+    its share of the samples the run had consumed, so none is read twice."""
+    states = {name: state for name, state in trainer.states.items() if name != "diloco"}
+    trainer.checkpointer.load(path, manifest, states)
+    islands = trainer.layout.islands
+    consumed = trainer.loader.samples_consumed
+    if consumed % islands:
+        raise CheckpointError(f"checkpoint {path} consumed {consumed} samples, which "
+                              f"diloco.islands={islands} cannot share evenly")
+    trainer.loader.samples_consumed = consumed // islands
+    trainer.diloco.start_from_model()

@@ -43,7 +43,8 @@ from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook)
-from atoll.trainer.islands import agree_on_resume, build_diloco, connect_islands, island_saves, rejoin
+from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves, rejoin,
+                                  start_islands_from_plain)
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -278,7 +279,11 @@ class Trainer:
             path = Path(f"memory:step-{int(value)}")
         else:
             path = Path(value)
-            self.checkpointer.load(path, read_manifest(path), self.states)
+            manifest = read_manifest(path)
+            if self.diloco is not None and not manifest.get("islands"):
+                start_islands_from_plain(self, path, manifest)
+            else:
+                self.checkpointer.load(path, manifest, self.states)
         self.step = int(self.progress.values["step"])
         self.resumed_step, self.resume_source = self.step, ("memory" if kind == "memory" else "disk")
         if self.is_logging_rank:
