@@ -1,19 +1,21 @@
 """DiLoCo islands against plain data parallelism: loss, bytes on the wire, streaming on a slow link.
 
 What it measures (every figure from real two-process runs under torchrun)
-    1. Equal tokens. Plain data parallelism (`parallel.dp=2
-       parallel.dp_shard=ddp`, one island) against DiLoCo (`parallel.dp=1
-       diloco.islands=2 diloco.inner_steps=H`, H = 50) with
-       `diloco.quantize` none (fp32), int8 and int4. Same run.steps and
+    1. Equal tokens, as the DiLoCo paper runs it: from a shared checkpoint
+       (`--pretrain-steps`, default 300 steps of plain data parallelism), plain
+       data parallelism (`parallel.dp=2 parallel.dp_shard=ddp`, one island)
+       continues for `--steps` (300) against DiLoCo (`parallel.dp=1
+       diloco.islands=2 diloco.inner_steps=H`, H = 50, started from the same
+       checkpoint) with `diloco.quantize` none (fp32), int8 and int4. Same
        data.micro_batch per process, so every step of every run consumes the
-       same 2 × micro_batch sequences. Printed: the final eval loss (the
-       `eval_loss` of metrics.jsonl's last row; only the last step
-       evaluates), DiLoCo / DDP (target ≤ 1.03), and the bytes sent, the sum
+       same 2 × micro_batch sequences, and the same validation windows.
+       Printed: the final eval loss (metrics.jsonl's last row), DiLoCo / DDP
+       (target ≤ 1.03), and the bytes sent during the continuation, the sum
        of metrics.jsonl `comm_bytes` (rank 0, one row per step), as DDP /
        DiLoCo (targets: fp32 ≥ 50×, int8 ≥ 190×, int4 ≥ 350×). DDP sends
        2·(dp−1)/dp = 1× the parameter bytes every step; DiLoCo sends the
-       pseudo-gradient once per H steps, plus a 32-byte state hash per outer
-       step and a 4-byte start barrier, so fp32 lands a hair under H×.
+       pseudo-gradient once per H steps (the islands' agreements go through
+       the store, not the link), so fp32 is H×.
     2. Peak bytes per sync: the largest `bytes_sent` of island 0's
        `outer_step` events (events.jsonl) with `diloco.fragments=1` and with
        `diloco.fragments=4` (fp32; the two unthrottled runs of part 3), and
@@ -53,9 +55,9 @@ process runs one thread (`launch.threads_per_worker=1`, OMP_NUM_THREADS=1);
 `data.max_bytes=4000000` of the standard library's source (no epoch
 repeats); no checkpoints, memory snapshots, wandb or progress bar;
 `logging.log_interval=1`. Defaults: part 1 run.steps 300 (6 outer steps),
-part 3 run.steps 96. On 2 idle cores a step takes ~0.12 s and the whole
-script ~6 min (10 runs); `--quick` (part 1: 20 steps, H = 10; part 3: 24
-steps, H = 8) takes ~2 min, for smoke tests only: its losses say nothing.
+part 3 run.steps 96. On 2 idle cores the whole script takes ~15 min (11
+runs); `--quick` (part 1: 10 + 20 steps, H = 10; part 3: 24 steps, H = 8)
+takes ~2 min, for smoke tests only: its losses say nothing.
 
 Run (from the repository root):
     python benchmarks/diloco.py
@@ -106,7 +108,8 @@ TARGET_UTIL = 0.90
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
-    parser.add_argument("--steps", type=int, help="part 1 run.steps (default 300; quick 20)")
+    parser.add_argument("--pretrain-steps", type=int, help="part 1 shared DDP steps (default 300; quick 10)")
+    parser.add_argument("--steps", type=int, help="part 1 steps after them (default 300; quick 20)")
     parser.add_argument("--inner-steps", type=int, help="part 1 diloco.inner_steps (default 50; quick 10)")
     parser.add_argument("--stream-steps", type=int, help="parts 2-3 run.steps (default 96; quick 24)")
     parser.add_argument("--stream-inner-steps", type=int,
@@ -122,6 +125,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.steps = args.steps or (20 if quick else 300)
+    args.pretrain_steps = args.pretrain_steps or (10 if quick else 300)
     args.inner_steps = args.inner_steps or (10 if quick else 50)
     args.stream_steps = args.stream_steps or (24 if quick else 96)
     args.stream_inner_steps = args.stream_inner_steps or (8 if quick else 16)
@@ -257,7 +261,11 @@ def verdict(ok: bool) -> str:
 # ------------------------------------------------------------------ parts
 
 def equal_tokens(args: argparse.Namespace, tmp: Path) -> tuple[Run, dict[str, Run]]:
-    common = [f"run.steps={args.steps}", f"logging.eval_interval={args.steps}"]
+    pre, total = args.pretrain_steps, args.pretrain_steps + args.steps
+    common = [f"run.steps={total}", f"logging.eval_interval={total}"]
+    base = train(args, tmp, "pretrain", [*common, *DDP, f"run.stop_at={pre}", f"checkpoint.interval={pre}"])
+    print(f"  shared start: {pre} DDP steps, eval {base.eval_loss:.4f}, {base.wall_s:.0f} s", flush=True)
+    common.append(f"checkpoint.resume={tmp / 'pretrain' / 'checkpoints' / f'step-{pre:08d}'}")
     ddp = train(args, tmp, "ddp", [*common, *DDP])
     print(f"  ddp: eval {ddp.eval_loss:.4f}, {mb(ddp.comm_bytes)} sent, {ddp.wall_s:.0f} s", flush=True)
     islands = {}
@@ -300,9 +308,8 @@ def throttled(args: argparse.Namespace, tmp: Path) -> dict[tuple[str, float], Ru
 # ------------------------------------------------------------------ report
 
 def report_equal_tokens(args: argparse.Namespace, ddp: Run, islands: dict[str, Run]) -> list[str]:
-    tokens = ddp.rows[-1]["tokens"]
-    print(f"### 1. Equal tokens: {args.steps} steps × {PROCS} processes, {tokens:,} tokens per run; "
-          f"DiLoCo H = {args.inner_steps}")
+    print(f"### 1. Equal tokens: from a shared {args.pretrain_steps}-step DDP checkpoint, {args.steps} more "
+          f"steps × {PROCS} processes; DiLoCo H = {args.inner_steps}")
     print()
     print("| run | final eval loss | / DDP (target ≤ 1.03) | bytes sent (rank 0) | DDP / this | target |")
     print("|---|---|---|---|---|---|")
@@ -402,7 +409,8 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atoll-diloco-bench-") as tmp:
         if args.parts in ("all", "1"):
-            print(f"1. equal tokens ({args.steps} steps, H = {args.inner_steps})", flush=True)
+            print(f"1. equal tokens ({args.pretrain_steps} shared + {args.steps} steps, H = {args.inner_steps})",
+                  flush=True)
             ddp, islands = equal_tokens(args, Path(tmp))
         if args.parts in ("all", "23"):
             print(f"2-3. blocking vs streaming ({args.stream_steps} steps, H = {args.stream_inner_steps})",
