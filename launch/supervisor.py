@@ -15,6 +15,9 @@ against the fake group of its unit tests. Decisions:
 - failure policy: a user error (recipe, data, checkpoint) ends the run at
   once; anything else kills the whole group and starts a new one, at most
   `fault_tolerance.max_restarts` times, after `restart_backoff_s` × 2^(n-1).
+  With DiLoCo islands, a failure confined to one island (not a lost node)
+  restarts that island alone (`restart_island`); the others train on and
+  admit it back.
   A rank whose step has not advanced for `hang_timeout_s` is hung.
 - scaling policy: when the full world cannot be placed within
   `placement_timeout_s` and `min_workers` allows, the largest valid smaller

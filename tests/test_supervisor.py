@@ -71,6 +71,15 @@ class FakeGroup:
     def request_stop(self):
         self.stop_requested_at = self.polls
 
+    def restart_island(self, island, recipe, store, attempt):
+        """New processes for one island's ranks; they come back healthy."""
+        per_island = self.world // recipe["diloco"]["islands"]
+        self.restarted_islands = getattr(self, "restarted_islands", []) + [(island, attempt)]
+        for rank in range(island * per_island, (island + 1) * per_island):
+            self.ranks[rank] = RankInfo(rank, 9000 + 10 * attempt + rank, self.ranks[rank].node, "127.0.0.1")
+        self.script = lambda g, r, s: None
+        return self.ranks
+
     def shutdown(self):
         self.shut = True
 
@@ -118,6 +127,35 @@ def test_workers_event_names_each_ranks_island():
     sup.run()
     assert [(r["rank"], r["island"]) for r in events[0]["ranks"]] == [(0, 0), (1, 1)]
     assert events[0]["world"] == 2
+
+
+def islands_recipe() -> dict:
+    return to_dict(load_recipe(None, ["parallel.dp=2", "diloco.islands=2", "diloco.inner_steps=10",
+                                      "checkpoint.interval=0"]))
+
+
+def test_a_dead_rank_of_one_island_restarts_that_island_alone():
+    factory = FakeFactory([dies_at(3, 3)], capacity=4)
+    sup, events, _ = supervise(factory, islands_recipe())
+    sup.run()
+    group = factory.groups[0]
+    assert len(factory.groups) == 1 and group.restarted_islands == [(1, 1)]
+    assert kinds(events)[:3] == ["workers", "failure", "workers"]
+    assert events[1]["rank"] == 3 and events[1]["kind"] == "died"
+    assert events[2]["restarted_island"] == 1
+    # island 0 keeps its processes, island 1's ranks are new ones
+    assert [r["pid"] for r in events[2]["ranks"]] == [1000, 1001, 9012, 9013]
+    assert sup.state == "finished"
+
+
+def test_a_lost_node_under_islands_restarts_the_whole_group():
+    def node_lost(group, rank, status):
+        if group.polls >= 3 and rank == 3:
+            return RankStatus(rank, "node_lost", error={"type": "ActorDiedError", "message": "gone", "user": False})
+    factory = FakeFactory([node_lost], capacity=4)
+    sup, events, _ = supervise(factory, islands_recipe())
+    sup.run()
+    assert len(factory.groups) == 2 and not hasattr(factory.groups[0], "restarted_islands")
 
 
 def test_a_healthy_group_finishes_with_every_rank_result():
