@@ -19,7 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -86,8 +86,16 @@ class SnapshotStore(abc.ABC):
         """Drop every step older than `step`."""
 
     @abc.abstractmethod
+    def drop(self, step: int) -> None:
+        """Drop one step, complete or not."""
+
+    @abc.abstractmethod
     def clear(self) -> None:
         """Drop everything (end of the run: a run leaves no shared memory behind)."""
+
+    def complete(self) -> list[int]:
+        """Every complete step, oldest first."""
+        return [step for step in self.steps() if self.missing(step) is None]
 
     def latest(self) -> Optional[int]:
         """The newest complete step, or None."""
@@ -198,6 +206,9 @@ class ShmSnapshotStore(SnapshotStore):
             if old < step:
                 shutil.rmtree(self._step_dir(old), ignore_errors=True)
 
+    def drop(self, step: int) -> None:
+        shutil.rmtree(self._step_dir(step), ignore_errors=True)
+
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -213,6 +224,76 @@ class ShmSnapshotStore(SnapshotStore):
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return stale
+
+
+class IslandSnapshotStore(SnapshotStore):
+    """One DiLoCo island's view of a store that every island of the run shares.
+
+    Island k of M keeps its step s as the shared store's step s·M + k, so
+    islands never overwrite each other and each completes its steps alone.
+    Islands step independently between outer syncs, so a state every island
+    can resume from together is a step complete on all of them; `retain`
+    therefore keeps every own step from `floor(newest)` on: the newest
+    complete step of the slowest island (which the islands tell each other).
+    """
+
+    def __init__(self, shared: SnapshotStore, island: int, islands: int,
+                 floor: Callable[[int], int] = lambda newest: newest):
+        self.shared, self.island, self.islands, self.floor = shared, island, islands, floor
+
+    def _key(self, step: int) -> int:
+        return step * self.islands + self.island
+
+    def _own(self, keys: list[int]) -> list[int]:
+        return [key // self.islands for key in keys if key % self.islands == self.island]
+
+    def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
+        self.shared.put_shard(self._key(step), rank, data)
+
+    def put_meta(self, step: int, world: int, meta: bytes) -> None:
+        self.shared.put_meta(self._key(step), world, meta)
+
+    def get_shard(self, step: int, rank: int) -> Buffer:
+        return self.shared.get_shard(self._key(step), rank)
+
+    def get_meta(self, step: int) -> bytes:
+        return self.shared.get_meta(self._key(step))
+
+    def steps(self) -> list[int]:
+        return self._own(self.shared.steps())
+
+    def complete(self) -> list[int]:
+        return self._own(self.shared.complete())
+
+    def latest(self) -> Optional[int]:
+        steps = self.complete()
+        return max(steps) if steps else None
+
+    def missing(self, step: int) -> Optional[str]:
+        return self.shared.missing(self._key(step))
+
+    def retain(self, step: int) -> None:
+        keep_from = min(step, self.floor(step))
+        for old in self.steps():
+            if old < keep_from:
+                self.drop(old)
+
+    def drop(self, step: int) -> None:
+        self.shared.drop(self._key(step))
+
+    def drop_after(self, step: int) -> None:
+        """Forget this island's steps past `step`: after a resume from `step` they belong to
+        a history that no longer happens, and a step of the new one must not mix with them."""
+        for newer in self.steps():
+            if newer > step:
+                self.drop(newer)
+
+    def clear(self) -> None:
+        for step in self.steps():
+            self.drop(step)
+
+    def close(self) -> None:
+        self.shared.close()
 
 
 def _write_atomically(path: Path, *chunks: tuple[int, Any], size: Optional[int] = None) -> None:

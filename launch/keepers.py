@@ -80,6 +80,11 @@ class SnapshotKeeper:
         for key in [k for k in self.meta if k < step]:
             del self.meta[key]
 
+    def drop(self, step: int) -> None:
+        for key in [k for k in self.shards if k[0] == step]:
+            del self.shards[key]
+        self.meta.pop(step, None)
+
     def clear(self) -> None:
         self.shards.clear()
         self.meta.clear()
@@ -181,10 +186,13 @@ class RaySnapshotStore(SnapshotStore):
         world, ranks = self._merged().get(step, (None, set()))
         return _missing(world, ranks)
 
-    def latest(self) -> Optional[int]:
+    def complete(self) -> list[int]:
         merged = self._merged()  # one round of questions, not one per step
-        complete = [step for step, (world, ranks) in merged.items() if _missing(world, ranks) is None]
-        return max(complete) if complete else None
+        return sorted(step for step, (world, ranks) in merged.items() if _missing(world, ranks) is None)
+
+    def latest(self) -> Optional[int]:
+        complete = self.complete()
+        return complete[-1] if complete else None
 
     def get_shard(self, step: int, rank: int):
         import ray
@@ -206,6 +214,9 @@ class RaySnapshotStore(SnapshotStore):
 
     def retain(self, step: int) -> None:
         self._ask_all("retain", step)
+
+    def drop(self, step: int) -> None:
+        self._ask_all("drop", step)
 
     def clear(self) -> None:
         self._ask_all("clear")

@@ -100,6 +100,7 @@ class DiLoCo:
                  island_digest: Callable[[str], str] = lambda digest: digest):
         self.names = [name for name, _ in params]
         self.params = [p for _, p in params]
+        self.buffer_names = [name for name, _ in buffers]
         self.buffers = [b for _, b in buffers]
         self.group, self.codec = group, codec
         self.inner_steps, self.overlap_steps, self.delayed = inner_steps, overlap_steps, delayed_update
@@ -127,6 +128,15 @@ class DiLoCo:
         self.starts = [g.clone() for g in self.global_locals] if delayed_update else []
         self.last_mean: dict[int, torch.Tensor] = {}  # fragment -> previous round's mean pseudo-gradient
         self.in_flight: list[_Sync] = []
+        # Where syncs can be in flight between steps (overlap, delayed), what each one sent is
+        # kept per parameter, so a snapshot or checkpoint taken meanwhile holds it (resharded
+        # like the parameters) and a resume sends it again instead of losing the round.
+        between_steps = overlap_steps > 0 or delayed_update
+        self.sent = [_like(p, zero=True) for p in self.params] if between_steps else []
+        self.sent_locals = [local_view(t) for t in self.sent]
+        self.sent_params = [_like(p, zero=True) for p in self.params] if overlap_steps else []
+        self.sent_buffers = [torch.zeros_like(b, dtype=torch.float32) for b in self.buffers] \
+            if between_steps else []
         self.outer_step = 0
         self.positions: dict[int, int] = {}  # every island's committed data position
         self.last_hash = ""
@@ -201,21 +211,53 @@ class DiLoCo:
             delta = _flat([r - p for r, p in zip(reference, locals_)])
             if self.errors:
                 delta += _flat([self.error_locals[i] for i in frag.params])
-        payload = None
-        if delta.numel():  # the same in-island rank holds the same shards on every island
-            payload = Transfer("all_gather", self.codec.encode(delta)) if self.codec.lossy else \
-                Transfer("all_reduce_sum", delta)
         buffers = _flat([self.buffers[i] for i in frag.buffers])
-        sync = _Sync(fragment, step, step + overlap, position, delta, payload,
-                     Transfer("all_reduce_sum", buffers) if buffers.numel() else None,
-                     time.perf_counter())
+        sync = _Sync(fragment, step, step + overlap, position, delta, None, None, 0.0)
         if overlap:
-            sync.local_at_send = [p.clone() for p in locals_]
             sync.buffers_at_send = buffers
+            if not self.delayed:  # delayed rounds restart from their eager estimate instead
+                sync.local_at_send = [p.clone() for p in locals_]
+        self._keep(sync)
+        return self._start(sync, buffers)
+
+    def _start(self, sync: _Sync, buffers: torch.Tensor) -> _Sync:
+        """Put a sync's payload (and the router buffers) on the wire."""
+        if sync.delta.numel():  # the same in-island rank holds the same shards on every island
+            sync.payload = Transfer("all_gather", self.codec.encode(sync.delta)) if self.codec.lossy else \
+                Transfer("all_reduce_sum", sync.delta)
+        sync.buffers = Transfer("all_reduce_sum", buffers) if buffers.numel() else None
+        sync.sent_at = time.perf_counter()
         for transfer in sync.transfers:
             self.group.start(transfer)
         self.in_flight.append(sync)
         return sync
+
+    def _keep(self, sync: _Sync) -> None:
+        """Copy what a sync sent into the per-parameter slots that `state_dict` holds."""
+        if not self.sent:
+            return
+        frag = self.fragments[sync.fragment]
+        slots = [self.sent_locals[i] for i in frag.params]
+        for slot, value in zip(slots, _split(sync.delta, slots)):
+            slot.copy_(value)
+        if sync.local_at_send is not None:
+            for i, value in zip(frag.params, sync.local_at_send):
+                local_view(self.sent_params[i]).copy_(value)
+        if sync.buffers_at_send is not None:
+            slots = [self.sent_buffers[i] for i in frag.buffers]
+            for slot, value in zip(slots, _split(sync.buffers_at_send, slots)):
+                slot.copy_(value)
+
+    @torch.no_grad()
+    def _send_again(self, fragment: int, send_step: int, apply_step: int, position: int) -> None:
+        """After a resume: the sync that was in flight when the state was saved, from its slots."""
+        frag = self.fragments[fragment]
+        sync = _Sync(fragment, send_step, apply_step, position,
+                     _flat([self.sent_locals[i] for i in frag.params]), None, None, 0.0)
+        if self.sent_params:
+            sync.local_at_send = [local_view(self.sent_params[i]).clone() for i in frag.params]
+        sync.buffers_at_send = _flat([self.sent_buffers[i] for i in frag.buffers])
+        self._start(sync, sync.buffers_at_send.clone())
 
     @torch.no_grad()
     def _land(self, sync: _Sync) -> dict[str, Any]:
@@ -410,6 +452,13 @@ class DiLoCo:
             state["start"] = {n: _wrap(t, p) for n, t, p in zip(self.names, self.starts, self.params)}
             state["last_mean"] = self._last_mean_per_param()
             state["last_mean_fragments"] = sorted(self.last_mean)
+        if self.sent:  # the syncs in flight, sent again on resume
+            state["in_flight"] = [[s.fragment, s.send_step, s.apply_step, s.position]
+                                  for s in sorted(self.in_flight, key=lambda s: (s.send_step, s.fragment))]
+            state["sent"] = dict(zip(self.names, self.sent))
+            state["sent_buffers"] = dict(zip(self.buffer_names, self.sent_buffers))
+            if self.sent_params:
+                state["sent_params"] = dict(zip(self.names, self.sent_params))
         return state
 
     def _last_mean_per_param(self) -> dict[str, torch.Tensor]:
@@ -438,6 +487,26 @@ class DiLoCo:
             params = self.fragments[fragment].params
             self.last_mean[fragment] = _flat([local_view(state["last_mean"][self.names[i]]) for i in params])
         self._hash_fragments()
+        self._load_in_flight(state)
+
+    def _load_in_flight(self, state: dict[str, Any]) -> None:
+        """Fill the slots and send the syncs that were in flight again, in the order they were
+        first sent, so every island (all resume from the same step) pairs the same transfers."""
+        if self.in_flight:
+            raise DilocoError("cannot load a DiLoCo state while outer reductions are in flight")
+        entries = state.get("in_flight", [])
+        if entries and not self.sent:
+            raise DilocoError("the saved DiLoCo state has reductions in flight, which this recipe "
+                              "(no overlap, no delayed update) cannot continue")
+        for key, slots in (("sent", self.sent), ("sent_params", self.sent_params)):
+            for name, slot in zip(self.names, slots):
+                if name in state.get(key, {}):
+                    local_view(slot).copy_(local_view(state[key][name]))
+        for name, slot in zip(self.buffer_names, self.sent_buffers):
+            if name in state.get("sent_buffers", {}):
+                slot.copy_(state["sent_buffers"][name])
+        for fragment, send_step, apply_step, position in entries:
+            self._send_again(int(fragment), int(send_step), int(apply_step), int(position))
 
 
 def _like(param: torch.Tensor, zero: bool = False) -> torch.Tensor:

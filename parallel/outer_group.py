@@ -313,6 +313,16 @@ class OuterGroup:
                                   f"of step {step} within {timeout_s:g}s")
             time.sleep(0.05)
 
+    def snapshot_floor(self, newest: int) -> int:
+        """This island's newest complete memory snapshot is `newest` (told by its lead); the
+        oldest step a member island may still need: the slowest member's newest, or -1
+        while some member has told nothing yet. Called from a snapshot thread: store only."""
+        self.store.set(self._key("snapshot", self.island), str(newest))
+        keys = [self._key("snapshot", island) for island in self.members]
+        if not self.store.check(keys):
+            return -1
+        return min(int(value) for value in self.store.multi_get(keys))
+
     # ------------------------------------------------------------------ bookkeeping
 
     def take_bytes(self) -> int:

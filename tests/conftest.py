@@ -118,6 +118,25 @@ def start_ray_run(args: list[str], short_tmp: Path) -> subprocess.Popen:
                             env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
 
 
+def start_torchrun(args: list[str], procs: int, max_restarts: int) -> subprocess.Popen:
+    """`torchrun --max-restarts` running `atoll.launch ARGS` in the background."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}", "--nnodes=1",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.1", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "atoll.launch", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env())
+
+
+def torchrun_ranks(proc: subprocess.Popen) -> dict[str, psutil.Process]:
+    """RANK -> process of the training processes a torchrun started."""
+    ranks = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "atoll.launch" in " ".join(child.cmdline()) and child.environ().get("RANK"):
+                ranks[child.environ()["RANK"]] = child
+    return ranks
+
+
 @contextlib.contextmanager
 def ended(proc: subprocess.Popen):
     try:

@@ -32,7 +32,7 @@ from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from conftest import (TINY_MOE, ended, events, final_state, finish, free_port, last_step, losses, run_cli,
-                      start_ray_run, wait_for)
+                      start_ray_run, start_torchrun, torchrun_ranks, wait_for)
 
 INNER_STEPS, OUTER_STEPS = 3, 2
 
@@ -103,20 +103,38 @@ class _IdentityThroughGather(Codec):
     lossy = True
 
 
+def _by_value(state):
+    """A state dict copied as a checkpoint holds it: tensors cloned, the rest as it is."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {key: _by_value(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_by_value(value) for value in state]
+    return state
+
+
+def _island_state(rank: int, islands: int, store: dist.Store, options: dict):
+    """A fresh model, inner optimizer, outer group and DiLoCo of one island."""
+    group = OuterGroup(store, rank, islands, 0, timeout_s=60)
+    model = _model()
+    inner = _inner_optimizer(model, options)
+    codec = _IdentityThroughGather() if options["quantize"] == "gather" else \
+        make_codec(options["quantize"], 16)
+    diloco = DiLoCo(list(model.named_parameters()), [], group, inner_steps=options["H"],
+                    outer_lr=options["lr"], outer_momentum=options["momentum"], nesterov=True,
+                    codec=codec, fragments=options["fragments"],
+                    fragment_of_name=lambda name: _fragment(name, options["fragments"]),
+                    overlap_steps=options["overlap"], delayed_update=options["delayed"])
+    return group, model, inner, diloco
+
+
 def _island(rank: int, islands: int, port: int, options: dict, results) -> None:
     try:
         options = {**DEFAULTS, **options}
         store = dist.TCPStore("127.0.0.1", port, islands, rank == 0, timeout=datetime.timedelta(seconds=60))
-        group = OuterGroup(store, rank, islands, 0, timeout_s=60)
-        model = _model()
-        inner = _inner_optimizer(model, options)
-        codec = _IdentityThroughGather() if options["quantize"] == "gather" else \
-            make_codec(options["quantize"], 16)
-        diloco = DiLoCo(list(model.named_parameters()), [], group, inner_steps=options["H"],
-                        outer_lr=options["lr"], outer_momentum=options["momentum"], nesterov=True,
-                        codec=codec, fragments=options["fragments"],
-                        fragment_of_name=lambda name: _fragment(name, options["fragments"]),
-                        overlap_steps=options["overlap"], delayed_update=options["delayed"])
+        group, model, inner, diloco = _island_state(rank, islands, store, options)
+        retired = []  # groups replaced by a reload: their last transfers finish in the background
         events = []
         for step in range(1, options["steps"] + 1):
             _inner_step(model, inner, rank, step)
@@ -124,6 +142,13 @@ def _island(rank: int, islands: int, port: int, options: dict, results) -> None:
                 with torch.no_grad():
                     diloco.global_locals[0].add_(1e-3)
             events += diloco.after_inner_step(step, position=step)
+            if step == options.get("reload_at"):  # as a resume from a snapshot taken now does
+                saved = [_by_value(s.state_dict()) for s in (model, inner, diloco)]
+                retired.append(group)
+                group, model, inner, diloco = _island_state(rank, islands,
+                                                            dist.PrefixStore(f"reload-{step}", store), options)
+                for target, state in zip((model, inner, diloco), saved):
+                    target.load_state_dict(state)
         events += diloco.finish(options["steps"], position=options["steps"])
         store.set(f"done/{rank}", "1")
         if rank == 0:  # it hosts the store: the others may still be reading it
@@ -275,10 +300,23 @@ def _check_against_naive(islands: int, **options) -> dict:
     {},  # plain DiLoCo: fragments=1, no overlap, no delay
     {"fragments": 3, "overlap": 1, "H": 3, "steps": 9},  # streaming with overlap
     {"fragments": 3, "delayed": True, "H": 3, "steps": 9},  # streaming with delayed eager updates
-], ids=["plain", "streaming-overlap", "streaming-delayed"])
+    # reloaded from their state dicts while syncs are in flight, onto a new outer group
+    {"fragments": 3, "overlap": 2, "H": 3, "steps": 9, "quantize": "int4", "reload_at": 5},
+    {"fragments": 3, "delayed": True, "H": 3, "steps": 9, "quantize": "int4", "reload_at": 5},
+], ids=["plain", "streaming-overlap", "streaming-delayed", "overlap-reloaded", "delayed-reloaded"])
 def test_outer_step_matches_naive_loop_bitwise(options):
     """Two gloo islands end bit for bit where the naive single-process loop ends, with one
-    hash per outer step, equal on both islands."""
+    hash per outer step, equal on both islands. Islands that reload their state while syncs
+    are in flight (as after a restart from a memory snapshot) send those syncs again and end
+    where islands that never stopped end."""
+    if "reload_at" in options:
+        reference = run_islands(2, **{k: v for k, v in options.items() if k != "reload_at"})
+        reloaded = run_islands(2, **options)
+        for rank in range(2):
+            assert reference[rank][0] == reloaded[rank][0] == "ok", (reference[rank][1], reloaded[rank][1])
+            assert all(torch.equal(g, e) for g, e in zip(reloaded[rank][1], reference[rank][1]))
+            assert reloaded[rank][2] == reference[rank][2]
+        return
     _check_against_naive(2, **options)
 
 
@@ -497,7 +535,7 @@ def test_lost_island_survivor_goes_on_and_restarted_island_rejoins_bit_identical
 ISLANDS_ON_RAY = [*TINY_MOE, "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=4",
                   "diloco.overlap_steps=2", "diloco.quantize=int8", "diloco.wait_timeout_s=4",
                   "diloco.bandwidth_mbit=20", "run.steps=64", "checkpoint.interval=0",
-                  "checkpoint.memory_interval=0", "fault_tolerance.hang_timeout_s=40"]
+                  "checkpoint.memory_interval=1", "fault_tolerance.hang_timeout_s=40"]
 
 
 @pytest.mark.slow
@@ -590,6 +628,37 @@ def test_streaming_delayed_islands_resume_exactly_from_a_checkpoint(tmp_path):
     rows = read_jsonl(relaid / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(9, 17))
     np.testing.assert_allclose([r["loss"] for r in rows], losses(tmp_path / "whole")[8:], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_islands_restarted_by_torchrun_resume_from_memory_bitwise(tmp_path):
+    """torchrun restarts both islands after island 1's rank is killed between disk checkpoints;
+    they resume together from the newest memory snapshot every island holds (streaming, delayed
+    int4 syncs in flight are sent again) and end bit for bit where the uninterrupted run ends."""
+    common = [*TINY_MOE, "run.steps=32", "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=4",
+              "diloco.fragments=2", "diloco.delayed_update=true", "diloco.quantize=int4",
+              "checkpoint.interval=16", "checkpoint.memory_interval=1", "model.moe.balance=aux_free"]
+    whole = run_cli(["train", *common, f"run.dir={tmp_path / 'whole'}"], torchrun_procs=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run_dir = tmp_path / "restarted"
+    proc = start_torchrun(["train", *common, f"run.dir={run_dir}"], procs=2, max_restarts=1)
+    with ended(proc):
+        # Island 0 lands a sync at step 22 only once island 1 has sent its own: both are past it.
+        wait_for(lambda: last_step(run_dir) >= 22, 180, proc, "training to pass step 22")
+        torchrun_ranks(proc)["1"].kill()  # island 1
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+    resumes = events(run_dir, "resume")
+    assert len(resumes) == 1 and resumes[0]["source"] == "memory" and resumes[0]["step"] > 16, out[-3000:]
+    got, want = _island_tensors(run_dir), _island_tensors(tmp_path / "whole")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    hashes = lambda run: [e["state_sha256"] for e in events(tmp_path / run, "outer_step")
+                          if e["island"] == 0 and e["outer_step"] > 8]
+    assert hashes("restarted")[-4:] == hashes("whole")[-4:]
+    assert losses(run_dir) == losses(tmp_path / "whole")
 
 
 @pytest.mark.slow

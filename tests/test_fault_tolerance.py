@@ -12,16 +12,14 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import (MARKER, SESSION_ID, TINY_MOE, assert_same_state, ended, events, finish, free_port,
-                      last_step, losses, run_cli, start_ray_run, subprocess_env, wait_for)
+from conftest import (MARKER, SESSION_ID, TINY_MOE, assert_same_state, ended, events, finish, last_step,
+                      losses, run_cli, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -117,15 +115,6 @@ def test_default_run_listens_on_loopback_only(short_tmp):
         assert {addr for _, addr, _ in found} <= LOOPBACK, sorted(found)
 
 
-def torchrun_ranks(proc: subprocess.Popen) -> dict[str, psutil.Process]:
-    ranks = {}
-    for child in psutil.Process(proc.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "atoll.launch" in " ".join(child.cmdline()) and child.environ().get("RANK"):
-                ranks[child.environ()["RANK"]] = child
-    return ranks
-
-
 @pytest.mark.slow
 def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp):
     """torchrun --max-restarts: a killed rank makes torchrun restart both; they resume from the
@@ -138,11 +127,7 @@ def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run_dir = tmp_path / "restarted"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-           "--max-restarts=2", "--monitor-interval=0.1", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "atoll.launch", "train", *args, f"run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+    proc = start_torchrun(["train", *args, f"run.dir={run_dir}"], procs=2, max_restarts=2)
     with ended(proc):
         # After the first commit: DCP's writer process is up (one killed while it still starts
         # can sit in its store connection until that times out).

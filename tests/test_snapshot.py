@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from atoll.checkpoint.manifest import CheckpointError
 from atoll.checkpoint.snapshot import MemorySnapshotter, ShmSnapshotStore, restore_snapshot, shm_root
+from atoll.checkpoint.snapshot_store import IslandSnapshotStore
 from atoll.checkpoint.state import split_state
 from conftest import free_port, subprocess_env
 from snapshot_script import full_tensors, tiny_states, train
@@ -183,6 +184,38 @@ def test_incomplete_snapshots_never_count(tmp_path):
     assert pickle.loads(pickle.dumps(store)).latest() == 4  # what the launcher hands each process
     store.clear()
     assert not (tmp_path / "shm").exists() and store.latest() is None
+
+
+def test_islands_share_a_store_and_keep_what_a_common_resume_needs(tmp_path):
+    """Two DiLoCo islands in one store: each completes its own steps; retain keeps every own
+    step from the slowest island's newest on; drop_after forgets a history that is replaced."""
+    shared = ShmSnapshotStore(tmp_path / "shm")
+    newest: dict[int, int] = {}
+
+    def floor_for(island):
+        def floor(step):
+            newest[island] = step
+            return min(newest.get(i, -1) for i in (0, 1))
+        return floor
+
+    islands = [IslandSnapshotStore(shared, k, 2, floor=floor_for(k)) for k in (0, 1)]
+    shard = np.arange(4, dtype=np.uint8)
+    for step in range(1, 7):  # island 0 runs ahead: steps 1..6; island 1 reaches 3
+        for k, store in enumerate(islands):
+            if k == 1 and step > 3:
+                continue
+            store.put_shard(step, 0, shard + k)
+            store.put_meta(step, 1, f"island {k} step {step}".encode())
+            store.retain(step)
+    islands[1].put_shard(4, 0, shard)  # island 1's step 4 still lacks its meta
+    assert islands[0].complete() == [3, 4, 5, 6] and islands[1].complete() == [3]
+    assert islands[1].latest() == 3 and islands[1].missing(4) == "no meta.bin"
+    assert islands[0].get_meta(3) == b"island 0 step 3" and islands[1].get_meta(3) == b"island 1 step 3"
+    assert np.array_equal(islands[1].get_shard(3, 0), shard + 1)
+    islands[0].drop_after(3)  # both resume from step 3: island 0's steps 4..6 are of another history
+    assert islands[0].complete() == [3] and islands[1].steps() == [3, 4]
+    islands[1].clear()
+    assert islands[1].steps() == [] and islands[0].complete() == [3]
 
 
 def test_meta_is_unpickled_with_the_allow_list(tmp_path):

@@ -11,6 +11,7 @@ It never imports Ray: the store and the rejoin token come from the launcher.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -19,9 +20,10 @@ from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import IslandSaves
 from atoll.checkpoint.manifest import CheckpointError
+from atoll.checkpoint.snapshot_store import IslandSnapshotStore, SnapshotStore
 from atoll.parallel.diloco import DiLoCo, fragment_of
 from atoll.parallel.layout import ParallelMesh
-from atoll.parallel.outer_group import OuterGroup
+from atoll.parallel.outer_group import DilocoError, OuterGroup
 from atoll.parallel.pseudo_grad_codecs import make_codec
 from atoll.trainer.config import DilocoConfig, as_dataclass
 from atoll.trainer.optim import ScheduleState
@@ -60,6 +62,26 @@ def island_saves(outer: OuterGroup, timeout_s: float) -> IslandSaves:
     """Each island writes its own part of a checkpoint; they meet in the outer store."""
     return IslandSaves(outer.island, outer.islands, report=outer.report_saved,
                        wait_all=lambda step: outer.wait_saved(step, timeout_s))
+
+
+def island_snapshots(outer: OuterGroup, shared: SnapshotStore) -> IslandSnapshotStore:
+    """This island's part of the run's memory snapshots; the islands tell each other their
+    newest complete step, so each keeps what a resume of all of them together needs."""
+    return IslandSnapshotStore(shared, outer.island, outer.islands, floor=outer.snapshot_floor)
+
+
+def newest_common_snapshot(outer: OuterGroup, store: SnapshotStore, not_before: int) -> Optional[int]:
+    """The newest step (from `not_before` on) with a complete memory snapshot on every island,
+    or None. Called by each island's first rank; every island computes the same answer."""
+    mine = [step for step in store.complete() if step >= not_before]
+    try:
+        answers = outer.agree("memory-snapshots", json.dumps(mine), outer.timeout_s)
+    except DilocoError as exc:
+        raise CheckpointError(f"DiLoCo islands could not compare their memory snapshots: {exc}") from None
+    common = set(mine)
+    for steps in answers.values():
+        common &= set(json.loads(steps))
+    return max(common) if common else None
 
 
 def agree_on_resume(outer: OuterGroup, choice: tuple) -> None:

@@ -43,8 +43,8 @@ from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook)
-from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves, rejoin,
-                                  start_islands_from_plain)
+from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
+                                  island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -161,9 +161,12 @@ class Trainer:
             islands=island_saves(self.outer, cfg.fault_tolerance.collective_timeout_s) if self.outer else None,
             clean_partials=self.is_logging_rank and not self.control.rejoin_token)
         store = self.control.snapshot_store
-        if store is not None and ckpt.memory_interval and self.layout.islands == 1:
+        if store is not None and self.outer is not None:  # islands share the store, each in its own part
+            store = island_snapshots(self.outer, store)
+        self.snapshot_store = store
+        if store is not None and ckpt.memory_interval:
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
-                                                 is_coordinator=self.is_logging_rank,
+                                                 is_coordinator=self.env.is_island_lead,
                                                  interval=ckpt.memory_interval, warn=self._warn,
                                                  on_event=self._snapshot_event)
         self.progress = ValueState(step=0)
@@ -231,7 +234,7 @@ class Trainer:
         # One per step would drown the run's events: only the first failure of a streak.
         failing = event == "snapshot_failed"
         if failing and not self._snapshots_failing:
-            self._event(event, **fields)
+            self.island_event(event, **fields, **({"island": self.env.island} if self.outer else {}))
         self._snapshots_failing = failing
 
     def _event(self, event: str, /, **fields) -> None:
@@ -270,12 +273,13 @@ class Trainer:
         if self.outer is not None:
             agree_on_resume(self.outer, (kind, value))
         if kind == "none":
+            if self.outer is not None and self.snapshot_store is not None and self.env.is_island_lead:
+                self.snapshot_store.clear()  # this island's snapshots of a failed start
             if self.control.attempt > 0 and self.is_logging_rank:
                 truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again
             return None
         if kind == "memory":
-            restore_snapshot(self.control.snapshot_store, int(value), self.states,
-                             self.checkpointer.group)
+            restore_snapshot(self.snapshot_store, int(value), self.states, self.checkpointer.group)
             path = Path(f"memory:step-{int(value)}")
         else:
             path = Path(value)
@@ -286,6 +290,8 @@ class Trainer:
                 self.checkpointer.load(path, manifest, self.states)
         self.step = int(self.progress.values["step"])
         self.resumed_step, self.resume_source = self.step, ("memory" if kind == "memory" else "disk")
+        if self.outer is not None and self.snapshot_store is not None and self.env.is_island_lead:
+            self.snapshot_store.drop_after(self.step)
         if self.is_logging_rank:
             truncate_metrics(self.cfg, self.step)
             print(f"resumed from {path} at step {self.step} "
@@ -295,9 +301,12 @@ class Trainer:
     def _choose_resume(self) -> tuple:
         found = choose_checkpoint(self.cfg, self._warn)
         disk_step = read_manifest(found[0])["step"] if found else -1
-        store = self.control.snapshot_store
+        store = self.snapshot_store
         if store is not None and self.cfg.checkpoint.resume == "auto":
-            memory_step = store.latest()
+            if self.outer is None:
+                memory_step = store.latest()
+            else:  # the newest step every island can resume from together
+                memory_step = newest_common_snapshot(self.outer, store, disk_step)
             if memory_step is not None and memory_step >= disk_step:
                 return "memory", memory_step
         return ("disk", str(found[0])) if found else ("none", None)
@@ -384,9 +393,13 @@ class Trainer:
     def _rollback(self) -> None:
         """Back to the newest snapshot or checkpoint; the data stream goes on past the bad batches."""
         position, from_step = self.loader.samples_consumed, self.step
+        if self.outer is not None:
+            raise TrainingError(f"the loss diverged at step {from_step + 1} on DiLoCo island "
+                                f"{self.env.island}, and one island cannot roll back alone (its shared "
+                                "state would leave the others'); lower optim.lr or check the data")
         if self.snapshotter is not None:
             self.snapshotter.wait()
-        store = self.control.snapshot_store if self.snapshotter is not None else None
+        store = self.snapshot_store if self.snapshotter is not None else None
         memory_step = store.latest() if store is not None else None
         if memory_step is not None:
             restore_snapshot(store, memory_step, self.states, self.checkpointer.group)
