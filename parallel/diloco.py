@@ -154,8 +154,9 @@ class DiLoCo:
 
     def after_inner_step(self, step: int, position: int, land_all: bool = False) -> list[dict[str, Any]]:
         """Land the reductions due now, start the syncs due now; the finished outer steps.
-        `land_all` (a checkpoint is taken after this step) lands everything in flight, so a
-        checkpoint never holds a reduction half done."""
+        `land_all` (the last step of this invocation) lands everything in flight, so nothing
+        is left on the wire when the islands stop. A checkpoint or snapshot taken in between
+        holds the syncs in flight (`state_dict`) and a resume sends them again."""
         self.step = step
         events = []
         if not self.delayed:

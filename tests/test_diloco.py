@@ -596,26 +596,32 @@ def _island_tensors(run_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_streaming_delayed_islands_resume_exactly_from_a_checkpoint(tmp_path):
-    """Stopped at step 8 and resumed, streaming int4 islands with delayed updates end bit for
-    bit where the uninterrupted run ends: global and local parameters, inner and outer
-    optimizer state, error feedback, every island's data position. A resume under another
-    inner layout (dp=2 FSDP islands) goes on from the same state."""
+    """Resumed from the checkpoint of step 8 (taken while every fragment's delayed sync was
+    in flight), streaming int4 islands with delayed updates end bit for bit where the
+    uninterrupted run ends: global and local parameters, inner and outer optimizer state,
+    error feedback, every island's data position. A resume under another inner layout
+    (dp=2 FSDP islands) goes on from the same state."""
     common = [*TINY_MOE, "run.steps=16", "parallel.dp=1", "diloco.islands=2", "diloco.inner_steps=4",
               "diloco.fragments=2", "diloco.delayed_update=true", "diloco.quantize=int4",
-              "checkpoint.interval=8", "model.moe.balance=aux_free"]
+              "checkpoint.interval=8", "checkpoint.memory_interval=0", "model.moe.balance=aux_free"]
     whole = run_cli(["train", *common, f"run.dir={tmp_path / 'whole'}"], torchrun_procs=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = run_cli(["train", *common, "run.stop_at=8", f"run.dir={tmp_path / 'split'}"], torchrun_procs=2)
+    split = tmp_path / "split"
+    first = run_cli(["train", *common, "run.stop_at=12", f"run.dir={split}"], torchrun_procs=2)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(["train", *common, f"run.dir={tmp_path / 'split'}"], torchrun_procs=2)
+    second = run_cli(["train", *common, f"run.dir={split}",
+                      f"checkpoint.resume={split / 'checkpoints' / 'step-00000008'}"], torchrun_procs=2)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert [e["step"] for e in events(split, "resume")] == [8]
     got, want = _island_tensors(tmp_path / "split"), _island_tensors(tmp_path / "whole")
     assert got.keys() == want.keys()
     assert any(".global." in k for k in want) and any(".error." in k for k in want)
     assert any(k.startswith("island-1/") and k.endswith(".exp_avg_sq") for k in want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    hashes = lambda run: [e["state_sha256"] for e in events(tmp_path / run, "outer_step") if e["island"] == 0]
+    # the newest hash of each outer step (the split run did outer steps after step 8 twice)
+    hashes = lambda run: {e["outer_step"]: e["state_sha256"] for e in events(tmp_path / run, "outer_step")
+                          if e["island"] == 0}
     assert hashes("split") == hashes("whole")
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 

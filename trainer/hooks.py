@@ -96,7 +96,7 @@ class DilocoHook(StepHook):
         diloco, position = trainer.diloco, trainer.loader.samples_consumed
         end = trainer.step == trainer.cfg.run.steps
         events = diloco.after_inner_step(trainer.step, position,
-                                         land_all=not end and trainer.disk_checkpoint_due())
+                                         land_all=not end and trainer.at_boundary())
         if end:
             events += diloco.finish(trainer.step, position)
         for change in trainer.outer.take_changes():
