@@ -78,14 +78,16 @@ def unwrap(train_module: nn.Module) -> nn.Module:
     return train_module.module if isinstance(train_module, DistributedDataParallel) else train_module
 
 
-def dp_comm_bytes_per_step(param_bytes: int, layout) -> int:
+def dp_comm_bytes_per_step(param_bytes: int, layout, stats_bytes: int = 0) -> int:
     """Bytes each rank sends for data parallelism in one step (ring algorithms).
 
     FSDP all-gathers parameters for forward and again for backward, then
     reduce-scatters gradients: 3·(dp-1)/dp of the parameter bytes. DDP's
-    all-reduce sends 2·(dp-1)/dp of the gradient bytes.
+    all-reduce sends 2·(dp-1)/dp of the gradient bytes. `stats_bytes` is
+    all-reduced as well every step: the routing statistics that keep the
+    aux-free expert bias equal on every replica.
     """
     if layout.dp == 1:
         return 0
     factor = 3 if layout.dp_shard == "fsdp" else 2
-    return int(factor * param_bytes * (layout.dp - 1) / layout.dp)
+    return int((factor * param_bytes + 2 * stats_bytes) * (layout.dp - 1) / layout.dp)

@@ -130,8 +130,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg)
         self.param_count = count_params(self.model)["total"]
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout)
         self._build_parts(cfg)
+        # reduce_moe_load's float64 buffer: every layer's load per expert and its drop count
+        stats_bytes = sum(8 * (moe.num_experts + 1) for part in self.parts for _, moe in moe_layers(part))
+        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout, stats_bytes)
         self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
         self.optimizers = [build_optimizer(part, self.optim_cfg) for part in self.parts]
