@@ -250,8 +250,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, ckpt_dir: Path, manifest: dict, states: dict[str, Stateful]) -> None:
-        """Load a verified checkpoint into `states`, resharding to this layout."""
+    def load(self, ckpt_dir: Path, manifest: dict, states: dict[str, Stateful], only: str = "") -> None:
+        """Load a verified checkpoint into `states`, resharding to this layout; `only` (a name
+        prefix) loads just the checkpoint's tensors under it (e.g. the model's weights)."""
+        if only:
+            manifest = {**manifest, "tensors": {k: v for k, v in manifest["tensors"].items() if k.startswith(only)}}
         tensors, _ = split_state(states)
         # Every rank holds part of the model (pipeline stages): check the union, the same everywhere.
         pieces = [None] * dist.get_world_size()

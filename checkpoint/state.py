@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+MODEL_PREFIX = "model."  # the model's tensors in a checkpoint: model.<fqn>
 
 
 class ModelOptimizerState(Stateful):
@@ -51,6 +52,27 @@ class ModelOptimizerState(Stateful):
                            optim_state_dict={k: state_dict["optim"][k] for k in own_optim
                                              if k in state_dict["optim"]},
                            options=_OPTIONS)
+
+
+class ModelWeightsState(Stateful):
+    """Only the model of `ModelOptimizerState` (`model.<fqn>`): what a run that starts from
+    another run's weights (fine-tuning, an imported model) takes from its checkpoint."""
+
+    top_level = True
+
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for model in self.parts:
+            merged.update(get_model_state_dict(model, options=_OPTIONS))
+        return {"model": merged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for model in self.parts:
+            own = get_model_state_dict(model, options=_OPTIONS)
+            set_model_state_dict(model, {k: state_dict["model"][k] for k in own}, options=_OPTIONS)
 
 
 class ValueState(Stateful):

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from atoll.checkpoint.checkpointer import tensor_dir
 from atoll.checkpoint.dcp_io import read_tensors, tensor_index, write_tensors
+from atoll.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, from_hf, hf_model_overrides, read_hf_folder, to_hf,
+                                write_hf_folder)
 from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
 from atoll.checkpoint.manifest import CheckpointError, read_manifest, verify, write_manifest
+from atoll.checkpoint.state import MODEL_PREFIX
 from atoll.checkpoint.store import commit, partial_dir, resolve_checkpoint
 
-MODEL_PREFIX = "model."
 DILOCO_GLOBAL_PREFIX = "diloco.global."
 MOMENT_PREFIX = "optim.state."
 PARAM_GROUP_PREFIX = "param_groups."
@@ -63,25 +64,33 @@ def load_model_and_moments(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], d
     return manifest, tensors, dict(groups)
 
 
-def export_hf(path: Path, out: Path) -> Path:
-    """safetensors weights plus a config.json describing the model."""
+def export_hf(path: Path, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """A transformers model folder (config.json, safetensors, generation_config.json) in the
+    architecture that computes what the checkpoint's model does (checkpoint/hf.py)."""
     ckpt = resolve_checkpoint(path)
     manifest, tensors, _ = load_model_and_moments(ckpt)
     weights = {k[len(MODEL_PREFIX):]: v.contiguous() for k, v in tensors.items()
                if k.startswith(MODEL_PREFIX)}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt",
-                                                                 "atoll_step": str(manifest["step"])})
-    model = manifest["recipe"]["model"]
-    config = {"architectures": ["AtollForCausalLM"], "model_type": "atoll",
-              "hidden_size": model["dim"], "num_hidden_layers": model["layers"],
-              "num_attention_heads": model["heads"], "vocab_size": model["vocab_size"],
-              "rope_theta": model["rope_theta"], "rms_norm_eps": model["norm_eps"],
-              "intermediate_size": model["ffn_hidden"], "num_local_experts": model["moe"]["num_experts"],
-              "num_experts_per_tok": model["moe"]["top_k"], "tie_word_embeddings": False,
-              "torch_dtype": "float32", "atoll": {"model": model, "step": manifest["step"]}}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config, hf_tensors = to_hf(weights, manifest["recipe"]["model"])
+    write_hf_folder(out, config, hf_tensors, {"atoll_step": str(manifest["step"])}, max_shard_bytes)
     return out
+
+
+def import_hf(src: Path, out: Path) -> tuple[Path, list[str]]:
+    """A transformers folder as a committed weights-only atoll checkpoint under `out` (step 0);
+    returns it and the `model.*` overrides a recipe needs to train it."""
+    config, hf_tensors = read_hf_folder(src)
+    model, weights = from_hf(config, hf_tensors)
+    tensors = {MODEL_PREFIX + name: value.contiguous() for name, value in weights.items()}
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    target = partial_dir(root, 0)
+    write_tensors(target, tensors)
+    write_manifest(target, step=0, samples=0, layout={"world_size": 1, "source": "hf"},
+                   recipe={"model": model}, tensors=tensor_index(tensors), state={"train": {"step": 0}},
+                   extra={"weights_only": True, "imported_from": str(src), "imported_at": time.time(),
+                          "architecture": config.get("architectures", [config.get("model_type")])[0]})
+    return commit(root, 0), hf_model_overrides(model)
 
 
 def export_deepspeed(path: Path, out: Path) -> Path:

@@ -43,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("path", type=Path)
     export.add_argument("--format", required=True, choices=["hf", "deepspeed-universal"])
     export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--max-shard-mb", type=float, default=5 * 1024,
+                        help="hf: split the weights into safetensors shards of at most this size")
     imp = ckpt_commands.add_parser("import", help="make an atoll checkpoint from another format")
     imp.add_argument("src", type=Path)
-    imp.add_argument("--format", required=True, choices=["deepspeed-universal"])
+    imp.add_argument("--format", required=True, choices=["hf", "deepspeed-universal"])
     imp.add_argument("--out", required=True, type=Path, help="checkpoints folder to commit into")
     return parser
 
@@ -160,8 +162,16 @@ def ckpt_command(args: argparse.Namespace) -> int:
         print(f"ok: {ckpt} (every file matches its hash)")
         return 0
     if args.ckpt_command == "export":
-        writer = tools.export_hf if args.format == "hf" else tools.export_deepspeed
-        print(f"exported {args.format} to {writer(args.path, args.out)}")
+        if args.format == "hf":
+            out = tools.export_hf(args.path, args.out, int(args.max_shard_mb * 1024**2))
+        else:
+            out = tools.export_deepspeed(args.path, args.out)
+        print(f"exported {args.format} to {out}")
+        return 0
+    if args.format == "hf":
+        ckpt, overrides = tools.import_hf(args.src, args.out)
+        print(f"imported into {ckpt} (weights only: a run started from it begins at step 0)\n"
+              f"train it with: atoll train RECIPE checkpoint.resume={ckpt} {' '.join(overrides)}")
         return 0
     print(f"imported into {tools.import_deepspeed(args.src, args.out)}")
     return 0

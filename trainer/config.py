@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,7 +59,9 @@ class ModelConfig:
     dim: int = 128
     layers: int = 4
     heads: int = 4
+    kv_heads: Optional[int] = None  # grouped-query attention: key/value heads; None = heads
     vocab_size: int = 256
+    tie_embeddings: bool = False  # the output head reuses the token embedding matrix
     ffn_hidden: Optional[int] = None  # default: SwiGLU-sized 8/3·dim rounded to 16
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -120,6 +122,7 @@ class CheckpointConfig:
     keep: int = 3
     keep_every: int = 0
     resume: str = "auto"  # auto | none | PATH
+    load_optimizer: bool = True  # false: take only the weights of checkpoint.resume (fine-tuning)
     memory_interval: int = 1  # steps between in-memory snapshots (fault recovery); 0 = off
     memory_replicas: int = 1  # copies of each snapshot on other nodes (Ray)
 
@@ -386,6 +389,11 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"model.dim={model.dim} must be divisible by model.heads={model.heads}")
     if (model.dim // model.heads) % 2:
         raise RecipeError(f"model.dim/model.heads={model.dim // model.heads} must be even for rotary embeddings")
+    if model.kv_heads is not None and (model.kv_heads < 1 or model.heads % model.kv_heads):
+        raise RecipeError(f"model.kv_heads={model.kv_heads} must divide model.heads={model.heads}")
+    if model.tie_embeddings and cfg.parallel.pp > 1:
+        raise RecipeError("model.tie_embeddings=true needs parallel.pp=1 (the embedding and the output "
+                          "head live on different pipeline stages)")
     if cfg.data.source in ("stdlib", "folder") and model.vocab_size < 256:
         raise RecipeError(f"model.vocab_size={model.vocab_size} must be at least 256 for byte-level data.source={cfg.data.source}")
     if cfg.data.source in ("folder", "tokens") and not cfg.data.path:
@@ -483,6 +491,33 @@ def ffn_hidden(model: ModelConfig | DictConfig) -> int:
     if model.ffn_hidden:
         return int(model.ffn_hidden)
     return 16 * ((8 * model.dim // 3 + 15) // 16)
+
+
+# What a set of weights means: the keys a run taking another run's weights must share with it.
+_MODEL_FUNCTION_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "tie_embeddings", "rope_theta",
+                        "norm_eps")
+_MOE_FUNCTION_KEYS = ("num_experts", "top_k", "score_func", "renormalize", "shared_expert", "groups")
+
+
+def model_differences(saved: dict, cfg: DictConfig) -> list[str]:
+    """`model.key=value` (the saved value) for every key where the recipe's model computes
+    something else than the model the weights were saved from; [] when they agree."""
+    current = OmegaConf.to_container(cfg.model, resolve=True)
+    base = asdict(ModelConfig())
+    saved = {**base, **saved, "moe": {**base["moe"], **(saved.get("moe") or {})}}
+    wanted = {f"model.{k}": saved[k] for k in _MODEL_FUNCTION_KEYS}
+    have = {f"model.{k}": current[k] for k in _MODEL_FUNCTION_KEYS}
+    wanted["model.ffn_hidden"], have["model.ffn_hidden"] = \
+        ffn_hidden(OmegaConf.create(saved)), ffn_hidden(cfg.model)
+    if saved["moe"]["num_experts"] or current["moe"]["num_experts"]:
+        for key in _MOE_FUNCTION_KEYS:
+            wanted[f"model.moe.{key}"], have[f"model.moe.{key}"] = saved["moe"][key], current["moe"][key]
+        wanted["model.moe.hidden"] = saved["moe"]["hidden"] or wanted["model.ffn_hidden"]
+        have["model.moe.hidden"] = current["moe"]["hidden"] or have["model.ffn_hidden"]
+    if wanted["model.kv_heads"] in (None, wanted["model.heads"]) and have["model.kv_heads"] in (None, have["model.heads"]):
+        wanted["model.kv_heads"] = have["model.kv_heads"]
+    return [f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in wanted.items() if value != have[key]]
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:

@@ -71,24 +71,31 @@ def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Te
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    """Causal self-attention; with kv_heads < heads (grouped-query attention) each group of
+    heads // kv_heads consecutive query heads shares one key/value head."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
+        self.kv_heads = kv_heads or heads
         self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
 
-        def split_heads(t_BSD: torch.Tensor) -> torch.Tensor:
-            return t_BSD.view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        def split_heads(t_BSX: torch.Tensor, heads: int) -> torch.Tensor:
+            return t_BSX.view(B, S, heads, self.head_dim).transpose(1, 2)
 
-        q_BHSHd = apply_rotary(split_heads(self.wq(x_BSD)), cos_SHd, sin_SHd)
-        k_BHSHd = apply_rotary(split_heads(self.wk(x_BSD)), cos_SHd, sin_SHd)
-        v_BHSHd = split_heads(self.wv(x_BSD))
-        o_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BHSHd, v_BHSHd, is_causal=True)
+        q_BHSHd = apply_rotary(split_heads(self.wq(x_BSD), self.heads), cos_SHd, sin_SHd)
+        k_BGSHd = apply_rotary(split_heads(self.wk(x_BSD), self.kv_heads), cos_SHd, sin_SHd)
+        v_BGSHd = split_heads(self.wv(x_BSD), self.kv_heads)
+        if self.kv_heads != self.heads:
+            k_BGSHd = k_BGSHd.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v_BGSHd = v_BGSHd.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        o_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BGSHd, v_BGSHd, is_causal=True)
         return self.wo(o_BHSHd.transpose(1, 2).reshape(B, S, D))
 
 
@@ -98,7 +105,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.heads)
+        self.attention = Attention(cfg.dim, cfg.heads, cfg.kv_heads)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.moe.num_experts == 0:
             self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
@@ -135,6 +142,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one matrix, registered once (as tok_embeddings.weight)
+            self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, S] (or hidden [B, S, D] without tok_embeddings) -> (logits_BSV, aux_loss)."""
@@ -177,6 +186,16 @@ class Transformer(nn.Module):
         # Cached rope tables may be garbage after meta-device construction + to_empty.
         self.rope.cos_SHd = self.rope.cos_SHd.new_empty(0, self.rope.head_dim)
         self.rope.sin_SHd = self.rope.sin_SHd.new_empty(0, self.rope.head_dim)
+
+
+@torch.no_grad()
+def greedy_generate(model: Transformer, tokens_BS: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`tokens_BS` followed by `new_tokens` tokens, each the argmax of the next-token logits
+    (the whole sequence is recomputed per token: a reference, not a server)."""
+    for _ in range(new_tokens):
+        logits_BSV, _ = model(tokens_BS)
+        tokens_BS = torch.cat([tokens_BS, logits_BSV[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return tokens_BS
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

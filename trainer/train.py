@@ -27,7 +27,7 @@ from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import find_resumable
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
-from atoll.checkpoint.state import ModelOptimizerState, ValueState
+from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
                                            sync_expert_grads)
@@ -37,7 +37,7 @@ from atoll.parallel.diloco import DiLoCo
 from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
-from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config,
+from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config, model_differences,
                                   recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
@@ -283,6 +283,8 @@ class Trainer:
         if kind == "memory":
             restore_snapshot(self.snapshot_store, int(value), self.states, self.checkpointer.group)
             path = Path(f"memory:step-{int(value)}")
+        elif kind == "weights":
+            return self._start_from_weights(Path(value))
         else:
             path = Path(value)
             manifest = read_manifest(path)
@@ -300,11 +302,44 @@ class Trainer:
                   f"({self.loader.samples_consumed} samples consumed)", flush=True)
         return path
 
+    def _start_from_weights(self, path: Path) -> Path:
+        """Step 0 with another run's weights (an imported model, fine-tuning): a fresh
+        optimizer, schedule and data stream."""
+        manifest = read_manifest(path)
+        if manifest.get("islands"):
+            raise CheckpointError(f"checkpoint {path} holds DiLoCo islands; export it "
+                                  "(atoll ckpt export) and import that to start from its weights")
+        differences = model_differences(manifest.get("recipe", {}).get("model") or {}, self.cfg)
+        if differences:
+            raise CheckpointError(f"checkpoint {path} holds another model; train it with "
+                                  f"{' '.join(differences)}")
+        self.checkpointer.load(path, manifest, {"model": ModelWeightsState(self.parts)}, only=MODEL_PREFIX)
+        if self.diloco is not None:
+            self.diloco.start_from_model()
+        self.resumed_step, self.resume_source = 0, "weights"
+        if self.is_logging_rank:
+            truncate_metrics(self.cfg, 0)
+            print(f"starting from the weights of {path} (step {manifest['step']} there): "
+                  "fresh optimizer and schedule, step 0", flush=True)
+        return path
+
+    def _weights_only(self, manifest: dict) -> bool:
+        return bool(manifest.get("weights_only")) or not self.cfg.checkpoint.load_optimizer
+
     def _choose_resume(self) -> tuple:
         found = choose_checkpoint(self.cfg, self._warn)
+        auto = self.cfg.checkpoint.resume == "auto"
+        if found is not None and not auto and self._weights_only(found[1]):
+            # Fine-tuning from other weights: once this run has saved state of its own
+            # (a restart, a second invocation), that state is where it goes on from.
+            own = find_resumable(checkpoints_dir(self.cfg), self._warn)
+            memory = self.snapshot_store.latest() if self.snapshot_store is not None else None
+            if own is None and memory is None:
+                return "weights", str(found[0])
+            found, auto = own, True
         disk_step = read_manifest(found[0])["step"] if found else -1
         store = self.snapshot_store
-        if store is not None and self.cfg.checkpoint.resume == "auto":
+        if store is not None and auto:
             if self.outer is None:
                 memory_step = store.latest()
             else:  # the newest step every island can resume from together

@@ -1,0 +1,165 @@
+"""Hugging Face round trip: atoll exports that transformers loads, transformers models atoll imports.
+
+Every check runs transformers itself (AutoModelForCausalLM.from_pretrained on
+the exported folder, save_pretrained for the imported one) and compares
+logits (fp32, max abs difference ≤ 1e-5) and greedy generation (identical
+tokens) with atoll's model on the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from atoll.checkpoint.hf import architecture_for
+from atoll.checkpoint.manifest import CheckpointError
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.checkpoint.tools import import_hf, load_model_and_moments
+from atoll.launch.cli import main
+from atoll.trainer.config import model_config, recipe_from_dict
+from atoll.trainer.metrics import read_jsonl
+from atoll.trainer.model import Transformer, greedy_generate
+from conftest import TINY_MOE, events, run_cli
+
+transformers = pytest.importorskip("transformers")
+
+LOCAL = [*TINY_MOE, "launch.backend=local", "parallel.dp=1", "checkpoint.interval=3", "run.steps=3",
+         "checkpoint.memory_interval=0", "optim.lr=0.01"]
+ARCHITECTURES = {
+    "LlamaForCausalLM": ["model.moe.num_experts=0", "model.kv_heads=2", "model.tie_embeddings=true"],
+    "MixtralForCausalLM": ["model.kv_heads=2"],
+    "Qwen2MoeForCausalLM": ["model.moe.shared_expert=true", "model.moe.renormalize=false"],
+    "Glm4MoeForCausalLM": ["model.moe.score_func=sigmoid", "model.moe.balance=aux_free",
+                           "model.moe.bias_update_rate=0.05", "model.moe.shared_expert=true"],
+}
+
+
+def cli(*args: str) -> int:
+    saved_env = dict(os.environ)  # an in-process run sets MASTER_ADDR/PORT for its 1-rank group
+    try:
+        return main(list(args))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def atoll_model(ckpt: Path) -> Transformer:
+    """The checkpoint's model (global names, any layout) as a single-device Transformer."""
+    manifest, tensors, _ = load_model_and_moments(resolve_checkpoint(ckpt))
+    model = Transformer(model_config(recipe_from_dict(manifest["recipe"])))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def hf_model(folder: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def assert_same_function(ours: Transformer, theirs, vocab: int = 256) -> None:
+    tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        difference = (ours(tokens)[0] - theirs(tokens).logits).abs().max().item()
+    assert difference <= 1e-5, difference
+    prompt = tokens[:, :6]
+    generated = theirs.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generated, greedy_generate(ours, prompt, 10))
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_export_loads_in_transformers_and_computes_the_same(architecture, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", *LOCAL, *ARCHITECTURES[architecture], f"run.dir={run}") == 0
+    out = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    assert (out / "generation_config.json").exists()
+    ours = atoll_model(run)
+    if architecture == "Glm4MoeForCausalLM":  # the trained selection bias crosses over
+        assert ours.layers["0"].feed_forward.router.expert_bias_E.abs().sum() > 0
+    assert_same_function(ours, hf_model(out))
+
+
+def test_large_exports_are_sharded_with_an_index(tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", *LOCAL, f"run.dir={run}") == 0
+    out = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out), "--max-shard-mb", "0.1") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    assert not (out / "model.safetensors").exists()
+    assert_same_function(atoll_model(run), hf_model(out))
+
+
+@pytest.mark.parametrize("key, value", [("capacity_factor", 1.25), ("groups", 2)])
+def test_options_without_an_equivalent_name_their_key(key, value):
+    model = {"moe": {"num_experts": 4, "top_k": 2, key: value}}
+    with pytest.raises(CheckpointError, match=f"^model.moe.{key}={value} has no transformers equivalent"):
+        architecture_for(model)
+    with pytest.raises(CheckpointError, match="^model.moe.balance=aux_free with score_func=softmax"):
+        architecture_for({"moe": {"num_experts": 4, "top_k": 2, "balance": "aux_free"}})
+
+
+def tiny_mixtral(folder: Path, **overrides) -> Path:
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=512, **overrides)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_imported_mixtral_fine_tunes_under_dp_and_ep_and_goes_back(tmp_path, capsys):
+    """A random Mixtral from transformers: imported logits equal transformers'; fine-tuned from
+    step 0 under dp=2 × ep=2 (the weights only: fresh optimizer); exported again it loads in
+    transformers and computes what atoll's fine-tuned model computes."""
+    source = tiny_mixtral(tmp_path / "mixtral")
+    assert cli("ckpt", "import", str(source), "--format", "hf", "--out", str(tmp_path / "imported")) == 0
+    printed = capsys.readouterr().out
+    ckpt = resolve_checkpoint(tmp_path / "imported")
+    overrides = printed.split("train it with: atoll train RECIPE ")[1].split()
+    assert overrides[0] == f"checkpoint.resume={ckpt}" and "model.kv_heads=2" in overrides
+    imported = atoll_model(ckpt)
+    assert_same_function(imported, hf_model(source))
+
+    # The recipe's own model is another one: one line with the overrides it needs.
+    capsys.readouterr()
+    assert cli("train", *LOCAL, f"run.dir={tmp_path / 'wrong'}", f"checkpoint.resume={ckpt}") != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "holds another model; train it with" in error[0], error
+    assert "model.kv_heads=2" in error[0] and "model.rope_theta=1000000.0" in error[0]
+
+    run = tmp_path / "finetune"
+    proc = run_cli(["train", *TINY_MOE, *overrides, "parallel.dp=2", "parallel.ep=2", "run.steps=4",
+                    "checkpoint.interval=4", "optim.lr=0.01", f"run.dir={run}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e["source"] for e in events(run, "resume")] == ["weights"]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    tuned = atoll_model(run)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), imported.parameters()))
+
+    out = tmp_path / "back"
+    assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out)) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert_same_function(tuned, hf_model(out))
+
+
+def test_import_refuses_what_atoll_cannot_represent(tmp_path):
+    with pytest.raises(CheckpointError, match="^MixtralForCausalLM with a sliding attention window"):
+        import_hf(tiny_mixtral(tmp_path / "windowed", sliding_window=16), tmp_path / "out")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        import_hf(pickled, tmp_path / "out")
