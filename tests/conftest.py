@@ -205,3 +205,17 @@ def no_processes_left_behind():
         for proc in leftovers:  # ours, found by the marker we set: safe to end
             proc.kill()
         pytest.fail(f"processes left behind by the test suite: {names}")
+
+
+def word_level_tokenizer(folder: Path, words: list[str]) -> Path:
+    """A local tokenizer folder as save_pretrained writes it (tokenizer.json and a
+    tokenizer_config.json naming the end-of-text token): <unk> 0, </s> 1, then `words`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir(parents=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    return folder

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atoll.trainer.config import DataConfig
+from conftest import word_level_tokenizer
 from atoll.trainer.data import (
     ByteTokenizer, DataError, DataLoader, TokenDataset, build_data, load_tokens,
     step_sample_indices, val_batches,
@@ -225,3 +226,31 @@ def test_build_data(tmp_path):
     assert len(batches) == 2 and batches[0][0].shape == (2, 9) and loader.global_batch == 8
     with pytest.raises(DataError, match="model.vocab_size=5"):
         build_data(cfg, seed=3, dp_rank=0, dp_size=1, vocab_size=5)[1].next_step()
+
+
+def test_text_is_tokenised_once_with_a_local_tokenizer_and_cached(tmp_path, capsys):
+    words = ["the", "islands", "train", "one", "model", "and", "talk", "rarely"]
+    word_level_tokenizer(tmp_path / "tok", words)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "b.txt").write_text("islands talk rarely " * 40)
+    (texts / "a.txt").write_text("the islands train one model and " * 30 + "unknown")
+    cfg = DataConfig(source="text", path=str(texts), tokenizer=str(tmp_path / "tok"))
+    cache = tmp_path / "run" / "data"
+    tokens = load_tokens(cfg, vocab_size=16, cache_dir=cache)
+    ids = {w: i + 2 for i, w in enumerate(words)}
+    first = [ids[w] for w in ("the islands train one model and " * 30).split()] + [0, 1]  # <unk>, </s>
+    second = [ids[w] for w in ("islands talk rarely " * 40).split()] + [1]
+    assert tokens.dtype == np.uint16 and list(tokens) == first + second  # a.txt before b.txt
+    assert "tokenising 2 files" in capsys.readouterr().out
+    cached = list(cache.glob("tokens-*.uint16"))
+    assert len(cached) == 1
+    again = load_tokens(cfg, vocab_size=16, cache_dir=cache)  # mapped, not tokenised again
+    assert np.array_equal(again, tokens) and "tokenising" not in capsys.readouterr().out
+    (texts / "c.txt").write_text("model")  # another folder content: another cache file
+    assert len(load_tokens(cfg, vocab_size=16, cache_dir=cache)) == len(tokens) + 2
+    assert len(list(cache.glob("tokens-*.uint16"))) == 2
+    with pytest.raises(DataError, match="has 10 tokens but model.vocab_size=8$"):
+        load_tokens(cfg, vocab_size=8, cache_dir=cache)
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        load_tokens(DataConfig(source="text", path=str(texts), tokenizer=str(texts)), 16, cache)

@@ -24,7 +24,7 @@ from atoll.launch.cli import main
 from atoll.trainer.config import model_config, recipe_from_dict
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.model import Transformer, greedy_generate
-from conftest import TINY_MOE, events, run_cli
+from conftest import TINY_MOE, events, run_cli, word_level_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,10 +139,21 @@ def test_imported_mixtral_fine_tunes_under_dp_and_ep_and_goes_back(tmp_path, cap
     assert len(error) == 1 and "holds another model; train it with" in error[0], error
     assert "model.kv_heads=2" in error[0] and "model.rope_theta=1000000.0" in error[0]
 
+    # Fine-tuning data: a folder of text and a local tokenizer (the two ranks tokenise it once).
+    words = [f"w{i}" for i in range(200)]
+    tokenizer = word_level_tokenizer(tmp_path / "tokenizer", words)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for k in range(3):
+        picks = torch.randint(0, len(words), (3000,), generator=generator).tolist()
+        (texts / f"{k}.txt").write_text(" ".join(words[i] for i in picks))
     run = tmp_path / "finetune"
     proc = run_cli(["train", *TINY_MOE, *overrides, "parallel.dp=2", "parallel.ep=2", "run.steps=4",
-                    "checkpoint.interval=4", "optim.lr=0.01", f"run.dir={run}"], torchrun_procs=2)
+                    "checkpoint.interval=4", "optim.lr=0.01", f"run.dir={run}", "data.source=text",
+                    f"data.path={texts}", f"data.tokenizer={tokenizer}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("tokenising 3 files") == 1 and len(list((run / "data").glob("tokens-*"))) == 1
     assert [e["source"] for e in events(run, "resume")] == ["weights"]
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
     tuned = atoll_model(run)

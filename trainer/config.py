@@ -70,8 +70,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | folder | tokens
+    source: str = "stdlib"  # stdlib | folder | tokens | text
     path: Optional[str] = None  # folder of text files, or flat token file
+    tokenizer: Optional[str] = None  # source=text: a local tokenizer folder (tokenizer.json)
     token_dtype: str = "uint16"  # for source=tokens
     max_bytes: int = 16_000_000  # cap on text read for stdlib/folder sources
     seq_len: int = 128
@@ -195,7 +196,7 @@ CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "diloco.outer_optimizer": ("sgd",),
     "diloco.quantize": ("none", "bf16", "int8", "int4"),
-    "data.source": ("stdlib", "folder", "tokens"),
+    "data.source": ("stdlib", "folder", "tokens", "text"),
     "data.token_dtype": ("uint16", "uint32"),
     "parallel.dp_shard": ("fsdp", "ddp"),
     "parallel.pp_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
@@ -396,8 +397,10 @@ def validate(cfg: DictConfig) -> None:
                           "head live on different pipeline stages)")
     if cfg.data.source in ("stdlib", "folder") and model.vocab_size < 256:
         raise RecipeError(f"model.vocab_size={model.vocab_size} must be at least 256 for byte-level data.source={cfg.data.source}")
-    if cfg.data.source in ("folder", "tokens") and not cfg.data.path:
+    if cfg.data.source in ("folder", "tokens", "text") and not cfg.data.path:
         raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
+    if cfg.data.source == "text" and not cfg.data.tokenizer:
+        raise RecipeError("data.tokenizer (a local tokenizer folder) is required when data.source=text")
     if moe.num_experts and moe.top_k > moe.num_experts:
         raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed model.moe.num_experts={moe.num_experts}")
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:

@@ -1,7 +1,8 @@
 """Training data: tokens, a deterministic sample order, and per-rank sharding.
 
 Turns a `DataConfig` into a 1-D token stream (Python stdlib sources, a folder
-of text files, or a flat pre-tokenised file read through a memmap), cuts it
+of text files as bytes, a flat pre-tokenised file read through a memmap, or a
+folder of text tokenised once with a local tokenizer: trainer/text_data.py), cuts it
 into fixed windows of `seq_len + 1` tokens, and hands each data-parallel rank
 its share of every step (DESIGN §4): step `s` consumes global samples
 `[s·B, (s+1)·B)`, B = micro_batch × grad_accum × dp, and the order is a pure
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from atoll.trainer.config import DataConfig
+from atoll.trainer.text_data import text_tokens
 
 SEPARATOR = 0  # byte placed after every file so documents do not run together
 _TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -119,8 +121,24 @@ def _file_tokens(path: Optional[str], token_dtype: str) -> np.ndarray:
     return np.memmap(p, dtype=dtype, mode="r")
 
 
-def load_tokens(cfg: DataConfig) -> np.ndarray:
-    """The whole token stream of the recipe's data source, as a 1-D integer array."""
+def _text_tokens(cfg: DataConfig, vocab_size: Optional[int], cache_dir: Optional[Path]) -> np.ndarray:
+    if not cfg.path or not cfg.tokenizer:
+        raise DataError("data.source=text needs data.path (a folder of text) and data.tokenizer")
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path {cfg.path} is not a folder")
+    files = _walk_files(root, set(), None)
+    if not files:
+        raise DataError(f"data.path {cfg.path} has no text files")
+    if cache_dir is None:
+        raise DataError("data.source=text needs a run directory to cache its tokens in")
+    cached = text_tokens(root, files, cfg.tokenizer, vocab_size, cfg.max_bytes, cache_dir, DataError)
+    return _file_tokens(str(cached), cached.suffix.lstrip("."))
+
+
+def load_tokens(cfg: DataConfig, vocab_size: Optional[int] = None, cache_dir: Optional[Path] = None) -> np.ndarray:
+    """The whole token stream of the recipe's data source, as a 1-D integer array.
+    `cache_dir` holds what `data.source: text` tokenised (in the run directory)."""
     if cfg.max_bytes <= 0:
         raise DataError("data.max_bytes must be positive")
     if cfg.source == "stdlib":
@@ -129,7 +147,9 @@ def load_tokens(cfg: DataConfig) -> np.ndarray:
         return _folder_tokens(cfg.path, cfg.max_bytes)
     if cfg.source == "tokens":
         return _file_tokens(cfg.path, cfg.token_dtype)
-    raise DataError(f"data.source must be stdlib, folder or tokens, not {cfg.source}")
+    if cfg.source == "text":
+        return _text_tokens(cfg, vocab_size, cache_dir)
+    raise DataError(f"data.source must be stdlib, folder, tokens or text, not {cfg.source}")
 
 
 # --------------------------------------------------------------------------- order
@@ -250,10 +270,10 @@ def val_batches(dataset: TokenDataset, micro_batch: int, num_batches: int, dp_ra
     return [_to_batch([dataset.val_sample(i % dataset.num_val) for i in idx], vocab_size) for idx in groups]
 
 
-def build_data(cfg: DataConfig, seed: int, dp_rank: int, dp_size: int,
-               vocab_size: int, island: int = 0, islands: int = 1) -> tuple[TokenDataset, DataLoader]:
+def build_data(cfg: DataConfig, seed: int, dp_rank: int, dp_size: int, vocab_size: int, island: int = 0,
+               islands: int = 1, cache_dir: Optional[Path] = None) -> tuple[TokenDataset, DataLoader]:
     """Dataset and this rank's loader for a recipe's data section (and its DiLoCo island)."""
-    dataset = TokenDataset(load_tokens(cfg), cfg.seq_len, cfg.val_fraction, seed)
+    dataset = TokenDataset(load_tokens(cfg, vocab_size, cache_dir), cfg.seq_len, cfg.val_fraction, seed)
     loader = DataLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, vocab_size=vocab_size,
                         island=island, islands=islands)
     return dataset, loader

@@ -142,7 +142,8 @@ class Trainer:
         data_cfg = as_dataclass(cfg.data, DataConfig)
         self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
                                                self.layout.dp, cfg.model.vocab_size,
-                                               island=self.env.island, islands=self.layout.islands)
+                                               island=self.env.island, islands=self.layout.islands,
+                                               cache_dir=run_dir(cfg) / "data")
         # The validation set is `eval_batches` steps' worth of windows of the whole run (every
         # island's batch together), so every split of the same batch evaluates the same windows.
         eval_micro_batches = cfg.logging.eval_batches * cfg.data.grad_accum * self.layout.islands
