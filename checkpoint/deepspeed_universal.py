@@ -12,8 +12,10 @@ What DeepSpeed 0.19's loader reads (and so all this writes):
   <root>/latest_universal              the tag (`latest` is never read for universal loads)
   <root>/<tag>/mp_rank_00_model_states.pt
       dp_world_size, mp_world_size, global_steps, skipped_steps (read by the
-      engine); module, param_shapes, ds_config, ds_version and
-      universal_checkpoint_info (read by DeepSpeed's tools, not the loader)
+      engine); module (weights and buffers, loaded strictly into the engine's
+      module, so every persistent buffer must be there) and buffer_names;
+      param_shapes, ds_config, ds_version and universal_checkpoint_info (read
+      by DeepSpeed's tools, not the loader)
   <root>/<tag>/zero/optimizer_state.pt  ds_version (must parse, >= 0.3.17) and
       param_groups (every key but `params` is copied onto the engine's group
       of the same index); absent loss_scaler/clip_grad keep the engine's own
@@ -54,6 +56,9 @@ class UniversalState:
     # Non-default DeepSpeed per-parameter tags (cat_dim != 0, vocab_tensor,
     # is_expert_param, ep_num_experts, sub_param_shape as a dict, ...).
     tags: dict[str, dict] = field(default_factory=dict)
+    # Module buffers that are state (a router's balancing bias): no optimizer
+    # state, so they live in the model states' `module` next to the weights.
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --- safe loading ----------------------------------------------------------
@@ -180,8 +185,9 @@ def write_universal(state: UniversalState, out_dir: Path, tag: str = "global_ste
 
     uc_info = {**DEFAULT_UC_INFO, **state.extra.get("universal_checkpoint_info", {})}
     torch.save({
-        "module": {n: _cpu_fp32(p) for n, p in state.params.items()},
-        "buffer_names": [],
+        "module": {**{n: _cpu_fp32(p) for n, p in state.params.items()},
+                   **{n: b.detach().cpu().clone() for n, b in state.buffers.items()}},
+        "buffer_names": list(state.buffers),
         "optimizer": None,
         "param_shapes": [{n: torch.Size(state.params[n].shape) for n in g} for g in groups],
         "frozen_param_shapes": None,
@@ -251,6 +257,8 @@ def read_universal(src_dir: Path) -> UniversalState:
     else:  # made by DeepSpeed: keep what describes the run
         extra = {k: model[k] for k in ("universal_checkpoint_info", "global_steps", "ds_config",
                                        "ds_version") if model.get(k) is not None}
+    module = model.get("module") or {}
+    buffers = {name: module[name] for name in model.get("buffer_names") or [] if name in module}
     return UniversalState(params=params, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                           step=steps.pop() if steps else 0, param_groups=param_groups,
-                          extra=extra, tags=tags)
+                          extra=extra, tags=tags, buffers=buffers)

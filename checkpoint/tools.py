@@ -105,12 +105,24 @@ def export_deepspeed(path: Path, out: Path) -> Path:
             moments[moment][name] = value
     if not moments["exp_avg"]:
         raise CheckpointError(f"checkpoint {ckpt} has no optimizer moments")
-    # Buffers (e.g. routers' balancing biases) have no moments; DeepSpeed's format has no place for them.
+    # Buffers (a router's balancing bias) have no moments: they travel in the module's state,
+    # as in DeepSpeed's own checkpoints. Its universal loader restores parameters only, so a
+    # bias that is not zero would silently be lost there: refuse it.
+    buffers = {name: value for name, value in params.items() if name not in moments["exp_avg"]}
+    moved = [name for name, value in buffers.items() if name.endswith("expert_bias_E") and bool(value.any())]
+    if moved:
+        raise CheckpointError(f"model.moe.balance=aux_free: DeepSpeed's universal loader restores parameters "
+                              f"only, so the router bias ({moved[0]}, not zero) would be lost; export "
+                              "--format hf instead")
     params = {name: value for name, value in params.items() if name in moments["exp_avg"]}
+    # Stacked experts [E, ...] are one parameter each, tagged as DeepSpeed tags expert weights.
+    tags = {name: {"is_expert_param": True, "ep_num_experts": value.shape[0]}
+            for name, value in params.items() if ".experts." in name}
     steps = {int(t.item()) for t in moments["step"].values()}
     state = UniversalState(params=params, exp_avg=moments["exp_avg"], exp_avg_sq=moments["exp_avg_sq"],
                            step=max(steps) if steps else 0, param_groups=_group_params(groups),
-                           extra={"model": manifest["recipe"]["model"], "atoll_step": manifest["step"]})
+                           extra={"model": manifest["recipe"]["model"], "atoll_step": manifest["step"]},
+                           tags=tags, buffers=buffers)
     return write_universal(state, out)
 
 
@@ -138,6 +150,8 @@ def import_deepspeed(src: Path, out: Path) -> Path:
     state = read_universal(src)
     tensors: dict[str, torch.Tensor] = {}
     optim_json: dict[str, Any] = {}
+    for name, buffer in state.buffers.items():
+        tensors[MODEL_PREFIX + name] = buffer.contiguous()
     for name, param in state.params.items():
         tensors[MODEL_PREFIX + name] = param.float().contiguous()
         tensors[f"{MOMENT_PREFIX}{name}.exp_avg"] = state.exp_avg[name].float().contiguous()

@@ -24,9 +24,9 @@ from atoll.trainer.model import Transformer
 VOCAB = 256
 
 
-def build_model(seed: int) -> Transformer:
+def build_model(seed: int, experts: int = 0) -> Transformer:
     model = Transformer(ModelConfig(dim=32, layers=2, heads=2, vocab_size=VOCAB,
-                                    moe=MoEConfig(num_experts=0)))
+                                    moe=MoEConfig(num_experts=experts, top_k=2)))
     model.init_weights(seed)
     return model
 
@@ -58,6 +58,7 @@ def snapshot(engine, optimizer) -> dict:
         "world_size": engine.world_size,
         "global_steps": engine.global_steps,
         "module": {n: p.detach().clone() for n, p in named},
+        "buffers": {n: b.clone() for n, b in engine.module.state_dict().items() if n not in dict(named)},
         "fp32": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
         "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named},
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").clone() for n, p in named},
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--save")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--stage", type=int, default=1)
+    parser.add_argument("--experts", type=int, default=0, help="MoE layers with this many experts")
     args = parser.parse_args()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
@@ -92,7 +94,7 @@ def main() -> None:
     # (`deepspeed.comm.torch` as an attribute is the torch package, hence import_module.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
-    model = build_model(seed=1)
+    model = build_model(seed=1, experts=args.experts)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": args.stage}, "gradient_clipping": 1.0,
               "checkpoint": {"load_universal": True}}

@@ -148,6 +148,18 @@ def test_unsafe_pickle_is_refused(tmp_path):
         read_universal(tmp_path)
 
 
+def test_aux_free_bias_that_deepspeed_would_drop_stops_the_export(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *ATOLL_TINY_DENSE, "model.moe.num_experts=4", "model.moe.balance=aux_free",
+                 "model.moe.bias_update_rate=0.05", "run.steps=2", "checkpoint.interval=2",
+                 "launch.backend=local", f"run.dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["ckpt", "export", str(run), "--format", "deepspeed-universal", "--out", str(tmp_path / "ds")]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "model.moe.balance=aux_free: DeepSpeed's universal loader" in error[0], error
+    assert not (tmp_path / "ds").exists()
+
+
 # --- slow: real DeepSpeed engines, through atoll's own CLI ------------------
 ATOLL_TINY_DENSE = ["dense_tiny", "model.dim=32", "model.layers=2", "model.heads=2",
                     "data.seq_len=16", "data.micro_batch=2", "data.max_bytes=200000",
@@ -156,13 +168,24 @@ ATOLL_TINY_DENSE = ["dense_tiny", "model.dim=32", "model.layers=2", "model.heads
                     "launch.threads_per_worker=1"]
 
 
-@pytest.fixture(scope="module")
-def engine_run():
+# MoE as the default recipe has it: stacked experts [E, ...] are one DeepSpeed parameter each
+# (tagged as expert weights); the router bias buffer rides in the module's state.
+MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.balance=aux_loss"]
+EXPERTS = {"dense": 0, "moe": 4}
+
+
+def atoll_args(kind: str) -> list[str]:
+    return ATOLL_TINY_DENSE + (MOE if kind == "moe" else [])
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def engine_run(request):
     """atoll trains and exports; a 2-rank ZeRO-1 engine loads it, trains on and saves;
     DeepSpeed's `ds_to_universal` converts that, and atoll imports the result."""
+    kind = request.param
     with tempfile.TemporaryDirectory(prefix="atoll-dsuc-") as tmp:
         tmp = Path(tmp)
-        assert main(["train", *ATOLL_TINY_DENSE, "run.steps=4", "checkpoint.interval=4",
+        assert main(["train", *atoll_args(kind), "run.steps=4", "checkpoint.interval=4",
                      f"run.dir={tmp / 'atoll'}"]) == 0
         assert main(["ckpt", "export", str(tmp / "atoll"), "--format", "deepspeed-universal",
                      "--out", str(tmp / "export")]) == 0
@@ -170,25 +193,33 @@ def engine_run():
         run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
              "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPT),
              str(tmp / "result.pt"), "--load", str(tmp / "export"), "--save", str(tmp / "native"),
-             "--steps", "2", "--stage", "1"])
+             "--steps", "2", "--stage", "1", "--experts", str(EXPERTS[kind])])
         result = torch.load(tmp / "result.pt", weights_only=True)
         tag = f"global_step{result['trained']['global_steps']}"
         run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
              "--input_folder", str(tmp / "native" / tag),
              "--output_folder", str(tmp / "native" / f"{tag}_universal"),
              "--num_extract_workers", "1", "--num_merge_workers", "1"])
-        yield state, result, tmp, tag
+        yield kind, state, result, tmp, tag
 
 
 @pytest.mark.slow
 def test_export_loads_into_deepspeed_engine(engine_run):
-    state, result, tmp, _ = engine_run
+    kind, state, result, tmp, _ = engine_run
     manifest = verify(resolve_checkpoint(tmp / "atoll"))
     trained = read_tensors(resolve_checkpoint(tmp / "atoll"), manifest["tensors"])
     loaded = result["loaded"]
     assert loaded["world_size"] == 2
     # Not vacuous: the engine started from other weights, and the moments are non-trivial.
     assert not torch.equal(build_model(seed=1).output.weight, state.params["output.weight"])
+    if kind == "moe":
+        experts = [n for n in state.params if ".experts." in n]
+        assert len(experts) == 6 and all(state.params[n].shape[0] == 4 for n in experts)
+        assert all(state.tags[n] == {"is_expert_param": True, "ep_num_experts": 4} for n in experts)
+        assert set(state.buffers) == {f"layers.{i}.feed_forward.router.expert_bias_E" for i in (0, 1)}
+        for name, value in state.buffers.items():
+            assert torch.equal(value, trained[f"model.{name}"]), name
+    assert_same_tensors(loaded["buffers"], state.buffers)
     assert state.step == 4 and all(t.abs().sum() > 0 for t in state.exp_avg_sq.values())
     for name, value in state.params.items():  # the export is atoll's trained state, exactly
         assert torch.equal(value, trained[f"model.{name}"]), name
@@ -204,7 +235,7 @@ def test_export_loads_into_deepspeed_engine(engine_run):
 
 @pytest.mark.slow
 def test_deepspeed_checkpoint_imports_and_resumes(engine_run):
-    state, result, tmp, tag = engine_run
+    kind, state, result, tmp, tag = engine_run
     trained = result["trained"]
     native = tmp / "native"
     got = read_universal(native / f"{tag}_universal")
@@ -220,10 +251,13 @@ def test_deepspeed_checkpoint_imports_and_resumes(engine_run):
     for name in got.params:
         assert torch.equal(tensors[f"model.{name}"], trained["fp32"][name]), name
         assert torch.equal(tensors[f"optim.state.{name}.exp_avg_sq"], trained["exp_avg_sq"][name])
+    assert_same_tensors(got.buffers, trained["buffers"])
+    for name, value in trained["buffers"].items():
+        assert torch.equal(tensors[f"model.{name}"], value), name
 
     # atoll resumes from it: the next step is DeepSpeed's step + 1, and training goes on.
     resumed = tmp / "resumed"
-    assert main(["train", *ATOLL_TINY_DENSE, "run.steps=9", "checkpoint.interval=3",
+    assert main(["train", *atoll_args(kind), "run.steps=9", "checkpoint.interval=3",
                  f"checkpoint.resume={imported}",
                  f"run.dir={resumed}"]) == 0
     records = read_jsonl(resumed / "metrics.jsonl")
