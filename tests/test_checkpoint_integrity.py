@@ -320,14 +320,41 @@ def test_inspect(trained, where, step, capsys):
 
 
 def test_export_hf(trained, tmp_path, capsys):
+    """The weights under transformers' names (tests/test_hf.py loads them in transformers)."""
     out = tmp_path / "hf"
     assert main(["ckpt", "export", str(trained), "--format", "hf", "--out", str(out)]) == 0
     ckpt = trained / "checkpoints" / S4
     saved = dcp_io.read_tensors(ckpt, manifest.read_manifest(ckpt)["tensors"])
-    expected = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
     weights = load_file(str(out / "model.safetensors"))
-    assert set(weights) == set(expected) and WQ in weights
-    for name, tensor in expected.items():
-        assert torch.equal(weights[name], tensor), name
+    assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], saved["model." + WQ])
+    experts = saved["model.layers.1.feed_forward.experts.w2"]  # [E, H, D] -> per expert [D, H]
+    assert torch.equal(weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"], experts[3].t())
+    assert len(weights) == len([k for k in saved if k.startswith("model.") and "expert_bias" not in k]) + \
+        2 * 3 * (4 - 1)  # each stacked expert tensor became 4
     config = json.loads((out / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_local_experts"]) == (64, 2, 4)
+
+
+def test_fine_tuning_takes_only_the_weights_then_its_own_state(trained, tmp_path):
+    """checkpoint.load_optimizer=false: step 0 with the checkpoint's weights and a fresh
+    optimizer; once the new run has checkpoints of its own it resumes from those."""
+    source = store.resolve_checkpoint(trained)
+    saved = dcp_io.read_tensors(source, manifest.verify(source)["tensors"])
+    tuned = tmp_path / "tuned"
+    # A learning rate far below fp32 resolution: the weights after one step are the loaded ones.
+    assert train(tuned, f"checkpoint.resume={source}", "checkpoint.load_optimizer=false", "optim.lr=1e-30",
+                 "optim.warmup_steps=0", steps=2) == 0
+    events = [e for e in read_jsonl(tuned / "events.jsonl") if e["event"] == "resume"]
+    assert [(e["source"], e["step"]) for e in events] == [("weights", 0)]
+    assert logged_steps(tuned) == [1, 2]
+    after = store.resolve_checkpoint(tuned)
+    got = dcp_io.read_tensors(after, manifest.verify(after)["tensors"])
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all(torch.equal(got[k], saved[k]) for k in weights)
+    assert {float(v) for k, v in got.items() if k.endswith(".step")} == {2.0}  # fresh: 2 steps, not 6
+    # The same command again, longer: it goes on from its own step 2, not from the source.
+    assert train(tuned, f"checkpoint.resume={source}", "checkpoint.load_optimizer=false", "optim.lr=1e-30",
+                 "optim.warmup_steps=0", steps=3) == 0
+    events = [e for e in read_jsonl(tuned / "events.jsonl") if e["event"] == "resume"]
+    assert [(e["source"], e["step"]) for e in events] == [("weights", 0), ("disk", 2)]
+    assert logged_steps(tuned) == [1, 2, 3]
