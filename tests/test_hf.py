@@ -158,6 +158,12 @@ def test_imported_mixtral_fine_tunes_under_dp_and_ep_and_goes_back(tmp_path, cap
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
     tuned = atoll_model(run)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), imported.parameters()))
+    # Under pipeline parallelism each stage takes its own layers' weights.
+    staged = run_cli(["train", *TINY_MOE, *overrides, "parallel.pp=2", "parallel.dp=1", "run.steps=1", "checkpoint.interval=1",
+                      "optim.lr=1e-30", "optim.warmup_steps=0", f"run.dir={tmp_path / 'staged'}"], torchrun_procs=2)
+    assert staged.returncode == 0, staged.stderr[-3000:]
+    assert all(torch.equal(a, b) for a, b in zip(atoll_model(tmp_path / "staged").parameters(),
+                                                 imported.parameters()))
 
     out = tmp_path / "back"
     assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out)) == 0
