@@ -180,3 +180,22 @@ def test_import_refuses_what_atoll_cannot_represent(tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
         import_hf(pickled, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_tied_grouped_query_model_trains_under_fsdp_like_one_process(tmp_path):
+    """Tied embeddings and kv_heads < heads under FSDP dp=2 follow one process with
+    grad_accum=2, and the result still exports to the Llama that computes it."""
+    dense = [*ARCHITECTURES["LlamaForCausalLM"], "run.steps=4", "checkpoint.interval=4", "optim.lr=0.01",
+             "checkpoint.memory_interval=0"]
+    sharded = run_cli(["train", *TINY_MOE, *dense, "parallel.dp=2", f"run.dir={tmp_path / 'fsdp'}"],
+                      torchrun_procs=2)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert cli("train", *LOCAL, *dense, "data.grad_accum=2", f"run.dir={tmp_path / 'one'}") == 0
+    losses = lambda run: [r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+    assert losses("fsdp") == pytest.approx(losses("one"), rel=1e-5, abs=1e-6)
+    ours = atoll_model(tmp_path / "fsdp")
+    assert ours.output.weight is ours.tok_embeddings.weight
+    out = tmp_path / "hf"
+    assert cli("ckpt", "export", str(tmp_path / "fsdp"), "--format", "hf", "--out", str(out)) == 0
+    assert_same_function(ours, hf_model(out))
