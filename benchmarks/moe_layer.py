@@ -79,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens T (default 8192, --quick 1024; --ep-share: per rank, default 2048)")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--dim", type=int, default=D, help=f"model dim D (default {D})")
+    parser.add_argument("--hidden", type=int, default=H, help=f"expert hidden size H (default {H})")
     parser.add_argument("--topk", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch intra-op threads (default: all cores)")
@@ -118,7 +120,8 @@ def backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     return names
 
 
-def make_problem(T: int, E: int, K: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_problem(T: int, E: int, K: int, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 D: int = D, H: int = H):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -169,7 +172,7 @@ def max_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 
 
 def time_config(T, E, K, names, args, device, dtype) -> dict:
-    experts_TK, leaves, C_TD, dense, C_ND = make_problem(T, E, K, device, dtype)
+    experts_TK, leaves, C_TD, dense, C_ND = make_problem(T, E, K, device, dtype, D=args.dim, H=args.hidden)
     steps = {name: (lambda kern=get_kernel(name, device, dtype): routed_step(kern, experts_TK, leaves, C_TD))
              for name in names}
     steps["dense"] = lambda: dense_step(dense, C_ND)
@@ -211,7 +214,7 @@ def run_table(args) -> None:
         print(f"tf32: torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
               f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
               f"float32_matmul_precision={torch.get_float32_matmul_precision()} (unchanged)")
-    print(f"problem: T={args.tokens}, D={D}, H={H}, {args.dtype} on {device}; E in {args.experts}, "
+    print(f"problem: T={args.tokens}, D={args.dim}, H={args.hidden}, {args.dtype} on {device}; E in {args.experts}, "
           f"k in {args.topk}; backends {', '.join(names)} + dense ceiling; "
           f"{args.warmup} warm-up + {args.repeat} interleaved rounds")
     print(f"start: {load_line()}", flush=True)
@@ -237,7 +240,28 @@ def run_table(args) -> None:
     summarize(results, names, args)
 
 
+TARGET_TRITON_VS_DENSE = 0.70  # GPU, E=8 k=2: the Triton kernel vs a dense bf16 GEMM of equal FLOPs
+
+
+def summarize_gpu(results: dict, names: list[str], args) -> None:
+    """The GPU targets: triton >= grouped_mm and >= 70% of dense at E=8 k=2."""
+    if (8, 2) not in results or "triton" not in names:
+        print("GPU targets: not measured (needs triton and E=8 k=2 in the grid)")
+        return
+    med = {n: statistics.median(ts) for n, ts in results[8, 2]["times"].items()}
+    if "grouped_mm" in med:
+        ratio = med["grouped_mm"] / med["triton"]
+        print(f"triton vs grouped_mm at E=8 k=2: {ratio:.2f}x  target >= 1x  {'PASS' if ratio >= 1 else 'FAIL'}")
+    else:
+        print("triton vs grouped_mm at E=8 k=2: grouped_mm not available here")
+    share = med["dense"] / med["triton"]
+    verdict = "PASS" if share >= TARGET_TRITON_VS_DENSE else "FAIL"
+    print(f"triton vs dense at E=8 k=2: {share:.0%}  target >= {TARGET_TRITON_VS_DENSE:.0%}  {verdict}")
+
+
 def summarize(results: dict, names: list[str], args) -> None:
+    if args.device == "cuda":
+        summarize_gpu(results, names, args)
     fast = [n for n in names if n != "naive"]
     if not fast:
         return

@@ -63,3 +63,17 @@ def test_auto_and_unusable_kernels(monkeypatch):
         resolve("triton", CPU)
     with pytest.raises(KernelUnavailable, match="unknown MoE kernel 'fast'"):
         resolve("fast", CPU)
+
+
+def test_gpu_check_stops_in_one_line_without_a_gpu():
+    """benchmarks/gpu_check.sh runs to the point where it needs CUDA, then stops with one line."""
+    import subprocess
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the script runs the real check (benchmarks/gpu_check.sh)")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
+    assert lines[0].startswith("gpu_check: no CUDA GPU here (torch "), lines
