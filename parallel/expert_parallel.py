@@ -85,7 +85,7 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     x_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
     local_ids_R = torch.arange(local_experts, device=x_TD.device).repeat(ep).repeat_interleave(
         recv_counts_PL.reshape(-1))
-    kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype)
+    kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype, x_RD.shape[0] / local_experts)
     ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_TD.device)
     y_RD = kernel(x_RD, ones_R1, local_ids_R.unsqueeze(-1), w1_EDH, w3_EDH, w2_EHD)
     y_ND = _all_to_all(y_RD, send_splits, recv_splits, group)
@@ -123,8 +123,9 @@ def sync_expert_grads(model: nn.Module, mesh: ParallelMesh) -> None:
         grad.div_(divisor)
 
 
-def reduce_moe_load(model: nn.Module, mesh: Optional[ParallelMesh]) -> list[tuple[str, torch.Tensor, int]]:
-    """(layer name, assignments per expert, dropped) summed over the dp group; resets counters."""
+def reduce_moe_load(model: nn.Module, mesh: Optional[ParallelMesh]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(layer name, assignments per expert, dropped) summed over the dp group; resets counters.
+    Tensors on the model's device: reading them on the host waits for the GPU (a log step's job)."""
     layers = moe_layers(model)
     if not layers:
         return []
@@ -135,4 +136,4 @@ def reduce_moe_load(model: nn.Module, mesh: Optional[ParallelMesh]) -> list[tupl
     num_experts = loads[0].numel()
     per_layer = packed[:len(layers) * num_experts].view(len(layers), num_experts)
     drops = packed[len(layers) * num_experts:]
-    return [(name, per_layer[i], int(drops[i])) for i, (name, _) in enumerate(layers)]
+    return [(name, per_layer[i], drops[i]) for i, (name, _) in enumerate(layers)]

@@ -119,3 +119,30 @@ def test_divergence_without_a_snapshot_is_one_line_and_saves_nothing(tmp_path):
         trainer.close()
     assert not committed(tmp_path / "run" / "checkpoints")
     assert all(math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_a_step_reads_the_device_once_outside_log_steps(tmp_path, monkeypatch):
+    """Between log steps a training step brings values to the host once (the gradient norm,
+    loss and stop flag travel together, for the guard's decision); the MoE load statistics,
+    drop counts and the loss stay tensors until a log step. Counted without CUDA by wrapping
+    every tensor-to-host conversion."""
+    trainer = make_trainer(tmp_path / "syncs", "model.moe.kernel=naive", "model.moe.balance=aux_free",
+                           "model.moe.capacity_factor=1.0", "logging.log_interval=100")
+    try:
+        trainer.one_step()  # the first step (lazy initialisation) is not the steady state
+        reads = []
+        for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            original = getattr(torch.Tensor, method)
+
+            def counted(tensor, *args, _original=original, _method=method, **kwargs):
+                reads.append(_method)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, method, counted)
+        for _ in range(3):
+            trainer.one_step()
+        monkeypatch.undo()
+        assert len(reads) == 3, reads  # one per step
+        assert trainer.load_metrics()["moe.0.dropped"] >= 0  # read at a log step instead
+    finally:
+        trainer.close()

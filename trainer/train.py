@@ -122,9 +122,15 @@ class Trainer:
             self.outer.agree("started", "1", cfg.fault_tolerance.collective_timeout_s)
         self.is_logging_rank = self.env.is_logging_rank
 
+        self.kernel_choice = ""
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
-            resolve_kernel(cfg.model.moe.kernel, self.device,
-                           torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+            moe = cfg.model.moe
+            microbatches = (cfg.parallel.microbatches or cfg.parallel.pp) if cfg.parallel.pp > 1 else 1
+            rows = cfg.data.micro_batch // microbatches * cfg.data.seq_len * moe.top_k / moe.num_experts
+            chosen = resolve_kernel(moe.kernel, self.device,
+                                    torch.bfloat16 if self.device.type == "cuda" else torch.float32, rows)
+            self.kernel_choice = f"MoE kernel {moe.kernel}" + \
+                (f" -> {chosen} ({self.device.type}, {rows:g} rows per expert)" if moe.kernel == "auto" else "")
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)
@@ -463,7 +469,7 @@ class Trainer:
             layer = name.split("layers.")[1].split(".")[0]  # "[part.]layers.<i>.feed_forward"
             metrics[f"moe.{layer}.max_load"] = float(load_E.max())
             metrics[f"moe.{layer}.mean_load"] = float(load_E.mean())
-            metrics[f"moe.{layer}.dropped"] = dropped
+            metrics[f"moe.{layer}.dropped"] = int(dropped)
         if self.layout.pp > 1:  # each stage knows its own layers: gather them
             gathered = [None] * self.layout.pp
             dist.all_gather_object(gathered, metrics, group=self.mesh.pp_group)
@@ -515,8 +521,8 @@ class Trainer:
         cfg = self.cfg
         if self.env.is_logging_rank:
             print(f"training {cfg.run.name}: {self.layout.describe()}, "
-                  f"{self.param_count:,} parameters, {cfg.run.steps} steps",
-                  flush=True)
+                  f"{self.param_count:,} parameters, {cfg.run.steps} steps"
+                  + (f", {self.kernel_choice}" if self.kernel_choice else ""), flush=True)
         for hook in self.hooks:
             if isinstance(hook, HeartbeatHook):
                 hook.beat(self)  # started (and resumed): the launcher may time the next step

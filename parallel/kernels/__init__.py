@@ -55,12 +55,23 @@ def check_name(name: str) -> None:
         raise KernelUnavailable(f"unknown MoE kernel '{name}' (known: {', '.join(KERNEL_NAMES)})")
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete kernel `name` stands for on this device ("auto" picks the fastest)."""
+# `auto` on CPU, from benchmarks/moe_layer.py (fp32; RESULTS.md): with few rows per expert
+# the per-expert Python loop of `sorted` dominates and one `torch._grouped_mm` call over
+# all experts wins (2.3-2.6x naive at E=64); from about this many rows per expert on the
+# GEMMs dominate and `sorted`'s plain matmuls beat grouped_mm's (E=8, k>=2).
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 1024
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+            rows_per_expert: float | None = None) -> str:
+    """The concrete kernel `name` stands for on this device. "auto" picks the fastest:
+    triton on a GPU that has it, else by the routed rows per expert of the call (T·k/E)
+    between grouped_mm and sorted; without that hint, for the rows of a typical step."""
     if name == "auto":
         if device.type == "cuda" and triton_usable(device):
             return "triton"
-        return "sorted"
+        few_rows = rows_per_expert is None or rows_per_expert <= GROUPED_MM_MAX_ROWS_PER_EXPERT
+        return "grouped_mm" if few_rows and grouped_mm_usable(device, dtype) else "sorted"
     check_name(name)
     if name == "triton" and not triton_usable(device):
         raise KernelUnavailable("model.moe.kernel=triton needs a CUDA GPU with Triton "
@@ -71,6 +82,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32)
     return name
 
 
-def get_kernel(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ExpertKernel:
-    module, function = _REGISTRY[resolve(name, device, dtype)]
+def get_kernel(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+               rows_per_expert: float | None = None) -> ExpertKernel:
+    module, function = _REGISTRY[resolve(name, device, dtype, rows_per_expert)]
     return getattr(importlib.import_module(module), function)
