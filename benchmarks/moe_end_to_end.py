@@ -81,7 +81,7 @@ def main() -> int:
                   f"{cell['auto'][0]:,.0f} tok/s, auto/naive {ratio:.2f}x", flush=True)
     print(load_line(), flush=True)
     print(f"total {time.time() - started:.0f} s\n")
-    print(f"| E | k | auto chose | naive tok/s | auto tok/s | auto / naive |")
+    print("| E | k | auto chose | naive tok/s | auto tok/s | auto / naive |")
     print("|---|---|---|---|---|---|")
     for (E, K), cell in results.items():
         print(f"| {E} | {K} | {cell['auto'][1]} | {cell['naive'][0]:,.0f} | {cell['auto'][0]:,.0f} | "
