@@ -85,7 +85,8 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     x_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
     local_ids_R = torch.arange(local_experts, device=x_TD.device).repeat(ep).repeat_interleave(
         recv_counts_PL.reshape(-1))
-    kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype, x_RD.shape[0] / local_experts)
+    kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype,
+                        x_RD.shape[0] / local_experts * w1_EDH.shape[1] * w1_EDH.shape[2])
     ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_TD.device)
     y_RD = kernel(x_RD, ones_R1, local_ids_R.unsqueeze(-1), w1_EDH, w3_EDH, w2_EHD)
     y_ND = _all_to_all(y_RD, send_splits, recv_splits, group)

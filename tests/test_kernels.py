@@ -59,10 +59,10 @@ def test_no_tokens_at_all():
 def test_auto_and_unusable_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU interpreter is for tests only
     assert resolve("auto", CPU) in BACKENDS
-    if grouped_mm_usable(CPU, torch.float32):  # the measured rule: few rows per expert -> grouped_mm
-        assert resolve("auto", CPU, torch.float32, rows_per_expert=256) == "grouped_mm"
-        assert resolve("auto", CPU, torch.float32, rows_per_expert=4096) == "sorted"
-    assert resolve("auto", CPU, torch.bfloat16, rows_per_expert=256) == "sorted"  # grouped_mm: fp32 on CPU
+    if grouped_mm_usable(CPU, torch.float32):  # the measured rule: small expert GEMMs -> grouped_mm
+        assert resolve("auto", CPU, torch.float32, expert_gemm=32 * 128 * 352) == "grouped_mm"
+        assert resolve("auto", CPU, torch.float32, expert_gemm=256 * 512 * 1024) == "sorted"
+    assert resolve("auto", CPU, torch.bfloat16, expert_gemm=32 * 128 * 352) == "sorted"  # grouped_mm: fp32 on CPU
     with pytest.raises(KernelUnavailable, match="model.moe.kernel=triton needs a CUDA GPU"):
         resolve("triton", CPU)
     with pytest.raises(KernelUnavailable, match="unknown MoE kernel 'fast'"):

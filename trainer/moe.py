@@ -152,7 +152,8 @@ class GroupedExperts(nn.Module):
                 experts_TK: torch.Tensor) -> torch.Tensor:
         from atoll.parallel.kernels import get_kernel  # kernels are single-device code too
 
-        kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype, experts_TK.numel() / self.num_experts)
+        E, D, H = self.w1.shape
+        kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype, experts_TK.numel() / E * D * H)
         return kernel(x_TD, gates_TK, experts_TK, self.w1, self.w3, self.w2)
 
 

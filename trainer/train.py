@@ -37,8 +37,8 @@ from atoll.parallel.diloco import DiLoCo
 from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
-from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, model_config, model_differences,
-                                  recipe_from_dict, run_dir, to_dict)
+from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, model_config,
+                                  model_differences, recipe_from_dict, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
@@ -127,10 +127,13 @@ class Trainer:
             moe = cfg.model.moe
             microbatches = (cfg.parallel.microbatches or cfg.parallel.pp) if cfg.parallel.pp > 1 else 1
             rows = cfg.data.micro_batch // microbatches * cfg.data.seq_len * moe.top_k / moe.num_experts
+            hidden = moe.hidden or ffn_hidden(cfg.model)
             chosen = resolve_kernel(moe.kernel, self.device,
-                                    torch.bfloat16 if self.device.type == "cuda" else torch.float32, rows)
+                                    torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                                    rows * cfg.model.dim * hidden)
             self.kernel_choice = f"MoE kernel {moe.kernel}" + \
-                (f" -> {chosen} ({self.device.type}, {rows:g} rows per expert)" if moe.kernel == "auto" else "")
+                (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
+                 if moe.kernel == "auto" else "")
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)

@@ -55,23 +55,24 @@ def check_name(name: str) -> None:
         raise KernelUnavailable(f"unknown MoE kernel '{name}' (known: {', '.join(KERNEL_NAMES)})")
 
 
-# `auto` on CPU, from benchmarks/moe_layer.py (fp32; RESULTS.md): with few rows per expert
-# the per-expert Python loop of `sorted` dominates and one `torch._grouped_mm` call over
-# all experts wins (2.3-2.6x naive at E=64); from about this many rows per expert on the
-# GEMMs dominate and `sorted`'s plain matmuls beat grouped_mm's (E=8, k>=2).
-GROUPED_MM_MAX_ROWS_PER_EXPERT = 1024
+# `auto` on CPU, from benchmarks/moe_layer.py on an idle machine (fp32; RESULTS.md): while
+# one expert's GEMM is small (rows·D·H multiply-adds up to about this), the per-expert
+# Python loop of `sorted` costs more than its GEMMs and one `torch._grouped_mm` call over
+# all experts wins (E=64 k=2 at D=128, H=352, 32 rows: 1.83x naive vs 1.62x); with large
+# GEMMs (E=64 k=2 at D=512, H=1024, 256 rows: 1.25x vs 1.09x) `sorted`'s plain matmuls win.
+GROUPED_MM_MAX_EXPERT_GEMM = 2**24
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-            rows_per_expert: float | None = None) -> str:
+            expert_gemm: float | None = None) -> str:
     """The concrete kernel `name` stands for on this device. "auto" picks the fastest:
-    triton on a GPU that has it, else by the routed rows per expert of the call (T·k/E)
-    between grouped_mm and sorted; without that hint, for the rows of a typical step."""
+    triton on a GPU that has it, else grouped_mm or sorted by the size of one expert's
+    GEMM in the call (`expert_gemm` = rows per expert × D × H; unknown: grouped_mm)."""
     if name == "auto":
         if device.type == "cuda" and triton_usable(device):
             return "triton"
-        few_rows = rows_per_expert is None or rows_per_expert <= GROUPED_MM_MAX_ROWS_PER_EXPERT
-        return "grouped_mm" if few_rows and grouped_mm_usable(device, dtype) else "sorted"
+        small = expert_gemm is None or expert_gemm <= GROUPED_MM_MAX_EXPERT_GEMM
+        return "grouped_mm" if small and grouped_mm_usable(device, dtype) else "sorted"
     check_name(name)
     if name == "triton" and not triton_usable(device):
         raise KernelUnavailable("model.moe.kernel=triton needs a CUDA GPU with Triton "
@@ -83,6 +84,6 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
 
 
 def get_kernel(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-               rows_per_expert: float | None = None) -> ExpertKernel:
-    module, function = _REGISTRY[resolve(name, device, dtype, rows_per_expert)]
+               expert_gemm: float | None = None) -> ExpertKernel:
+    module, function = _REGISTRY[resolve(name, device, dtype, expert_gemm)]
     return getattr(importlib.import_module(module), function)
