@@ -14,7 +14,7 @@ What it measures
 
 Run (from the repository root; ~6 min on 2 cores):
     python benchmarks/moe_end_to_end.py
-    python benchmarks/moe_end_to_end.py --experts 64 --topk 2 --steps 20
+    python benchmarks/moe_end_to_end.py --experts 64 --topk 2 --steps 20 data.micro_batch=32
 
 It exits 0 whether or not the targets are met: it is a benchmark, not a test.
 """
@@ -39,13 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_AT_64_2 = 1.5
 
 
-def run(kernel: str, experts: int, top_k: int, steps: int, threads: int, folder: Path) -> tuple[list, str]:
+def run(kernel: str, experts: int, top_k: int, steps: int, threads: int, folder: Path,
+        overrides: list[str]) -> tuple[list, str]:
     run_dir = folder / f"{kernel}-{experts}-{top_k}"
     cmd = [sys.executable, "-m", "atoll.launch", "train", "launch.backend=local", "parallel.dp=1",
            f"model.moe.num_experts={experts}", f"model.moe.top_k={top_k}", f"model.moe.kernel={kernel}",
            f"run.steps={steps}", "checkpoint.interval=0", "checkpoint.memory_interval=0",
            "logging.eval_interval=0", "logging.log_interval=1", "logging.wandb=disabled",
-           "logging.progress=false", f"launch.threads_per_worker={threads}", f"run.dir={run_dir}"]
+           "logging.progress=false", f"launch.threads_per_worker={threads}", f"run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
@@ -63,6 +64,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--skip", type=int, default=4, help="warm-up steps left out of the median")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, key=value")
     args = parser.parse_args()
     print(machine_line(), flush=True)
     print(load_line(), flush=True)
@@ -73,7 +75,7 @@ def main() -> int:
             order = ("naive", "auto") if index % 2 == 0 else ("auto", "naive")
             cell = {}
             for kernel in order:
-                rows, chosen = run(kernel, E, K, args.steps, args.threads, Path(tmp))
+                rows, chosen = run(kernel, E, K, args.steps, args.threads, Path(tmp), args.overrides)
                 cell[kernel] = (statistics.median(r["tokens_per_s"] for r in rows[args.skip:]), chosen)
             results[E, K] = cell
             ratio = cell["auto"][0] / cell["naive"][0]
