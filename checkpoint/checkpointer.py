@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,7 @@ class Checkpointer:
         if use_async:
             quiet_writer_process()
         self.finaliser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-commit")
+        self.finaliser_closed = False
         self.in_flight: Optional[_InFlight] = None
         self.blocked_s = 0.0  # time training waited on checkpoints since last read
         self.last_error: Optional[str] = None  # of the newest save, if it failed
@@ -137,6 +139,11 @@ class Checkpointer:
                                       async_stager=self.stager)
             save.staged, save.uploaded = response.staging_completion, response.upload_completion
             self.in_flight = save
+            # The commit starts as soon as the writer is done, not at the next step's poll().
+            # A weak reference: DCP may keep the future (and so its callbacks) after this run.
+            this = weakref.ref(self)
+            save.uploaded.add_done_callback(
+                lambda _future, save=save: this() is not None and this()._start_commit(save))
         else:
             dcp.save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group)
             if self.is_coordinator:
@@ -159,8 +166,7 @@ class Checkpointer:
         if save.uploaded.exception() is not None:
             self._failed(save, save.uploaded.exception())
             return
-        if self.is_coordinator and save.finalized is None:
-            save.finalized = self.finaliser.submit(self._finalise, save)
+        self._start_commit(save)
         if not self.is_coordinator or save.finalized.done():
             if save.finalized is not None and save.finalized.exception() is not None:
                 self._failed(save, save.finalized.exception())
@@ -185,14 +191,21 @@ class Checkpointer:
             self._failed(save, exc)
             return
         if self.is_coordinator:
-            if save.finalized is None:
-                save.finalized = self.finaliser.submit(self._finalise, save)
+            self._start_commit(save)
             try:
                 save.finalized.result()
             except Exception as exc:
                 self._failed(save, exc)
                 return
         self.in_flight = None
+
+    def _start_commit(self, save: _InFlight) -> None:
+        """The coordinator commits a save whose files are all written (once; from the writer's
+        completion callback or from the training thread, whichever comes first)."""
+        with self._lock:
+            if self.is_coordinator and save.finalized is None and save.uploaded.done() \
+                    and save.uploaded.exception() is None and not self.finaliser_closed:
+                save.finalized = self.finaliser.submit(self._finalise, save)
 
     def _target(self, step: int) -> Path:
         target = partial_dir(self.root, step)
@@ -244,6 +257,8 @@ class Checkpointer:
         if self.stager is not None:
             self.stager.close()
             stop_writer_process()
+        with self._lock:
+            self.finaliser_closed = True
         self.finaliser.shutdown(wait=True)
         if wait_for_peers:
             dist.barrier(group=self.group)
