@@ -185,7 +185,7 @@ class Side:
 
     def step(self) -> tuple[float, float, float]:
         start, cpu = time.perf_counter(), time.thread_time()
-        result = self.trainer.train_step()
+        result = self.trainer.one_step()  # the step and its hooks (the checkpoint save among them)
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
         self.losses[self.trainer.step] = result.loss
         self._track()
