@@ -358,3 +358,27 @@ def test_fine_tuning_takes_only_the_weights_then_its_own_state(trained, tmp_path
     events = [e for e in read_jsonl(tuned / "events.jsonl") if e["event"] == "resume"]
     assert [(e["source"], e["step"]) for e in events] == [("weights", 0), ("disk", 2)]
     assert logged_steps(tuned) == [1, 2, 3]
+
+
+def test_async_save_commits_without_waiting_for_the_next_step(tmp_path):
+    """The commit starts when the writer is done, not at the next step: with training
+    paused after the saving step, the checkpoint still commits."""
+    import time
+
+    from atoll.trainer.config import load_recipe
+    from atoll.trainer.train import Trainer
+
+    trainer = Trainer(load_recipe(None, [*BASE, "run.steps=100", "checkpoint.async=true",
+                                         "checkpoint.memory_interval=0", f"run.dir={tmp_path / 'run'}"]))
+    try:
+        for _ in range(2):  # step 2 saves (checkpoint.interval=2); no step follows it
+            trainer.one_step()
+        commits = lambda: [e["step"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+                           if e["event"] == "checkpoint_commit"]
+        deadline = time.monotonic() + 60
+        while not commits() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert commits() == [2] and trainer.step == 2
+        assert store.resolve_checkpoint(tmp_path / "run").name == S2
+    finally:
+        trainer.close()
