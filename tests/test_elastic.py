@@ -114,7 +114,10 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
     restart, = events(run_dir, "restart")
     assert restart["source"] == "memory" and restart["world"] == 1
     resumed, grown = restart["resume_step"], grow["step"]
-    assert failure["step"] - 1 <= resumed < grown < 80  # at most memory_interval steps lost
+    # At most memory_interval steps lost, plus one when the node died while the newest snapshot
+    # was still being copied beside the next step (a snapshot_failed event names it).
+    cut_off = [e["step"] for e in events(run_dir, "snapshot_failed") if e["step"] == failure["step"] - 1]
+    assert failure["step"] - 1 - len(cut_off) <= resumed < grown < 80
 
     # The same schedule of layouts with stops and resumes through disk checkpoints.
     reference = tmp_path / "reference"
