@@ -2,15 +2,16 @@
 
 A save (every `checkpoint.interval` steps and at the end) goes:
 1. `save(step)`: wait for the previous save if it is still in flight (at most
-   one), split the states into tensors and JSON, and hand the tensors to
-   `dcp.async_save`: a background thread stages them into shared host
-   buffers while the next forward/backward runs, then a writer process
-   persists them (outside this process's GIL) into `step-N.partial/`.
+   one), split the states into tensors and JSON, and start a checkpoint
+   thread that runs `dcp.save` on the checkpoint group: it stages this rank's
+   tensors into a shared host buffer while the next forward/backward runs,
+   then atoll's writer process (checkpoint/writer_process.py) writes them,
+   hashing as it goes, into `step-N.partial/` outside this process's GIL.
 2. `wait_staging()` before the next optimizer step: the only point where
    training must wait, since that step mutates what is being copied.
-3. When the writer is done on every rank (DCP's final gather), the
-   coordinator hashes the files, writes the manifest, renames the folder and
-   rewrites `latest` on a finaliser thread, then applies retention.
+3. When every rank's files are durable (DCP's final gather), the ranks share
+   their files' hashes and, on the same thread, the coordinator writes the
+   manifest, renames the folder, rewrites `latest` and applies retention.
 
 With `checkpoint.async=false` the same happens synchronously inside `save`.
 Checkpoint collectives use their own gloo group, so they never interleave
@@ -28,23 +29,22 @@ from __future__ import annotations
 import json
 import threading
 import time
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 
-from atoll.checkpoint.dcp_io import (BackgroundStager, SafeFileSystemReader, file_writer,
-                                    nest_by_prefix, quiet_writer_process, stop_writer_process,
-                                    tensor_index)
+from atoll.checkpoint.dcp_io import (FileHashes, HashingFileSystemWriter, SafeFileSystemReader,
+                                    nest_by_prefix, one_line_error, tensor_index)
 from atoll.checkpoint.manifest import CheckpointError, atomic_write_text, write_manifest
 from atoll.checkpoint.state import restore_states, split_state
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
+from atoll.checkpoint.writer_process import AsyncFileWriter, WriterProcess
 
 EventSink = Callable[..., None]
 # On the error path, how long a save in flight may still finish before it is abandoned.
@@ -79,15 +79,24 @@ class IslandSaves:
 
 
 class _InFlight:
-    """One save between `save()` and its commit."""
+    """One save between `save()` and its commit.
+
+    `staged`: the live tensors may change again; `written`: this rank's files
+    are durable; `done`: committed (coordinator) or handed over (others), or failed."""
 
     def __init__(self, step: int, started: float, tensors: dict, state: dict, samples: int):
         self.step, self.started, self.samples = step, started, samples
         self.state = state
         self.bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        self.staged: Optional[Future] = None
-        self.uploaded: Optional[Future] = None
-        self.finalized: Optional[Future] = None
+        self.staged: Future = Future()
+        self.written: Future = Future()
+        self.done: Future = Future()
+        self.thread_cpu_s = 0.0  # CPU time of its checkpoint thread (planning, staging, commit)
+
+
+def _set_once(future: Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Checkpointer:
@@ -105,16 +114,11 @@ class Checkpointer:
         # Commits, retention and leftovers are the run's coordinator's: island 0's lead.
         self.commits = is_coordinator and (islands is None or islands.island == 0)
         self.group = dist.new_group(backend="gloo")
-        self.stager = BackgroundStager() if use_async else None
-        if use_async:
-            quiet_writer_process()
-        self.finaliser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-commit")
-        self.finaliser_closed = False
+        self.writer_process = WriterProcess() if use_async else None
         self.in_flight: Optional[_InFlight] = None
         self.blocked_s = 0.0  # time training waited on checkpoints since last read
         self.last_error: Optional[str] = None  # of the newest save, if it failed
         self.closed = False
-        self._lock = threading.Lock()
         if is_coordinator:
             self.root.mkdir(parents=True, exist_ok=True)
         if self.commits if clean_partials is None else clean_partials:
@@ -132,45 +136,31 @@ class Checkpointer:
         tensors, json_state = split_state(states)
         save = _InFlight(step, time.time(), tensors, json_state, samples)
         target = self._target(step)
-        writer = file_writer(target)
         if self.use_async:
-            response = dcp.async_save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group,
-                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-                                      async_stager=self.stager)
-            save.staged, save.uploaded = response.staging_completion, response.upload_completion
+            writer = AsyncFileWriter(target, self.writer_process, on_staged=lambda: _set_once(save.staged))
             self.in_flight = save
-            # The commit starts as soon as the writer is done, not at the next step's poll().
-            # A weak reference: DCP may keep the future (and so its callbacks) after this run.
-            this = weakref.ref(self)
-            save.uploaded.add_done_callback(
-                lambda _future, save=save: this() is not None and this()._start_commit(save))
+            # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
+            threading.Thread(target=self._run, args=(save, writer, nest_by_prefix(tensors)),
+                             name=f"atoll-ckpt-{step}", daemon=True).start()
         else:
-            dcp.save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group)
-            if self.is_coordinator:
-                self._finalise(save)
+            self._write_and_commit(save, HashingFileSystemWriter(target), nest_by_prefix(tensors))
         self.blocked_s += time.perf_counter() - start
 
     def wait_staging(self) -> None:
         """Call before the optimizer step: the staged copy must be complete."""
         save = self.in_flight
-        if save is not None and save.staged is not None and not save.staged.done():
+        if save is not None and not save.staged.done():
             start = time.perf_counter()
             save.staged.result()
             self.blocked_s += time.perf_counter() - start
 
     def poll(self) -> None:
-        """Start the commit of a save whose files are all written; never blocks."""
+        """Report a save that has finished (committed or failed); never blocks."""
         save = self.in_flight
-        if save is None or not save.uploaded.done():
-            return
-        if save.uploaded.exception() is not None:
-            self._failed(save, save.uploaded.exception())
-            return
-        self._start_commit(save)
-        if not self.is_coordinator or save.finalized.done():
-            if save.finalized is not None and save.finalized.exception() is not None:
-                self._failed(save, save.finalized.exception())
+        if save is not None and save.done.done():
             self.in_flight = None
+            if save.done.exception() is not None:
+                self._failed(save, save.done.exception())
 
     def wait(self) -> None:
         """Until the save in flight (if any) has committed or failed."""
@@ -185,33 +175,47 @@ class Checkpointer:
         if save is None:
             return
         try:
-            save.staged.result(timeout=timeout)
-            save.uploaded.result(timeout=timeout)
-        except Exception as exc:  # reported; the previous committed checkpoint stays valid
+            save.done.result(timeout=timeout)
+        except FutureTimeout:
+            self.warn(f"abandoned the checkpoint of step {save.step}: a peer never finished it")
+            self.in_flight = None
+            return
+        except BaseException as exc:  # reported; the previous committed checkpoint stays valid
             self._failed(save, exc)
             return
-        if self.is_coordinator:
-            self._start_commit(save)
-            try:
-                save.finalized.result()
-            except Exception as exc:
-                self._failed(save, exc)
-                return
         self.in_flight = None
 
-    def _start_commit(self, save: _InFlight) -> None:
-        """The coordinator commits a save whose files are all written (once; from the writer's
-        completion callback or from the training thread, whichever comes first)."""
-        with self._lock:
-            if self.is_coordinator and save.finalized is None and save.uploaded.done() \
-                    and save.uploaded.exception() is None and not self.finaliser_closed:
-                save.finalized = self.finaliser.submit(self._finalise, save)
+    def _run(self, save: _InFlight, writer: AsyncFileWriter, nested: dict) -> None:
+        cpu = time.thread_time()
+        try:
+            self._write_and_commit(save, writer, nested)
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            save.thread_cpu_s = time.thread_time() - cpu
+            _set_once(save.staged)
+            if not save.written.done():
+                save.written.set_exception(exc)
+            save.done.set_exception(exc)
+        else:
+            save.thread_cpu_s = time.thread_time() - cpu
+            save.done.set_result(None)
+
+    def _write_and_commit(self, save: _InFlight, writer: HashingFileSystemWriter, nested: dict) -> None:
+        """Every rank writes its files; the coordinator then commits with their hashes."""
+        dcp.save(nested, storage_writer=writer, process_group=self.group)
+        _set_once(save.written)
+        # Each rank hashed its own files as it wrote them: the commit reads none of them back.
+        relative = self._target(save.step).relative_to(partial_dir(self.root, save.step))
+        hashes = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(hashes, {(relative / name).as_posix(): value
+                                        for name, value in writer.hashes.items()}, group=self.group)
+        if self.is_coordinator:
+            self._finalise(save, {name: value for rank_hashes in hashes for name, value in rank_hashes.items()})
 
     def _target(self, step: int) -> Path:
         target = partial_dir(self.root, step)
         return island_dir(target, self.islands.island) if self.islands else target
 
-    def _finalise(self, save: _InFlight) -> None:
+    def _finalise(self, save: _InFlight, hashes: FileHashes) -> None:
         target = partial_dir(self.root, save.step)
         extra = {}
         if self.islands is not None:
@@ -223,11 +227,11 @@ class Checkpointer:
             extra = {"islands": self.islands.islands}
         write_manifest(target, step=save.step, samples=save.samples, layout=self.layout,
                        recipe=self.recipe, tensors=saved_tensor_index(tensor_dir(target, extra)),
-                       state=save.state, extra=extra)
+                       state=save.state, extra=extra, known_hashes=hashes)
         final = commit(self.root, save.step)
+        total_s = time.time() - save.started  # committed: what retention removes next is not part of the save
         self.last_error = None
         removed = apply_retention(self.root, self.keep, self.keep_every)
-        total_s = time.time() - save.started
         size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
         self.on_event("checkpoint_commit", step=save.step, path=str(final), bytes=size,
                       tensor_bytes=save.bytes, seconds=round(total_s, 4),
@@ -235,7 +239,7 @@ class Checkpointer:
 
     def _failed(self, save: _InFlight, exc: BaseException) -> None:
         self.in_flight = None
-        message = f"checkpoint of step {save.step} failed: {type(exc).__name__}: {exc}"
+        message = f"checkpoint of step {save.step} failed: {one_line_error(exc)}"
         self.last_error = message
         self.warn(message)
         if self.commits:
@@ -254,12 +258,8 @@ class Checkpointer:
             return
         self.closed = True
         self._wait_in_flight(timeout=None if wait_for_peers else ABANDON_SAVE_AFTER_S)
-        if self.stager is not None:
-            self.stager.close()
-            stop_writer_process()
-        with self._lock:
-            self.finaliser_closed = True
-        self.finaliser.shutdown(wait=True)
+        if self.writer_process is not None:
+            self.writer_process.stop()
         if wait_for_peers:
             dist.barrier(group=self.group)
 

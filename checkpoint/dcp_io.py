@@ -1,41 +1,41 @@
-"""torch.distributed.checkpoint (DCP) plumbing: safe reading, background staging.
+"""torch.distributed.checkpoint (DCP) plumbing: safe reading, hashed writing, host staging.
 
 - `SafeFileSystemReader` reads DCP's `.metadata` with an unpickler that only
   admits DCP's own metadata classes, torch sizes and dtypes: loading a
   checkpoint never runs arbitrary pickled code. atoll saves only tensors
   through DCP (non-tensor state lives in the JSON manifest), so no pickled
   payloads are read either.
-- `BackgroundStager` copies a state dict into reusable shared-memory host
-  buffers on a background thread. Parameters and optimizer state do not change
-  between one optimizer step and the next, so the copy overlaps the next
-  forward/backward and only has to be finished before the next optimizer
-  step (DataStates-LLM's lazy copy); the writer process then reads the shared
-  buffers without another copy.
+- `HashingFileSystemWriter` is DCP's file writer that records the SHA-256 of
+  every file as it writes it, so a commit never reads a checkpoint back.
+- `chunk_slots` / `slot_view`: one rank's planned chunks laid out in one flat
+  host buffer, reused across saves; the disk writer (its buffer shared with
+  the writer process) and the memory tier (`ShardBuffer`) both stage so.
 - `read_tensors` / `write_tensors`: single-process access for tools (inspect,
   export, import).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import logging
-import os
-import threading
-import time
+import math
 import pickle
+import queue
+import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint import _async_process_executor as _process_executor
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.futures import Future
 
 from atoll.checkpoint.manifest import CheckpointError
 
@@ -86,67 +86,6 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-PARENT_POLL_S = 0.5
-WRITER_PARENT_ENV = "ATOLL_WRITER_PARENT"
-# Set by the launcher where one store outlives several attempts (torchrun's
-# agent store): the writers' keys then get a prefix per attempt, or a restarted
-# writer reads the gloo addresses of a dead one and waits on it.
-WRITER_STORE_PREFIX_ENV = "ATOLL_WRITER_STORE_PREFIX"
-_ORIGINAL_WRITER_MAIN = _process_executor._AsyncCheckpointProcess._checkpointing_subprocess
-
-
-def _die_with_parent() -> None:
-    """A writer whose rank was killed (SIGKILL: no chance to stop it) must not outlive it.
-
-    Polled, not PR_SET_PDEATHSIG: that fires when the *thread* that spawned
-    the writer ends, and DCP spawns it from a short-lived thread. The parent
-    names itself in WRITER_PARENT_ENV: a rank killed while its writer still
-    imports torch is then noticed too (`getppid()` read that late would
-    already be the reaper's).
-    """
-    parent = int(os.environ.get(WRITER_PARENT_ENV, os.getppid()))
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="atoll-writer-parent-watch", daemon=True).start()
-
-
-def _quiet_writer_main(*args: Any) -> None:
-    """The writer process's main, minus the INFO lines it logs on every save."""
-    _die_with_parent()
-    attempt_prefix = os.environ.get(WRITER_STORE_PREFIX_ENV, "")
-    if attempt_prefix:
-        _process_executor.PrefixStore = lambda prefix, store: dist.PrefixStore(prefix + attempt_prefix, store)
-    _process_executor._init_logger = lambda rank: logging.getLogger().setLevel(logging.WARNING)
-    # Staged DTensors arrive before the writer's own process group exists; torch warns
-    # about that on every save, though the writer never looks up the mesh's groups.
-    logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
-    # The manifest's SHA-256 covers every byte; torch.save's own CRC32 would cost
-    # the writer about a fifth of its CPU time for nothing.
-    if hasattr(torch.serialization, "set_crc32_options"):
-        torch.serialization.set_crc32_options(False)
-    _ORIGINAL_WRITER_MAIN(*args)
-
-
-def quiet_writer_process() -> None:
-    """Make DCP's writer process log warnings only (it is spawned, so patch its entry)."""
-    os.environ[WRITER_PARENT_ENV] = str(os.getpid())
-    _process_executor._AsyncCheckpointProcess._checkpointing_subprocess = staticmethod(_quiet_writer_main)
-
-
-def stop_writer_process() -> None:
-    """End DCP's writer process (one per process, shared): the next async save starts a fresh one."""
-    process = getattr(_process_executor, "_CHECKPOINT_PROCESS", None)
-    if process is not None:
-        try:
-            process.__del__()  # torch's own shutdown: TERMINATE request, join, then SIGTERM
-        finally:
-            _process_executor._CHECKPOINT_PROCESS = None
-
-
 def nest_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{"model": {...}, "optim": {...}}: DCP flattens it back to the same dotted names,
     but does its per-key bookkeeping for two keys instead of hundreds."""
@@ -157,42 +96,184 @@ def nest_by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     return nested
 
 
-def file_writer(path: Path) -> FileSystemWriter:
-    """One file per rank, fsynced before DCP reports the save done."""
-    return FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True, thread_count=1)
+def one_line_error(exc: BaseException) -> str:
+    """A failed save in one line; DCP's CheckpointException carries each rank's exception
+    and traceback, and the first rank's exception is the story."""
+    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-class BackgroundStager(AsyncStager):
-    """Stage (copy to host) on a thread; buffers are allocated once and reused.
+# ---------------------------------------------------------------- writing files
 
-    Only one save may be in flight: the caller waits for the previous upload
-    before staging again, since the writer reads these buffers.
+FileHashes = dict[str, tuple[int, str]]  # file name -> (size, SHA-256)
+
+
+_HASH_ASIDE_FROM = 1 << 20  # bytes: smaller writes (record headers) are copied for the hashing thread
+
+
+class _HashingStream:
+    """A binary file that hashes what is written to it.
+
+    Without `stable` every write is hashed before it returns. With `stable`
+    (start address, length) of memory that does not change during the save,
+    large writes from inside it are hashed on a thread while the file is
+    written and fsynced; anything else is copied first, since its writer may
+    reuse the buffer after `write` returns. `finish()` waits for the hash.
     """
 
-    _synchronize_after_execute = False
+    def __init__(self, stream: Any, stable: Optional[tuple[int, int]] = None):
+        self.stream, self.stable = stream, stable
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._pending: Optional[queue.SimpleQueue] = None
+        self._thread: Optional[threading.Thread] = None
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atoll-ckpt-stage")
-        self._buffers: Optional[dict[str, Any]] = None
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.size += view.nbytes
+        if self.stable is None:
+            self.digest.update(view)
+        else:
+            if self._thread is None:
+                self._pending = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._hash_pending, name="atoll-ckpt-hash", daemon=True)
+                self._thread.start()
+            self._pending.put(view if self._inside_stable(view) else bytes(view))
+        return self.stream.write(view)
 
-    def stage(self, state_dict: dict[str, Any]) -> Future:
-        return self._executor.submit(self._copy, state_dict)
+    def _inside_stable(self, view: memoryview) -> bool:
+        if view.nbytes < _HASH_ASIDE_FROM:
+            return False
+        start = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+        return self.stable[0] <= start and start + view.nbytes <= self.stable[0] + self.stable[1]
 
-    def _copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        if self._buffers is None or _shape_of(self._buffers) != _shape_of(state_dict):
-            self._buffers = _create_cpu_state_dict(state_dict, share_memory=True)
-        return _copy_state_dict(state_dict, self._buffers)
+    def _hash_pending(self) -> None:
+        while (chunk := self._pending.get()) is not None:
+            self.digest.update(chunk)  # hashlib drops the GIL on large buffers
 
-    def synchronize_staging(self) -> None:
-        pass
+    def finish(self) -> str:
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join()
+        return self.digest.hexdigest()
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._buffers = None
+        self.stream.close()
 
 
-def _shape_of(nested: dict[str, Any]) -> dict:
-    return {k: _shape_of(v) if isinstance(v, dict) else tuple(v.shape) for k, v in nested.items()}
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system; every file it writes is hashed on the way out."""
+
+    def __init__(self, stable: Optional[tuple[int, int]] = None) -> None:
+        super().__init__()
+        self.stable = stable
+        self.hashes: FileHashes = {}
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb":
+                yield stream
+                return
+            hashing = _HashingStream(stream, self.stable)
+            try:
+                yield hashing
+            finally:
+                digest = hashing.finish()
+        self.hashes[Path(path).name] = (hashing.size, digest)
+
+
+class HashingFileSystemWriter(FileSystemWriter):
+    """DCP's file writer (one file per rank, fsynced before the save counts as written) that
+    also records each file's size and SHA-256 as it writes it (`hashes`, by file name): the
+    manifest takes them from there instead of reading the files back. `stable`: memory
+    (start, length) the saved tensors live in and that stays unchanged while they are
+    written; their bytes are then hashed beside the write and the fsync."""
+
+    def __init__(self, path: Path | str, stable: Optional[tuple[int, int]] = None) -> None:
+        # per_thread_copy_ahead=0: the tensors are host tensors already; no copy-ahead stage.
+        super().__init__(str(path), single_file_per_rank=True, sync_files=True, thread_count=1,
+                         per_thread_copy_ahead=0)
+        self.fs = _HashingFileSystem(stable)
+
+    @property
+    def hashes(self) -> FileHashes:
+        return self.fs.hashes
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        # The SHA-256 covers every byte; torch.save's own CRC32 of each record would cost
+        # about a fifth of the write's CPU time for nothing. Process-wide, hence restored.
+        crc32 = getattr(torch.serialization, "get_crc32_options", lambda: None)()
+        if crc32:
+            torch.serialization.set_crc32_options(False)
+        try:
+            return super().write_data(plan, planner)
+        finally:
+            if crc32:
+                torch.serialization.set_crc32_options(True)
+
+
+# ---------------------------------------------------------------- host staging
+
+_ALIGN = 64  # every chunk starts aligned, so its byte slice can be viewed as any dtype
+
+
+@dataclass(frozen=True)
+class ChunkSlot:
+    """Where one planned chunk sits in a rank's flat host buffer."""
+
+    index: MetadataIndex
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def chunk_slots(items: list[WriteItem], what: str) -> tuple[list[ChunkSlot], int]:
+    """Lay a plan's tensor chunks out back to back (aligned); returns the slots and the total size."""
+    slots, total = [], 0
+    for item in items:
+        if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+            raise CheckpointError(f"{what} hold tensors only; {item.index.fqn} is not one")
+        dtype = item.tensor_data.properties.dtype
+        shape = tuple(item.tensor_data.chunk.sizes)
+        nbytes = math.prod(shape) * dtype.itemsize
+        slots.append(ChunkSlot(item.index, total, nbytes, dtype, shape))
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    return slots, total
+
+
+def slot_view(buffer: torch.Tensor, slot: ChunkSlot) -> torch.Tensor:
+    """The slot's bytes of `buffer` as a tensor of the chunk's dtype and shape."""
+    return buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+
+
+class ShardBuffer:
+    """One rank's flat host buffer, allocated on first use and reused while it is big enough."""
+
+    def __init__(self) -> None:
+        self.data = torch.empty(0, dtype=torch.uint8)
+
+    def ensure(self, nbytes: int, pin: bool = False) -> torch.Tensor:
+        if self.data.numel() < nbytes or (pin and not self.data.is_pinned()):
+            self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self.data
 
 
 def read_tensors(ckpt_dir: Path, tensor_index: dict[str, dict],
@@ -211,7 +292,7 @@ def write_tensors(ckpt_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save full tensors from this process alone (used by importers)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(tensors, storage_writer=file_writer(ckpt_dir), no_dist=True)
+        dcp.save(tensors, storage_writer=HashingFileSystemWriter(ckpt_dir), no_dist=True)
 
 
 def tensor_index(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:

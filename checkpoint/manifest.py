@@ -59,12 +59,19 @@ def data_files(ckpt_dir: Path) -> list[Path]:
 
 
 def write_manifest(ckpt_dir: Path, *, step: int, samples: int, layout: dict, recipe: dict,
-                   tensors: dict[str, dict], state: dict[str, Any], extra: Optional[dict] = None) -> dict:
-    """Hash every data file and write the manifest last, atomically."""
+                   tensors: dict[str, dict], state: dict[str, Any], extra: Optional[dict] = None,
+                   known_hashes: Optional[dict[str, tuple[int, str]]] = None) -> dict:
+    """List every data file with its size and hash, then write the manifest last, atomically.
+
+    `known_hashes` (relative path -> (size, SHA-256)) are the writers' own, computed as they
+    wrote: a file of that size is not read again; any other file is hashed here."""
     files = {}
+    known_hashes = known_hashes or {}
     for path in data_files(ckpt_dir):
-        files[path.relative_to(ckpt_dir).as_posix()] = {"size": path.stat().st_size,
-                                                         "sha256": hash_file(path)}
+        name, size = path.relative_to(ckpt_dir).as_posix(), path.stat().st_size
+        known = known_hashes.get(name)
+        files[name] = {"size": size, "sha256": known[1] if known is not None and known[0] == size
+                       else hash_file(path)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "samples": samples,
                 "created": time.time(), "layout": layout, "recipe": recipe,
                 "tensors": tensors, "state": state, "files": files, **(extra or {})}

@@ -21,7 +21,6 @@ imports Ray: a Ray store is just another `SnapshotStore` handed in.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import threading
 import time
@@ -36,14 +35,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, Metadata, StorageReader, StorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan,
-                                                  SavePlanner, WriteItemType)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from atoll.checkpoint.dcp_io import nest_by_prefix, safe_unpickle
+from atoll.checkpoint.dcp_io import ShardBuffer, chunk_slots, nest_by_prefix, one_line_error, safe_unpickle
 from atoll.checkpoint.manifest import CheckpointError
 from atoll.checkpoint.snapshot_store import (Buffer, Shard, ShmSnapshotStore, SnapshotStore, default_shm_root,
                                              shm_root)
@@ -57,21 +55,6 @@ ABANDON_SNAPSHOT_AFTER_S = 30.0
 
 
 # ---------------------------------------------------------------- DCP plugins
-
-_ALIGN = 64  # every chunk starts aligned, so its byte slice can be viewed as any dtype
-
-
-class ShardBuffer:
-    """One rank's host buffer, allocated on the first snapshot and reused after."""
-
-    def __init__(self) -> None:
-        self.data = torch.empty(0, dtype=torch.uint8)
-
-    def ensure(self, nbytes: int, pin: bool) -> torch.Tensor:
-        if self.data.numel() < nbytes or (pin and not self.data.is_pinned()):
-            self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        return self.data
-
 
 class MemoryWriter(StorageWriter):
     """Writes one snapshot into a store: per rank one shard of raw chunk bytes, then DCP's Metadata.
@@ -108,13 +91,8 @@ class MemoryWriter(StorageWriter):
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
-        layout, total = [], 0
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
-                raise CheckpointError(f"memory snapshots hold tensors only; {item.index.fqn} is not one")
-            nbytes = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-            layout.append((item, total, nbytes))
-            total += -(-nbytes // _ALIGN) * _ALIGN
+        slots, total = chunk_slots(plan.items, "memory snapshots")
+        layout = [(item, slot.offset, slot.nbytes) for item, slot in zip(plan.items, slots)]
         self.layout, self.total = layout, total
         self.write_shard(layout, total, planner)
         results = [WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=(self.rank, offset, nbytes))
@@ -351,7 +329,7 @@ class MemorySnapshotter:
                 self.on_event("memory_snapshot", step=step, shard_bytes=self._saved.total,
                               seconds=round(time.perf_counter() - started, 4))
         except (Exception, CheckpointException) as exc:  # the latter is a BaseException
-            self.last_error = f"memory snapshot of step {step} failed: {_one_line(exc)}"
+            self.last_error = f"memory snapshot of step {step} failed: {one_line_error(exc)}"
             self.warn(self.last_error)
             if self.is_coordinator and self.on_event is not None:
                 self.on_event("snapshot_failed", step=step, error=self.last_error)
@@ -398,15 +376,6 @@ class MemorySnapshotter:
             dist.barrier(group=self.group)
 
 
-def _one_line(exc: BaseException) -> str:
-    failures = getattr(exc, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
-    if failures:
-        rank, failure = next(iter(failures.items()))
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        return f"rank {rank}: {type(inner).__name__}: {inner}".splitlines()[0]
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-
 def restore_snapshot(store: SnapshotStore, step: int, states: dict[str, Stateful],
                      process_group: Optional[dist.ProcessGroup] = None) -> dict:
     """Load the complete snapshot of `step` into `states`, resharding to this layout; returns its `extra`.
@@ -426,7 +395,7 @@ def restore_snapshot(store: SnapshotStore, step: int, states: dict[str, Stateful
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(tensors, storage_reader=reader, process_group=process_group, no_dist=no_dist)
     except CheckpointException as exc:  # one rank's error, re-raised on every rank with tracebacks
-        raise CheckpointError(f"memory snapshot of step {step} failed to load: {_one_line(exc)}") from None
+        raise CheckpointError(f"memory snapshot of step {step} failed to load: {one_line_error(exc)}") from None
     restore_states(states, tensors, reader.extra.get("state", {}))
     return reader.extra.get("extra", {})
 

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from atoll.checkpoint.dcp_io import WRITER_STORE_PREFIX_ENV
 
 MESH_DIMS = ("pp", "dp_mod_ep", "ep")
 # "host:port/prefix" of a store the launcher keeps for the islands' outer groups. With it,
@@ -126,13 +125,11 @@ def rendezvous_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.TCPSt
 
     torch's TCPStore binds its server to every interface; handed a socket
     that is already bound, it listens where that socket does. On loopback
-    gloo is kept there too, and DCP's writer processes join this store
-    instead of starting stores of their own.
+    gloo is kept there too.
     """
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if is_loopback(addr):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
     if env.rank != 0:
         return dist.TCPStore(addr, port, env.world_size, False, timeout=timeout)
     return serve_store(addr, port, timeout, env.world_size)
@@ -164,10 +161,6 @@ def torchrun_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
     store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                        timeout=timeout))
     prefix = f"atoll/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    # DCP's writers join this store too (a store of their own would listen on
-    # every interface), under the same per-attempt prefix.
-    os.environ.setdefault("DCP_USE_PREFIX_STORE", "1")
-    os.environ[WRITER_STORE_PREFIX_ENV] = prefix + "/"
     return dist.PrefixStore(prefix, store)
 
 
@@ -205,8 +198,8 @@ class ParallelMesh:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            # Even a world of one gets a (gloo) process group: the checkpoint
-            # writer process coordinates through it. Training itself uses none.
+            # Even a world of one gets a (gloo) process group: checkpoint saves
+            # plan through it. Training itself uses none.
             if layout.world_size == 1:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
                 os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -224,9 +217,6 @@ class ParallelMesh:
                 self.store = store
             if layout.islands > 1 and not outer:
                 store = dist.PrefixStore(f"island-{env.island}", store)
-                # Each island's checkpoint writers form a group of their own as well.
-                os.environ[WRITER_STORE_PREFIX_ENV] = \
-                    os.environ.get(WRITER_STORE_PREFIX_ENV, "") + f"island-{env.island}/"
             dist.init_process_group(backend=backend, store=store, rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
         if env.world_size == 1:

@@ -100,7 +100,7 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
 @pytest.mark.slow
 def test_default_run_listens_on_loopback_only(short_tmp):
     """The default recipe on the Ray cluster atoll starts itself: every listening socket of
-    every process of the run (Ray's servers, the rendezvous store, gloo, DCP's writer) is
+    every process of the run (Ray's servers, the rendezvous store, gloo, the checkpoint writer) is
     on loopback."""
     run_dir = short_tmp / "default"
     proc = start_ray_run(["run.steps=100000", "logging.log_interval=1", "checkpoint.interval=2",
@@ -129,8 +129,7 @@ def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp
     run_dir = tmp_path / "restarted"
     proc = start_torchrun(["train", *args, f"run.dir={run_dir}"], procs=2, max_restarts=2)
     with ended(proc):
-        # After the first commit: DCP's writer process is up (one killed while it still starts
-        # can sit in its store connection until that times out).
+        # After the first commit: the checkpoint writer process is up.
         wait_for(lambda: events(run_dir, "checkpoint_commit") and last_step(run_dir) >= 20, 120, proc,
                  "training to pass the disk checkpoint")
         ranks = torchrun_ranks(proc)

@@ -1,7 +1,7 @@
 """Resume from checkpoints: bitwise on the same layout, exact samples on any layout.
 
 Real processes throughout: torchrun and Ray workers save asynchronously
-(DCP writer process), later runs load under the same or another layout.
+(atoll's checkpoint writer process), later runs load under the same or another layout.
 """
 
 from __future__ import annotations
