@@ -127,11 +127,11 @@ def median(values: list[float]) -> float:
 
 
 def writer_processes() -> list[psutil.Process]:
-    """atoll's checkpoint writer: a spawned child of this process (not the resource tracker)."""
+    """atoll's checkpoint writer: a child process of this one."""
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "spawn_main" in " ".join(child.cmdline()):
+            if "atoll.checkpoint.writer_process" in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.Error:
             continue

@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import pickle
-import queue
 import threading
 import warnings
 from contextlib import contextmanager
@@ -112,24 +112,26 @@ def one_line_error(exc: BaseException) -> str:
 FileHashes = dict[str, tuple[int, str]]  # file name -> (size, SHA-256)
 
 
-_HASH_ASIDE_FROM = 1 << 20  # bytes: smaller writes (record headers) are copied for the hashing thread
+_HASH_ASIDE_FROM = 1 << 20  # bytes: smaller writes (record headers) are copied for later hashing
 
 
 class _HashingStream:
-    """A binary file that hashes what is written to it.
+    """A binary file that hashes what is written to it and is fsynced when closed.
 
     Without `stable` every write is hashed before it returns. With `stable`
     (start address, length) of memory that does not change during the save,
-    large writes from inside it are hashed on a thread while the file is
-    written and fsynced; anything else is copied first, since its writer may
-    reuse the buffer after `write` returns. `finish()` waits for the hash.
+    large writes from inside it are hashed later, from that memory (anything
+    else is copied, since its writer may reuse the buffer): on a thread that
+    starts when the file is closed and runs while `close` waits for fsync,
+    so the hash costs no wall time and never competes with the writes for a
+    core. `finish()` waits for the hash.
     """
 
     def __init__(self, stream: Any, stable: Optional[tuple[int, int]] = None):
         self.stream, self.stable = stream, stable
         self.digest = hashlib.sha256()
         self.size = 0
-        self._pending: Optional[queue.SimpleQueue] = None
+        self._later: list = []
         self._thread: Optional[threading.Thread] = None
 
     def write(self, data: Any) -> int:
@@ -138,11 +140,7 @@ class _HashingStream:
         if self.stable is None:
             self.digest.update(view)
         else:
-            if self._thread is None:
-                self._pending = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._hash_pending, name="atoll-ckpt-hash", daemon=True)
-                self._thread.start()
-            self._pending.put(view if self._inside_stable(view) else bytes(view))
+            self._later.append(view if self._inside_stable(view) else bytes(view))
         return self.stream.write(view)
 
     def _inside_stable(self, view: memoryview) -> bool:
@@ -151,13 +149,28 @@ class _HashingStream:
         start = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
         return self.stable[0] <= start and start + view.nbytes <= self.stable[0] + self.stable[1]
 
-    def _hash_pending(self) -> None:
-        while (chunk := self._pending.get()) is not None:
+    def _hash_later(self) -> None:
+        for chunk in self._later:
             self.digest.update(chunk)  # hashlib drops the GIL on large buffers
+        self._later = []
+
+    def close(self) -> None:
+        if self.stream.closed:
+            return
+        if self._later:
+            self._thread = threading.Thread(target=self._hash_later, name="atoll-ckpt-hash", daemon=True)
+            self._thread.start()
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        if hasattr(os, "posix_fadvise"):
+            # Written, synced and hashed from memory: nothing reads these pages again
+            # soon, and left in the page cache they would push out what training uses.
+            os.posix_fadvise(self.stream.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self.stream.close()
 
     def finish(self) -> str:
+        self.close()
         if self._thread is not None:
-            self._pending.put(None)
             self._thread.join()
         return self.digest.hexdigest()
 
@@ -173,12 +186,10 @@ class _HashingStream:
     def writable(self) -> bool:
         return True
 
-    def close(self) -> None:
-        self.stream.close()
-
 
 class _HashingFileSystem(FileSystem):
-    """DCP's local file system; every file it writes is hashed on the way out."""
+    """DCP's local file system; every file it writes is hashed on the way out and fsynced
+    when closed."""
 
     def __init__(self, stable: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
@@ -208,7 +219,8 @@ class HashingFileSystemWriter(FileSystemWriter):
 
     def __init__(self, path: Path | str, stable: Optional[tuple[int, int]] = None) -> None:
         # per_thread_copy_ahead=0: the tensors are host tensors already; no copy-ahead stage.
-        super().__init__(str(path), single_file_per_rank=True, sync_files=True, thread_count=1,
+        # sync_files=False: the file system below fsyncs every file as it closes it.
+        super().__init__(str(path), single_file_per_rank=True, sync_files=False, thread_count=1,
                          per_thread_copy_ahead=0)
         self.fs = _HashingFileSystem(stable)
 

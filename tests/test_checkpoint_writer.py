@@ -154,19 +154,23 @@ def test_checkpoint_code_uses_no_private_torch_module_or_name():
     assert private == []
 
 
-def test_hash_of_a_reused_write_buffer_is_of_the_bytes_written():
-    """A write from outside the stable memory is copied before it is hashed aside: its writer
-    may change the buffer as soon as `write` returns (torch.save reuses its record buffers)."""
+def test_hash_of_a_reused_write_buffer_is_of_the_bytes_written(tmp_path):
+    """Writes are hashed after the file is written (while it is fsynced): one from the stable
+    memory is hashed from there, any other is copied first, since its writer may change the
+    buffer as soon as `write` returns (torch.save reuses its record buffers)."""
     import hashlib
-    import io
 
     from atoll.checkpoint.dcp_io import _HashingStream
 
     stable = torch.arange(1 << 19, dtype=torch.float32)  # 2 MiB that stay as they are
     reused = bytearray(b"\x01" * (3 << 20))
-    stream = _HashingStream(io.BytesIO(), stable=(stable.data_ptr(), stable.numel() * 4))
-    stream.write(memoryview(stable.numpy()).cast("B"))
-    stream.write(reused)
-    written = stream.stream.getvalue()
-    reused[:] = b"\x02" * len(reused)  # before the hashing thread may have read it
-    assert stream.finish() == hashlib.sha256(written).hexdigest() and stream.size == len(written)
+    path = tmp_path / "file"
+    with open(path, "wb") as f:
+        stream = _HashingStream(f, stable=(stable.data_ptr(), stable.numel() * 4))
+        stream.write(memoryview(stable.numpy()).cast("B"))
+        stream.write(reused)
+        reused[:] = b"\x02" * len(reused)  # before anything was hashed
+        digest = stream.finish()
+    written = path.read_bytes()
+    assert digest == hashlib.sha256(written).hexdigest() and stream.size == len(written) == 5 << 20
+    assert written[2 << 20:] == b"\x01" * (3 << 20)
