@@ -76,7 +76,7 @@ def write_manifest(ckpt_dir: Path, *, step: int, samples: int, layout: dict, rec
                 "created": time.time(), "layout": layout, "recipe": recipe,
                 "tensors": tensors, "state": state, "files": files, **(extra or {})}
     # One line: json's C encoder only serves indent=None, and the Python one costs the commit
-    # tens of milliseconds of GIL beside training. `atoll ckpt inspect` prints it for people.
+    # tens of milliseconds of GIL beside training. `atoll ckpt inspect` summarises it for people.
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, sort_keys=True))
     return manifest
 

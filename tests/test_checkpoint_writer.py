@@ -62,6 +62,7 @@ def trainer(tmp_path):
         os.environ.update(saved_env)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.load in this process
 def test_async_save_writes_stock_dcp_files_hashed_by_the_writer(trainer, tmp_path, monkeypatch):
     rehashed = []
     monkeypatch.setattr(manifest_module, "hash_file", lambda path: rehashed.append(path.name) or hash_file(path))
