@@ -117,11 +117,23 @@ def train_command(args: argparse.Namespace) -> int:
     from atoll.trainer.train import train
 
     control = torchrun_control(cfg) if torchrun else None
-    train(to_dict(cfg), control)
-    if control is not None and control.snapshot_store is not None and \
-            os.environ.get("LOCAL_RANK", "0") == "0":
-        control.snapshot_store.clear()  # the run is done: nothing left in /dev/shm
+    try:
+        train(to_dict(cfg), control)
+    except BaseException:
+        # torchrun restarts a failed attempt while restarts remain, and the restart resumes
+        # from these snapshots; after the last one nothing will read them.
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if attempt >= int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+            clear_snapshots(control)
+        raise
+    clear_snapshots(control)  # the run is done: nothing left in /dev/shm
     return 0
+
+
+def clear_snapshots(control) -> None:
+    """Remove this node's memory snapshots of a torchrun job (once per node: local rank 0)."""
+    if control is not None and control.snapshot_store is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        control.snapshot_store.clear()
 
 
 def torchrun_control(cfg):

@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from atoll.checkpoint.snapshot_store import shm_root
 from atoll.trainer.metrics import read_jsonl
 from conftest import MARKER, SESSION_ID, TINY_MOE, free_port, subprocess_env
 
@@ -85,7 +86,8 @@ def test_ctrl_c_tears_down_worker_group(short_tmp):
 @pytest.mark.slow
 def test_torchrun_rank_stopped_alone_ends_the_job(tmp_path):
     """SIGTERM to one rank (a preempted process): it stops without waiting for its peers, so
-    torchrun sees it exit and ends the job, instead of every rank waiting on the others."""
+    torchrun sees it exit and ends the job, instead of every rank waiting on the others; and
+    the job, with no restart left, leaves no memory snapshot in /dev/shm."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
@@ -110,6 +112,8 @@ def test_torchrun_rank_stopped_alone_ends_the_job(tmp_path):
         assert proc.returncode != 0
         assert "atoll: error: interrupted" in err
         wait_gone(list(ranks.values()))
+        # No restart is left to resume from them: the job's memory snapshots are gone too.
+        assert not shm_root(str(run_dir.resolve())).exists()
     finally:  # a hung job must not outlive the test
         if proc.poll() is None:
             with contextlib.suppress(psutil.Error):
