@@ -344,10 +344,11 @@ def test_one_island_with_outer_lr_one_is_plain_training_bitwise():
         assert torch.equal(g, p.detach())
 
 
-def _ddp_rank(rank: int, port: int, steps: int, results) -> None:
-    """Plain data parallelism with torch's DDP over 2 gloo ranks: island k's batches on rank k."""
+def _ddp_rank(rank: int, store_file: str, steps: int, results) -> None:
+    """Plain data parallelism with torch's DDP over 2 gloo ranks: island k's batches on rank k.
+    They meet through a file, not a port another process could take in the meantime."""
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -363,14 +364,13 @@ def _ddp_rank(rank: int, port: int, steps: int, results) -> None:
 
 
 @pytest.mark.slow
-def test_two_islands_one_inner_step_equal_data_parallelism():
+def test_two_islands_one_inner_step_equal_data_parallelism(tmp_path):
     """islands=2, H=1, inner SGD, outer lr 1 without momentum is DDP over 2 ranks."""
     steps = 4
     islands = run_islands(2, lr=1.0, momentum=0.0, H=1, steps=steps, inner="sgd")
-    port = free_port()
     with spawned() as (start, results):
         for rank in range(2):
-            start(_ddp_rank, rank, port, steps)
+            start(_ddp_rank, rank, str(tmp_path / "ddp-store"), steps)
         ddp = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in range(2))
     assert not isinstance(ddp[0], str), ddp[0]
     for rank in (0, 1):
