@@ -190,9 +190,10 @@ class WriterProcess:
 # ---------------------------------------------------------------- DCP's side
 
 class AsyncFileWriter(HashingFileSystemWriter):
-    """DCP's file writer whose `write_data` stages this rank's chunks into `buffer`, calls
-    `on_staged`, and has `process` write them; `hashes` then holds the files' sizes and
-    SHA-256. Planning, `.metadata` and file names are FileSystemWriter's own."""
+    """DCP's file writer whose `write_data` stages this rank's chunks into the buffer it
+    shares with `process`, calls `on_staged`, and has `process` write them; `hashes` then
+    holds the files' sizes and SHA-256. Planning, `.metadata` and file names are
+    FileSystemWriter's own."""
 
     def __init__(self, path: Any, process: WriterProcess, on_staged: Callable[[], None]):
         super().__init__(path)
