@@ -11,8 +11,16 @@ round-robin (rank r holds stages r, r+pp, ...).
 MoE auxiliary losses cannot ride to the last stage as a loss term, so each
 stage attaches its layers' auxiliary loss to its output with `AttachAux`:
 the forward value is unchanged and backward gives the auxiliary loss the
-same unit gradient a loss term would get. The schedule comes from
-torch.distributed.pipelining and averages over microbatches.
+gradient a loss term would get.
+
+Gradient scale: the schedules come from torch.distributed.pipelining with
+their own gradient scaling off. Left on, a schedule divides every
+parameter's gradient by the microbatch count after each `step()`, i.e. also
+what earlier data micro-batches of the same optimizer step accumulated, so
+with `data.grad_accum` > 1 early micro-batches would weigh less. Instead
+every microbatch's loss and auxiliary loss enter backward scaled by
+1 / (microbatches × data micro-batches of the step): the gradient is the
+step's mean, as in the loop without a pipeline.
 """
 
 from __future__ import annotations
@@ -57,16 +65,17 @@ def _balanced(total: int, parts: int) -> list[int]:
 
 
 class AttachAux(torch.autograd.Function):
-    """Identity on `x` whose backward also gives `aux` the gradient of a loss term."""
+    """Identity on `x` whose backward also gives `aux` the gradient of a loss term
+    weighted `scale`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        ctx.aux_shape = aux.shape
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
-        return grad_x, torch.ones(ctx.aux_shape, dtype=grad_x.dtype, device=grad_x.device)
+        return grad_x, torch.full(ctx.aux_shape, ctx.scale, dtype=grad_x.dtype, device=grad_x.device), None
 
 
 class StageModule(nn.Module):
@@ -89,6 +98,7 @@ class StageModule(nn.Module):
         # Per training forward: (aux loss, [(load_E, dropped) per MoE layer]).
         self.records: list[tuple[torch.Tensor, list]] = []
         self.carried: list = []  # loads of earlier micro-batches of this optimizer step
+        self.grad_scale = 1.0  # the weight of one microbatch's loss terms in the step's gradient
 
     def start_step(self) -> None:
         """Set aside the loads counted so far, so no forward record holds them."""
@@ -99,7 +109,7 @@ class StageModule(nn.Module):
         if self.training and not aux.is_meta:  # shape inference may run under no_grad
             self.records.append((aux.detach(), [moe.take_load() for moe in self.moe]))
         if aux.requires_grad:
-            out = AttachAux.apply(out, aux)
+            out = AttachAux.apply(out, aux, self.grad_scale)
         return out
 
     def finish_step(self, microbatches: int) -> torch.Tensor:
@@ -145,18 +155,19 @@ def build_schedule(wrappers: list[nn.Module], stage_ids: list[int], num_stages: 
     stages = [PipelineStage(w, stage_id, num_stages, device, group=group)
               for w, stage_id in zip(wrappers, stage_ids)]
     cls = SCHEDULES[schedule]
+    # scale_grads=False: the loss terms carry the step's weights (see the module docstring).
     if cls is ScheduleInterleaved1F1B:
-        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 class PipelineRunner:
     """Forward/backward of one step's micro-batches through this rank's stages.
 
     Each data micro-batch is split into `microbatches` pipeline microbatches;
-    the schedule runs forward and backward and scales gradients by
-    1/microbatches. Only the last stage sees the loss; only the first the
-    tokens.
+    the schedule runs forward and backward, with each microbatch's loss terms
+    weighted so that the gradients of a step's data micro-batches add up to
+    their mean. Only the last stage sees the loss; only the first the tokens.
     """
 
     def __init__(self, train_modules: list[nn.Module], wrappers: list[StageModule],
@@ -166,20 +177,36 @@ class PipelineRunner:
         self.microbatches = microbatches
         self.is_first = 0 in stage_ids
         self.is_last = num_stages - 1 in stage_ids
+        self.loss_fn = loss_fn
+        self.grad_scale = 1.0
+        self.losses: list[torch.Tensor] = []  # unweighted, one per microbatch the schedule ran
         self.schedule = build_schedule(train_modules, stage_ids, num_stages, schedule, microbatches,
-                                       loss_fn, device, group)
+                                       self._weighted_loss, device, group)
+
+    def _weighted_loss(self, output, target) -> torch.Tensor:
+        loss = self.loss_fn(output, target)
+        self.losses.append(loss.detach())
+        return loss * self.grad_scale
 
     def _run(self, run, inputs_BS, targets_BS) -> list[torch.Tensor]:
-        losses: list[torch.Tensor] = []
+        self.losses = []
         args = (inputs_BS,) if self.is_first else ()
-        kwargs = {"target": targets_BS, "losses": losses} if self.is_last else {}
+        kwargs = {"target": targets_BS} if self.is_last else {}
         run(*args, **kwargs)
+        # The schedule's shape inference (first step, after an eval) may also take the loss
+        # of placeholder outputs: the real microbatches are the last ones.
+        losses, self.losses = self.losses[-self.microbatches:] if self.is_last else [], []
         return losses
 
-    def forward_backward(self, inputs_BS, targets_BS) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over microbatches on the last stage else 0, this stage's mean aux loss)."""
+    def forward_backward(self, inputs_BS, targets_BS, micro_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over microbatches on the last stage else 0, this stage's mean aux loss).
+
+        `micro_batches` is the number of data micro-batches in the optimizer step: each
+        adds its share, 1 / micro_batches of their mean, to the gradients."""
+        self.grad_scale = 1.0 / (self.microbatches * micro_batches)
         for wrapper in self.wrappers:
             wrapper.start_step()
+            wrapper.grad_scale = self.grad_scale
         losses = self._run(self.schedule.step, inputs_BS, targets_BS)
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
         # Mean over microbatches of each stage's aux loss, summed over this rank's stages.
@@ -188,5 +215,6 @@ class PipelineRunner:
 
     @torch.no_grad()
     def evaluate(self, inputs_BS, targets_BS) -> torch.Tensor:
+        self.grad_scale = 1.0
         losses = self._run(self.schedule.eval, inputs_BS, targets_BS)
         return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -381,7 +381,7 @@ class Trainer:
         for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
             inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
             if self.runner is not None:
-                loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS)
+                loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS, len(micro_batches))
             else:
                 with gradient_sync(self.train_module, index == len(micro_batches) - 1):
                     with self.autocast:
@@ -391,10 +391,6 @@ class Trainer:
             loss_sum += loss.detach()
             aux_sum += aux_loss.detach()
         params = [p for part in self.parts for p in part.parameters()]
-        if self.runner is not None and len(micro_batches) > 1:
-            for param in params:  # the schedule averaged microbatches; average micro-batches too
-                if param.grad is not None:
-                    param.grad.div_(len(micro_batches))
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
         n = len(micro_batches)
