@@ -77,7 +77,7 @@ def fail(message: str, code: int) -> int:
 def train_command(args: argparse.Namespace) -> int:
     from atoll.parallel.layout import Layout, ProcessEnv, running_under_torchrun
     from atoll.trainer.config import load_recipe, run_dir, to_dict, to_yaml
-    from atoll.trainer.run_dir import check_run_dir
+    from atoll.trainer.run_dir import check_inputs, check_run_dir
 
     recipe, overrides = split_recipe_args(args.args)
     cfg = load_recipe(recipe, overrides)
@@ -87,6 +87,7 @@ def train_command(args: argparse.Namespace) -> int:
     layout = Layout.from_recipe(cfg)
     if torchrun:
         layout.check_world(ProcessEnv.from_environ())
+    check_inputs(cfg)  # before Ray or any worker starts: a wrong path is one line, at once
     if args.dry_run:
         print(to_yaml(cfg), end="")
         print(f"# layout: {layout.describe()}; backend: {cfg.launch.backend}; "
@@ -94,8 +95,11 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     # Workers may start elsewhere (another cwd, another node): give them absolute paths.
     cfg.run.dir = str(run_dir(cfg).resolve())
-    if cfg.data.path:
-        cfg.data.path = str(Path(cfg.data.path).resolve())
+    for key in ("path", "tokenizer"):
+        if cfg.data[key]:
+            cfg.data[key] = str(Path(cfg.data[key]).resolve())
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        cfg.checkpoint.resume = str(Path(cfg.checkpoint.resume).resolve())
     restarting = torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     check_run_dir(cfg, restarting=restarting)
     if restarting:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 
 import pytest
@@ -100,3 +101,56 @@ def test_dry_run_prints_resolved_recipe(capsys):
     assert main(["train", "--dry-run", "run.steps=3"]) == 0
     out = capsys.readouterr().out
     assert "steps: 3" in out and "# layout: world=2 (pp=1 × dp=2, ep=1)" in out
+
+
+def _missing_input(tmp_path, case):
+    """Overrides naming a path that is not there (or not what the key needs), and the error."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text")
+    (tmp_path / "no_tokenizer").mkdir()
+    missing, texts = tmp_path / "missing", tmp_path / "texts"
+    return {
+        "folder": (["data.source=folder", f"data.path={missing}"],
+                   f"data.path {missing} does not exist"),
+        "text-path": (["data.source=text", f"data.path={missing}", f"data.tokenizer={tmp_path}"],
+                      f"data.path {missing} does not exist"),
+        "text-file": (["data.source=text", f"data.path={texts / 'a.txt'}", f"data.tokenizer={tmp_path}"],
+                      f"data.path {texts / 'a.txt'} is not a folder (data.source=text reads every file in it)"),
+        "tokens-folder": (["data.source=tokens", f"data.path={texts}"],
+                          f"data.path {texts} is not a file (data.source=tokens reads a flat token file)"),
+        "tokenizer": (["data.source=text", f"data.path={texts}", f"data.tokenizer={missing}"],
+                      f"data.tokenizer {missing} does not exist"),
+        "tokenizer-json": (["data.source=text", f"data.path={texts}", f"data.tokenizer={tmp_path / 'no_tokenizer'}"],
+                           f"data.tokenizer {tmp_path / 'no_tokenizer'} has no tokenizer.json "
+                           "(a local folder as save_pretrained writes it)"),
+        "resume": ([f"checkpoint.resume={missing}"], f"checkpoint.resume {missing} does not exist"),
+        "resume-empty": ([f"checkpoint.resume={texts}"],
+                         f"checkpoint.resume={texts}: no checkpoint at {texts} (no manifest.json, no latest)"),
+    }[case]
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "ray", "torchrun"])
+@pytest.mark.parametrize("case", ["folder", "text-path", "text-file", "tokens-folder", "tokenizer",
+                                  "tokenizer-json", "resume", "resume-empty"])
+def test_missing_input_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, case, mode):
+    """A path the recipe names that is not there stops the driver (each rank under torchrun)
+    at once: one line naming the key and the path, exit 2, no Ray cluster, no worker."""
+    import atoll.launch.ray_backend
+    import atoll.trainer.train
+
+    def started(*args, **kwargs):
+        raise AssertionError("a backend started despite a missing input")
+
+    monkeypatch.setattr(atoll.launch.ray_backend, "run_on_ray", started)
+    monkeypatch.setattr(atoll.trainer.train, "train", started)
+    if mode == "torchrun":
+        for name, value in {"TORCHELASTIC_RUN_ID": "test", "RANK": "1", "WORLD_SIZE": "2",
+                            "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+            monkeypatch.setenv(name, value)
+    overrides, message = _missing_input(tmp_path, case)
+    args = ["train", *overrides, "checkpoint.memory_interval=0", f"run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    assert main(args[:1] + ["--dry-run"] + args[1:] if mode == "dry-run" else args) == 2
+    assert time.monotonic() - start < 1
+    assert capsys.readouterr().err == f"atoll: error: {message}\n"
+    assert not (tmp_path / "run").exists()

@@ -105,13 +105,16 @@ def test_default_recipe_on_ray(short_tmp):
 
 @pytest.mark.slow
 def test_worker_error_ends_ray_run_with_one_line(short_tmp):
-    """Bad data found inside a worker reaches the user as one line, exit 2."""
+    """Bad data found inside a worker (a folder with nothing to read: the driver only checks
+    that it exists) reaches the user as one line, exit 2."""
     env = subprocess_env(RAY_TMPDIR=str(short_tmp))
+    (short_tmp / "hollow").mkdir()
+    (short_tmp / "hollow" / "empty.txt").write_bytes(b"")
     proc = run_cli(["train", *TINY_MOE, "run.steps=2", "data.source=folder",
-                    f"data.path={short_tmp / 'missing'}", f"run.dir={short_tmp / 'run'}"], env=env)
+                    f"data.path={short_tmp / 'hollow'}", f"run.dir={short_tmp / 'run'}"], env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
-        f"atoll: error: data.path {short_tmp / 'missing'} does not exist"
+        f"atoll: error: data.path {short_tmp / 'hollow'} has no readable text files"
 
 
 def test_existing_run_dir_needs_overwrite(tmp_path, capsys):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from atoll.trainer.config import DataConfig
-from atoll.trainer.text_data import text_tokens
+from atoll.trainer.text_data import text_tokens, tokenizer_file
 
 SEPARATOR = 0  # byte placed after every file so documents do not run together
 _TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -90,28 +90,41 @@ def _stdlib_tokens(max_bytes: int) -> np.ndarray:
     return _concat_files(_walk_files(root, _SKIP_STDLIB_DIRS, ".py"), max_bytes)
 
 
-def _folder_tokens(path: Optional[str], max_bytes: int) -> np.ndarray:
-    if not path:
-        raise DataError("data.path is required when data.source=folder")
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"data.path {path} does not exist")
-    if not root.is_dir():
-        raise DataError(f"data.path {path} is not a folder")
-    tokens = _concat_files(_walk_files(root, set(), None), max_bytes)
+def check_data_paths(cfg: DataConfig) -> None:
+    """The files the data section names exist: cheap enough for the driver and every rank
+    to call before anything starts, so a wrong path is one line, not a failed worker."""
+    if cfg.source not in ("folder", "tokens", "text"):
+        return
+    if not cfg.path:
+        raise DataError(f"data.path is required when data.source={cfg.source}")
+    path = Path(cfg.path)
+    if not path.exists():
+        raise DataError(f"data.path {cfg.path} does not exist")
+    if cfg.source == "tokens" and not path.is_file():
+        raise DataError(f"data.path {cfg.path} is not a file (data.source=tokens reads a flat token file)")
+    if cfg.source != "tokens" and not path.is_dir():
+        raise DataError(f"data.path {cfg.path} is not a folder (data.source={cfg.source} reads every file in it)")
+    if cfg.source == "text":
+        if not cfg.tokenizer:
+            raise DataError("data.source=text needs data.tokenizer (a local tokenizer folder)")
+        if not Path(cfg.tokenizer).exists():
+            raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
+        if not tokenizer_file(cfg.tokenizer).is_file():
+            raise DataError(f"data.tokenizer {cfg.tokenizer} has no tokenizer.json "
+                            "(a local folder as save_pretrained writes it)")
+
+
+def _folder_tokens(path: str, max_bytes: int) -> np.ndarray:
+    tokens = _concat_files(_walk_files(Path(path), set(), None), max_bytes)
     if tokens.size == 0:
         raise DataError(f"data.path {path} has no readable text files")
     return tokens
 
 
-def _file_tokens(path: Optional[str], token_dtype: str) -> np.ndarray:
-    if not path:
-        raise DataError("data.path is required when data.source=tokens")
+def _file_tokens(path: str, token_dtype: str) -> np.ndarray:
     if token_dtype not in _TOKEN_DTYPES:
         raise DataError(f"data.token_dtype must be uint16 or uint32, not {token_dtype}")
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.path {path} does not exist")
     dtype = np.dtype(_TOKEN_DTYPES[token_dtype])
     size = p.stat().st_size
     if size == 0:
@@ -122,11 +135,7 @@ def _file_tokens(path: Optional[str], token_dtype: str) -> np.ndarray:
 
 
 def _text_tokens(cfg: DataConfig, vocab_size: Optional[int], cache_dir: Optional[Path]) -> np.ndarray:
-    if not cfg.path or not cfg.tokenizer:
-        raise DataError("data.source=text needs data.path (a folder of text) and data.tokenizer")
     root = Path(cfg.path)
-    if not root.is_dir():
-        raise DataError(f"data.path {cfg.path} is not a folder")
     files = _walk_files(root, set(), None)
     if not files:
         raise DataError(f"data.path {cfg.path} has no text files")
@@ -143,6 +152,7 @@ def load_tokens(cfg: DataConfig, vocab_size: Optional[int] = None, cache_dir: Op
         raise DataError("data.max_bytes must be positive")
     if cfg.source == "stdlib":
         return _stdlib_tokens(cfg.max_bytes)
+    check_data_paths(cfg)
     if cfg.source == "folder":
         return _folder_tokens(cfg.path, cfg.max_bytes)
     if cfg.source == "tokens":

@@ -4,7 +4,9 @@
 call it and fail the same way before any worker starts. `prepare_run_dir`
 creates the folder and writes the resolved recipe; with `run.overwrite=true`
 it first removes what an earlier run wrote (and nothing else).
-`choose_checkpoint` decides what `checkpoint.resume` means for this run.
+`check_inputs` stats the files the recipe names, so a wrong path stops the
+driver (and `--dry-run`) in one line. `choose_checkpoint` decides what
+`checkpoint.resume` means for this run.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
-from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.manifest import CheckpointError, verify
 from atoll.checkpoint.store import committed, find_resumable, resolve_checkpoint
-from atoll.trainer.config import RecipeError, run_dir, to_yaml
+from atoll.trainer.config import DataConfig, RecipeError, as_dataclass, run_dir, to_yaml
+from atoll.trainer.data import check_data_paths
 from atoll.trainer.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 
 CONFIG_FILE = "config.yaml"
@@ -48,6 +51,20 @@ def check_run_dir(cfg: DictConfig, restarting: bool = False) -> Path:
         raise RecipeError(f"run directory {path} already holds a run with no checkpoint to resume; "
                           "pass run.overwrite=true to replace it or choose another run.dir")
     return path
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The data files and tokenizer and the `checkpoint.resume=PATH` the recipe names exist.
+    Nothing is read or verified (workers do that), so the driver and every rank can call it."""
+    check_data_paths(as_dataclass(cfg.data, DataConfig))
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none"):
+        if not Path(resume).exists():
+            raise CheckpointError(f"checkpoint.resume {resume} does not exist")
+        try:
+            resolve_checkpoint(Path(resume))
+        except CheckpointError as exc:  # a folder that holds no checkpoint
+            raise CheckpointError(f"checkpoint.resume={resume}: {exc}") from None
 
 
 def prepare_run_dir(cfg: DictConfig, restarting: bool = False) -> Path:
