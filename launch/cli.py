@@ -105,6 +105,17 @@ def train_command(args: argparse.Namespace) -> int:
     if restarting:
         cfg.run.overwrite = False  # a restart resumes; only the first start may overwrite
 
+    if cfg.launch.backend == "torchrun" and not torchrun:
+        raise user_errors()[0]("launch.backend=torchrun is set by torchrun itself; "
+                               "start with `torchrun --nproc-per-node N -m atoll.launch train ...`")
+    from atoll.launch.outcome import RunOutcome
+    from atoll.launch.signals import GracefulStop, exit_now
+    from atoll.launch.supervisor import StopIncomplete
+    from atoll.trainer.run_dir import checkpoints_dir
+
+    stop = GracefulStop(cfg.fault_tolerance.stop_grace_s)
+    # One process speaks for the run: the driver, the local process, or torchrun's rank 0.
+    outcome = RunOutcome(run_dir(cfg), checkpoints_dir(cfg), enabled=os.environ.get("RANK", "0") == "0")
     if cfg.launch.backend == "ray":
         from atoll.trainer.run_dir import prepare_run_dir
 
@@ -113,25 +124,42 @@ def train_command(args: argparse.Namespace) -> int:
         cfg.run.overwrite = False
         from atoll.launch.ray_backend import run_on_ray
 
-        run_on_ray(cfg)
-        return 0
-    if cfg.launch.backend == "torchrun" and not torchrun:
-        raise user_errors()[0]("launch.backend=torchrun is set by torchrun itself; "
-                               "start with `torchrun --nproc-per-node N -m atoll.launch train ...`")
+        try:
+            results = run_on_ray(cfg, stop)
+        except StopIncomplete as exc:
+            return outcome.incomplete(stop, str(exc))
+        except KeyboardInterrupt:
+            return outcome.incomplete(stop, "a second signal aborted the stop")
+        except BaseException:
+            outcome.end("failed")
+            raise
+        return outcome.finished(results)
+    from atoll.trainer.hooks import RunControl
     from atoll.trainer.train import train
 
-    control = torchrun_control(cfg) if torchrun else None
+    control = torchrun_control(cfg) if torchrun else RunControl()
+    control.stop_request = stop.reason
+
+    def give_up() -> None:  # the step in progress never reached its boundary: leave now
+        exit_now(outcome.incomplete(stop, "the step did not finish within "
+                                          f"fault_tolerance.stop_grace_s={stop.grace_s:g}"))
+
+    stop.watch(give_up)
     try:
-        train(to_dict(cfg), control)
-    except BaseException:
+        with stop.installed():
+            result = train(to_dict(cfg), control)
+    except BaseException as exc:
         # torchrun restarts a failed attempt while restarts remain, and the restart resumes
         # from these snapshots; after the last one nothing will read them.
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if attempt >= int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
             clear_snapshots(control)
+            if isinstance(exc, KeyboardInterrupt):
+                return outcome.incomplete(stop, "a second signal aborted the stop")
+            outcome.end("failed")
         raise
-    clear_snapshots(control)  # the run is done: nothing left in /dev/shm
-    return 0
+    clear_snapshots(control)  # the run is done (or stopped with a checkpoint): nothing left in /dev/shm
+    return outcome.finished([result])
 
 
 def clear_snapshots(control) -> None:

@@ -10,23 +10,21 @@ names is theirs: atoll changes none of its settings.
 
 Then: one snapshot keeper per node (launch/keepers.py), and the supervisor
 (launch/supervisor.py) drives `RayWorkerGroup`s (launch/worker_group.py)
-until the run finishes or fails for good. Ctrl-C or SIGTERM only sets a flag
-that the supervisor's poll loop checks: an interrupt raised at an arbitrary
-point inside Ray's own calls could leave the driver unable to tear the group
-down. Worker output reaches the driver prefixed with the worker's rank.
+until the run finishes, fails for good, or a signal stops it (every rank
+stops at a step boundary with a checkpoint, see launch/signals.py). Worker
+output reaches the driver prefixed with the worker's rank.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from atoll.launch.signals import GracefulStop
 from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed
 from atoll.launch.worker_group import ActorPool, RayWorkerGroup
 
@@ -133,29 +131,6 @@ class RayGroupFactory:
         self.keepers = {}
 
 
-@contextlib.contextmanager
-def _signals_set(event: threading.Event):
-    """SIGINT and SIGTERM set `event` instead of raising, while the group runs.
-
-    A second signal raises at once: the user insists, even if a Ray call is cut short.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-
-    def handler(signum, frame):
-        if event.is_set():
-            raise KeyboardInterrupt(f"signal {signum} again")
-        event.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield event
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _as_user_error(exc: UserError) -> BaseException:
     """The rank's own error type, so the CLI reports it as it would in one process."""
     from atoll.launch.cli import user_errors
@@ -167,8 +142,12 @@ def _as_user_error(exc: UserError) -> BaseException:
     return WorkerFailed(str(exc))
 
 
-def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the recipe on Ray worker groups under the supervisor; each rank's final metrics."""
+def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
+    """Run the recipe on Ray worker groups under the supervisor; each rank's final metrics.
+
+    `stop` turns SIGINT/SIGTERM into a stop request while the run is on: the
+    supervisor's poll loop checks it (an interrupt raised at an arbitrary point
+    inside Ray's own calls could leave the driver unable to tear the group down)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; each rank's lines differ
     if not cfg.launch.ray_address or _names_loopback(cfg.launch.ray_address):
         # Read when ray is imported, and by what ray.init starts. Without it a
@@ -184,14 +163,15 @@ def run_on_ray(cfg: DictConfig) -> list[dict[str, Any]]:
     started = time.perf_counter()
     folder = run_dir(cfg)
     factory: Optional[RayGroupFactory] = None
-    with _signals_set(threading.Event()) as stop:
+    with stop.installed():
         try:
             _init_ray(cfg)
             factory = RayGroupFactory(cfg)
             supervisor = Supervisor(
                 to_dict(cfg), factory, lambda event, /, **f: record_event(folder, event, **f),
                 has_disk_checkpoint=lambda: bool(committed(checkpoints_dir(cfg))),
-                interrupted=stop.is_set, log=lambda line: print(line, flush=True))
+                interrupted=stop.reason, stop_expired=stop.expired,
+                log=lambda line: print(line, flush=True))
             try:
                 results = supervisor.run()
             except UserError as exc:

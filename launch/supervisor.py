@@ -25,6 +25,10 @@ against the fake group of its unit tests. Decisions:
   capacity is back, the group stops at a step boundary and the full layout
   resumes from that step.
 
+- stop policy: a signal (`interrupted()`) asks every rank to stop after its
+  step in progress with a disk checkpoint; a failure while stopping, or a
+  stop past its grace period, ends the run without one (`StopIncomplete`).
+
 Every decision is an event (DESIGN §7): workers, failure, restart, resize.
 """
 
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
+from atoll.trainer.hooks import RESIZE
 
 BACKOFF_CAP_S = 30.0
 STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a group
@@ -49,6 +54,11 @@ NODE_SETTLE_S = 4.0
 
 class WorkerFailed(RuntimeError):
     """The run failed for good; the message names the rank and the cause."""
+
+
+class StopIncomplete(RuntimeError):
+    """A signal's stop could not commit a new checkpoint (grace period over, or a rank
+    failed while stopping); the newest committed checkpoint is untouched."""
 
 
 class UserError(RuntimeError):
@@ -66,7 +76,7 @@ class WorkerGroup(Protocol):
     def create(self) -> list[RankInfo]: ...
     def start(self, recipe: dict, store: Any = None, attempt: int = 0) -> None: ...
     def poll(self, timeout_s: float) -> list[RankStatus]: ...
-    def request_stop(self) -> None: ...
+    def request_stop(self, reason: str = RESIZE) -> None: ...
     def shutdown(self) -> None: ...
     def restart_island(self, island: int, recipe: dict, store: Any, attempt: int) -> list[RankInfo]: ...
 
@@ -130,7 +140,8 @@ class Supervisor:
                  has_disk_checkpoint: Callable[[], bool] = lambda: False,
                  poll_s: float = 0.1, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 interrupted: Callable[[], bool] = lambda: False,
+                 interrupted: Callable[[], Optional[str]] = lambda: None,
+                 stop_expired: Callable[[], bool] = lambda: False,
                  log: Callable[[str], None] = print):
         self.recipe, self.factory, self.emit = recipe, factory, emit
         ft = recipe["fault_tolerance"]
@@ -139,7 +150,9 @@ class Supervisor:
         self.placement_timeout_s = ft["placement_timeout_s"]
         self.has_disk_checkpoint = has_disk_checkpoint
         self.poll_s, self.clock, self.sleep = poll_s, clock, sleep
-        self.interrupted, self.log = interrupted, log
+        # `interrupted()`: the name of a signal that asked the run to stop (else None);
+        # `stop_expired()`: that stop has had its grace period.
+        self.interrupted, self.stop_expired, self.log = interrupted, stop_expired, log
         self.state = "starting"
         self.attempt = 0
         self.restarts = 0
@@ -153,6 +166,8 @@ class Supervisor:
         current = self.recipe
         try:
             while True:
+                if self.interrupted():  # between groups: nothing runs that could save
+                    raise StopIncomplete(f"{self.interrupted()} arrived while no worker group ran")
                 group = self._start_group(current)
                 if group is None:  # could not place: resized or waiting
                     current = self._shrink(current)
@@ -163,6 +178,9 @@ class Supervisor:
                 ranks = group.ranks
                 group.shutdown()  # every process of the group, survivors included
                 self.group = None
+                if isinstance(outcome, Failure) and self.interrupted():
+                    raise StopIncomplete(f"rank {outcome.rank} {_verb(outcome.kind)} while stopping "
+                                         f"({outcome.message[:200]})")
                 if isinstance(outcome, Failure):
                     self._handle_failure(outcome, ranks)
                     current = self._restart_recipe(self.recipe)
@@ -267,9 +285,16 @@ class Supervisor:
         stopping = False
         shrunk = world_of(recipe) < world_of(self.recipe)
         self._last_statuses: list[RankStatus] = []
+        signalled = False
         while True:
-            if self.interrupted():
-                raise KeyboardInterrupt("interrupted")
+            if self.interrupted() and not signalled:
+                # Every rank stops after its step in progress and commits a disk checkpoint.
+                group.request_stop(self.interrupted())
+                signalled = True
+            if signalled and self.stop_expired():
+                raise StopIncomplete("the workers did not reach a step boundary and commit "
+                                     "within fault_tolerance.stop_grace_s="
+                                     f"{self.recipe['fault_tolerance']['stop_grace_s']:g}")
             statuses = group.poll(self.poll_s)
             now = self.clock()
             self._last_statuses = statuses
@@ -288,6 +313,8 @@ class Supervisor:
                 first_step_seen = self._note_first_step(group, recipe, statuses, now)
             if all(s.state == "finished" for s in statuses):
                 results = [s.result or {} for s in sorted(statuses, key=lambda s: s.rank)]
+                if any(r.get("stop") for r in results):
+                    return results  # a signal's stop: the run ends here
                 if any(r.get("stopped") for r in results):
                     return "grow"
                 return results
@@ -296,7 +323,7 @@ class Supervisor:
                 if self.factory.capacity(group.world) >= world_of(self.recipe):
                     self.log("supervisor: capacity for the full layout is back; growing at the "
                              "next step boundary")
-                    group.request_stop()
+                    group.request_stop(RESIZE)
                     stopping = True
             self.sleep(self.poll_s)
 

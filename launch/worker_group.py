@@ -59,7 +59,7 @@ class TrainWorker:
         self.beat: dict = {}
         self.error: Optional[dict] = None
         self.result: Optional[dict] = None
-        self.stop = False
+        self.stop: Any = False
         self.thread: Optional[threading.Thread] = None
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
@@ -113,8 +113,8 @@ class TrainWorker:
     def status(self) -> dict:
         return {"state": self.state, "beat": self.beat, "error": self.error, "result": self.result}
 
-    def request_stop(self) -> None:
-        self.stop = True
+    def request_stop(self, reason: str) -> None:
+        self.stop = reason  # what RunControl.stop_request returns: RESIZE or a signal's name
 
     def export_shard(self, token: str):
         """A memory-snapshot shard, for the keeper that asked (launch/keepers.py)."""
@@ -309,9 +309,9 @@ class RayWorkerGroup:
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         return "dead" if node in alive else "node_lost"
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str) -> None:
         for actor in self.actors:
-            actor.request_stop.remote()
+            actor.request_stop.remote(reason)
 
     def shutdown(self) -> None:
         import ray

@@ -68,7 +68,7 @@ class FakeGroup:
         self.factory.last_step = max(s.beat.get("step", 0) for s in statuses)
         return statuses
 
-    def request_stop(self):
+    def request_stop(self, reason):
         self.stop_requested_at = self.polls
 
     def restart_island(self, island, recipe, store, attempt):

@@ -138,6 +138,7 @@ class FaultToleranceConfig:
     collective_timeout_s: float = 300.0  # process-group timeout of every training collective
     spike_factor: float = 0.0  # a loss above this × the running median is an anomaly; 0 = off
     max_bad_steps: int = 3  # anomalous steps in a row before rolling back to the last good state
+    stop_grace_s: float = 20.0  # SIGINT/SIGTERM: longest wait for the step boundary and its checkpoint
 
 
 @dataclass
@@ -222,8 +223,9 @@ NON_NEGATIVE = (
     "fault_tolerance.min_workers", "fault_tolerance.spike_factor", "optim.momentum",
     "diloco.outer_momentum", "diloco.overlap_steps", "diloco.bandwidth_mbit",
 )
-POSITIVE = ("fault_tolerance.hang_timeout_s", "fault_tolerance.placement_timeout_s",
-            "fault_tolerance.collective_timeout_s", "fault_tolerance.max_bad_steps",
+POSITIVE = ("fault_tolerance.stop_grace_s", "fault_tolerance.hang_timeout_s",
+            "fault_tolerance.placement_timeout_s", "fault_tolerance.collective_timeout_s",
+            "fault_tolerance.max_bad_steps",
             "diloco.outer_lr", "diloco.wait_timeout_s")
 
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from atoll.trainer.train import StepResult, Trainer
 
 
+# A stop request that only restarts the group on another layout (no disk checkpoint needed).
+RESIZE = "resize"
+
+
 @dataclass
 class RunControl:
     """The launcher's side of a run, as plain objects.
@@ -31,10 +35,12 @@ class RunControl:
       tell progress from a hang.
     - `attempt`: which start of the run this is; a restart never refuses
       the run directory its own earlier attempt wrote.
-    - `stop_request()`: True once the launcher wants the run to stop cleanly
-      at the next step boundary (with a snapshot), e.g. to grow the group
-      back. Ranks see the request at different moments; the loop agrees on
-      the step through its per-step all-reduce.
+    - `stop_request()`: falsy until the launcher wants the run to stop cleanly
+      at the next step boundary, then why: `RESIZE` (to grow the group back:
+      a memory snapshot is enough) or a signal's name such as "SIGTERM"
+      (the run ends: a disk checkpoint is committed first). Ranks see the
+      request at different moments; the loop agrees on the step through its
+      per-step all-reduce.
     - `rejoin_token`: set when the launcher restarted one lost DiLoCo island
       while the others went on: the island takes the shared state from a
       peer instead of resuming from a checkpoint (the token names this try).
@@ -43,7 +49,7 @@ class RunControl:
     snapshot_store: Optional["SnapshotStore"] = None
     attempt: int = 0  # > 0: a restart of this run, which continues it (also with nothing to resume)
     heartbeat: Optional[Callable[[dict], None]] = None
-    stop_request: Optional[Callable[[], bool]] = None
+    stop_request: Optional[Callable[[], Any]] = None
     rejoin_token: Optional[str] = None
 
 
@@ -116,7 +122,7 @@ class MetricsHook(StepHook):
         self.interval_steps += 1
         cfg, step = trainer.cfg, trainer.step
         end = step == trainer.last_step
-        log_now = step % cfg.logging.log_interval == 0 or end
+        log_now = step % cfg.logging.log_interval == 0 or trainer.at_boundary()
         eval_now = bool(trainer.val) and (step % cfg.logging.eval_interval == 0 or end)
         if not (log_now or eval_now):
             return
