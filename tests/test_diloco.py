@@ -7,7 +7,6 @@ islands one after the other with torch's own SGD as the outer optimizer.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import time
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from atoll.parallel.diloco import DiLoCo
@@ -31,8 +29,8 @@ from atoll.checkpoint.checkpointer import island_dir
 from atoll.checkpoint.dcp_io import read_tensors
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
-from conftest import (TINY_MOE, ended, events, final_state, finish, free_port, last_step, losses, run_cli,
-                      start_ray_run, start_torchrun, torchrun_ranks, wait_for)
+from conftest import (RESULT_TIMEOUT_S, TINY_MOE, ended, events, final_state, finish, free_port, last_step, losses,
+                      run_cli, spawned, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
 
 INNER_STEPS, OUTER_STEPS = 3, 2
 
@@ -157,32 +155,6 @@ def _island(rank: int, islands: int, port: int, options: dict, results) -> None:
                      [e["state_sha256"] for e in events], group.bytes_sent))
     except Exception as exc:
         results.put((rank, "error", f"{type(exc).__name__}: {exc}", traceback.format_exc(), 0))
-
-
-@contextlib.contextmanager
-def spawned():
-    """(start(target, *args), results queue); every process started is gone afterwards, also
-    when the test failed before reading what the processes sent."""
-    ctx = mp.get_context("spawn")
-    results, procs = ctx.Queue(), []
-
-    def start(target, *args):
-        proc = ctx.Process(target=target, args=(*args, results))
-        proc.start()
-        procs.append(proc)
-        return proc
-
-    try:
-        yield start, results
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-
-RESULT_TIMEOUT_S = 240  # a loaded 2-core machine is slow to spawn and import
 
 
 def run_islands(islands: int, **options) -> dict:
@@ -682,6 +654,12 @@ def test_islands_started_from_a_plain_checkpoint_continue_like_data_parallelism(
                        "diloco.outer_lr=1", "diloco.outer_momentum=0", f"checkpoint.resume={start}",
                        f"run.dir={tmp_path / 'islands'}"], torchrun_procs=2)
     assert islands.returncode == 0, islands.stderr[-3000:]
+    # 6 DDP steps × 4 samples, counted per island from here on
+    assert (f"warm start: checkpoint {start.name} was saved with 1 island; 2 islands start from its "
+            "weights, optimizer and schedule at step 6 with a fresh outer optimizer, and share out the "
+            "24 samples it consumed: each island's data stream goes on after its first 12 (samples are "
+            "counted per island)\n") in islands.stdout
+    assert f"resumed from {start}" not in islands.stdout
     rest = run_cli(["train", *common, *ddp, f"run.dir={tmp_path / 'ddp'}"], torchrun_procs=2)
     assert rest.returncode == 0, rest.stderr[-3000:]
     first = [e for e in events(tmp_path / "islands", "outer_step") if e["outer_step"] == 1]

@@ -6,6 +6,8 @@ Real processes throughout: torchrun and Ray workers save asynchronously
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -77,3 +79,19 @@ def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
     for run in (one, ddp):
         assert read_jsonl(run / "metrics.jsonl")[-1]["samples"] == \
             read_jsonl(reference / "metrics.jsonl")[-1]["samples"] == 40
+
+
+def test_rerun_with_nothing_to_do_leaves_config_yaml_untouched(tmp_path, capsys):
+    """A rerun of a finished run says `nothing to do` and leaves the recipe it ran with as it
+    was, even when the rerun's recipe differs (bytes and mtime)."""
+    common = [*TINY_MOE, "run.steps=1", "checkpoint.interval=1", "launch.backend=local",
+              "parallel.dp=1", f"run.dir={tmp_path}"]
+    assert main(["train", *common]) == 0
+    config = tmp_path / "config.yaml"
+    written = config.read_bytes()
+    os.utime(config, ns=(1_000_000_000, 1_000_000_000))  # any rewrite would move it
+    capsys.readouterr()
+    assert main(["train", *common, "logging.log_interval=7"]) == 0
+    assert "nothing to do: run default is already at step 1" in capsys.readouterr().out
+    assert config.read_bytes() == written
+    assert config.stat().st_mtime_ns == 1_000_000_000

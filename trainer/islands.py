@@ -112,11 +112,12 @@ def rejoin(trainer: "Trainer", token: str) -> Optional[int]:
     return step
 
 
-def start_islands_from_plain(trainer: "Trainer", path: Path, manifest: dict) -> None:
+def start_islands_from_plain(trainer: "Trainer", path: Path, manifest: dict) -> str:
     """Islands that start from a checkpoint of a run without islands (e.g. a pretrained
     model, as DiLoCo is usually run): every island loads the same model, optimizer and
     schedule, the global parameters start as that model, and each island's stream takes
-    its share of the samples the run had consumed, so none is read twice."""
+    its share of the samples the run had consumed, so none is read twice. Returns the
+    line that tells the user so (samples are counted per island from here on)."""
     states = {name: state for name, state in trainer.states.items() if name != "diloco"}
     trainer.checkpointer.load(path, manifest, states)
     islands = trainer.layout.islands
@@ -126,3 +127,8 @@ def start_islands_from_plain(trainer: "Trainer", path: Path, manifest: dict) -> 
                               f"diloco.islands={islands} cannot share evenly")
     trainer.loader.samples_consumed = consumed // islands
     trainer.diloco.start_from_model()
+    step = int(trainer.progress.values["step"])
+    return (f"warm start: checkpoint {path.name} was saved with 1 island; {islands} islands start "
+            f"from its weights, optimizer and schedule at step {step} with a fresh outer optimizer, "
+            f"and share out the {consumed} samples it consumed: each island's data stream goes on "
+            f"after its first {consumed // islands} (samples are counted per island)")

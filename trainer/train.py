@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import Checkpointer
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
-from atoll.checkpoint.store import find_resumable
+from atoll.checkpoint.store import find_resumable, step_dir_name
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
@@ -38,10 +38,10 @@ from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, model_config,
-                                  model_differences, recipe_from_dict, run_dir, to_dict)
+                                  model_differences, recipe_from_dict, recipe_sha256, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
-from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
+from atoll.trainer.hooks import (RESIZE, DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook)
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
                                   island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
@@ -184,6 +184,8 @@ class Trainer:
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         self.stop_after: Optional[int] = None  # set when the launcher asks for a clean stop
+        self.stop_final = False  # that stop ends the run (a signal), not a resize
+        self.stop_reason: Optional[str] = None
         ft = cfg.fault_tolerance
         self.guard = AnomalyGuard(ft.spike_factor, ft.max_bad_steps)
         # Everything a checkpoint holds; each entry is layout-free.
@@ -202,11 +204,15 @@ class Trainer:
                                     name=cfg.run.name,
                                     wandb_run_id=self.progress.values.get("wandb_run_id"))
         self.progress.values["wandb_run_id"] = self.mesh.broadcast_object(self.logger.wandb_run_id)
-        if self.is_logging_rank:
+        if self.is_logging_rank and self.step < self.last_step:  # nothing to do: leave it as it was
             write_config(cfg)
         if self.resumed_from is not None:
             self.logger.event("resume", step=self.step, path=str(self.resumed_from),
                               source=self.resume_source, layout=self.layout.to_dict())
+        if self.control.attempt == 0 and self.control.rejoin_token is None:  # once per invocation
+            self.logger.event("run_start", recipe_sha256=recipe_sha256(cfg), layout=self.layout.to_dict(),
+                              resume=None if self.resumed_from is None else
+                              {"source": self.resume_source, "step": self.step, "path": str(self.resumed_from)})
         # Order matters: a step's metrics row is written before its snapshot can complete,
         # so a run resumed from that snapshot never lacks the row; the heartbeat comes last,
         # so a step counts as done only once its snapshot has started.
@@ -242,6 +248,9 @@ class Trainer:
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
 
+    def _checkpoint_skipped(self, path: Path, reason: str) -> None:
+        self._event("checkpoint_skipped", path=str(path), reason=reason)
+
     def _snapshot_event(self, event: str, /, **fields) -> None:
         # One per step would drown the run's events: only the first failure of a streak.
         failing = event == "snapshot_failed"
@@ -274,6 +283,7 @@ class Trainer:
         memory snapshot wins over a disk checkpoint that is not newer.
         """
         choice: tuple = ("none", None)
+        warm_start = None
         if self.env.is_island_lead:  # each DiLoCo island chooses for itself, then they compare
             try:
                 choice = self._choose_resume()
@@ -299,7 +309,7 @@ class Trainer:
             path = Path(value)
             manifest = read_manifest(path)
             if self.diloco is not None and not manifest.get("islands"):
-                start_islands_from_plain(self, path, manifest)
+                warm_start = start_islands_from_plain(self, path, manifest)
             else:
                 self.checkpointer.load(path, manifest, self.states)
         self.step = int(self.progress.values["step"])
@@ -308,8 +318,8 @@ class Trainer:
             self.snapshot_store.drop_after(self.step)
         if self.is_logging_rank:
             truncate_metrics(self.cfg, self.step)
-            print(f"resumed from {path} at step {self.step} "
-                  f"({self.loader.samples_consumed} samples consumed)", flush=True)
+            print(warm_start or f"resumed from {path} at step {self.step} "
+                                f"({self.loader.samples_consumed} samples consumed)", flush=True)
         return path
 
     def _start_from_weights(self, path: Path) -> Path:
@@ -337,7 +347,7 @@ class Trainer:
         return bool(manifest.get("weights_only")) or not self.cfg.checkpoint.load_optimizer
 
     def _choose_resume(self) -> tuple:
-        found = choose_checkpoint(self.cfg, self._warn)
+        found = choose_checkpoint(self.cfg, self._warn, self._checkpoint_skipped)
         auto = self.cfg.checkpoint.resume == "auto"
         if found is not None and not auto and self._weights_only(found[1]):
             # Fine-tuning from other weights: once this run has saved state of its own
@@ -364,7 +374,10 @@ class Trainer:
 
     def disk_checkpoint_due(self) -> bool:
         """A disk checkpoint is taken after this step: on the interval, at the last step of
-        this invocation, at a clean stop (to resize) that has no memory snapshot to resume from."""
+        this invocation, at a clean stop (to resize) that has no memory snapshot to resume from,
+        and always when a signal stops the run (a rerun continues from it)."""
+        if self.stop_final and self.step == self.stop_after:
+            return True
         boundary = self.step == self.last_step or (self.step == self.stop_after and self.snapshotter is None)
         interval = self.checkpointer.interval
         return bool(interval) and (self.step % interval == 0 or boundary)
@@ -394,16 +407,22 @@ class Trainer:
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
         n = len(micro_batches)
-        stop = self.control.stop_request is not None and bool(self.control.stop_request())
-        # Loss, aux loss and the stop request ride on the gradient norm's all-reduce: every
+        request = self.control.stop_request() if self.control.stop_request is not None else None
+        # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
-        grad_norm, (loss_total, aux_total, stops) = clip_grad_norm(
+        grad_norm, (loss_total, aux_total, stops, final_stops) = clip_grad_norm(
             params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, torch.tensor(float(stop))])
+            extra=[loss_sum / n, aux_sum / n, torch.tensor(float(bool(request))),
+                   torch.tensor(float(bool(request) and request != RESIZE))])
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
         if stops and self.stop_after is None:
             self.stop_after = self.step + 1
+        if final_stops and not self.stop_final:
+            # A signal: the run ends at this step with a disk checkpoint. Ranks that did not
+            # see the signal themselves learn it here.
+            self.stop_after, self.stop_final = self.step + 1, True
+            self.stop_reason = request if request and request != RESIZE else "signal"
         self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
         anomaly = self.guard.check(result.loss, grad_norm)
         if anomaly is not None:
@@ -540,10 +559,19 @@ class Trainer:
         self._close_hooks()
         stopped = self.step == self.stop_after and self.step < self.last_step
         self.logger.close(self.step, summary=not stopped)
+        last = next((h.last for h in self.hooks if isinstance(h, MetricsHook)), {})
+        if self.stop_final and self.step == self.stop_after:
+            return {"step": self.step, "stopped": True, **last, "stop": self._stop_summary()}
         if self.checkpointer.interval and self.checkpointer.last_error:
             raise TrainingError(f"the run finished but its last {self.checkpointer.last_error}")
-        last = next((h.last for h in self.hooks if isinstance(h, MetricsHook)), {})
         return {"step": self.step, "stopped": stopped, **last}
+
+    def _stop_summary(self) -> dict:
+        """What a signal's stop left: the step and the checkpoint a rerun continues from."""
+        saved = checkpoints_dir(self.cfg) / step_dir_name(self.step)
+        failed = self.checkpointer.last_error
+        return {"signal": self.stop_reason, "step": self.step,
+                "checkpoint": None if failed or not saved.is_dir() else str(saved), "error": failed}
 
     def _close_hooks(self) -> None:
         for hook in self.hooks:
