@@ -29,6 +29,7 @@ transformers itself, so export and import need no transformers install.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,6 +41,7 @@ from safetensors.torch import save_file
 from atoll.checkpoint.manifest import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # as save_pretrained's max_shard_size="5GB" used to be
+EXPORT_FILE_MODE = 0o644  # whoever uses the folder reads it, whatever the writer's umask or library
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -219,7 +221,15 @@ def write_hf_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], m
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"_from_model_config": True, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    written = [*files, out / "config.json", out / "generation_config.json"]
+    make_readable(written + ([out / INDEX_NAME] if len(shards) > 1 else []))
     return files
+
+
+def make_readable(paths: list[Path]) -> None:
+    """Give exported files EXPORT_FILE_MODE (safetensors writes its files owner-only)."""
+    for path in paths:
+        os.chmod(path, EXPORT_FILE_MODE)
 
 
 # ---------------------------------------------------------------- import

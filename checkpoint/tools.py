@@ -10,7 +10,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,7 @@ from atoll.checkpoint.checkpointer import tensor_dir
 from atoll.checkpoint.dcp_io import read_tensors, tensor_index, write_tensors
 from atoll.checkpoint.hf import (DEFAULT_MAX_SHARD_BYTES, from_hf, hf_model_overrides, read_hf_folder, to_hf,
                                 write_hf_folder)
+from atoll.checkpoint.hf_tokenizer import write_tokenizer
 from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal, write_universal
 from atoll.checkpoint.manifest import CheckpointError, read_manifest, verify, write_manifest
 from atoll.checkpoint.state import MODEL_PREFIX
@@ -48,10 +49,14 @@ def verify_path(path: Path) -> Path:
     return ckpt
 
 
-def load_model_and_moments(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
-    """(manifest, every tensor, per-parameter optimizer hyper-parameters) of a verified checkpoint."""
+def load_model_and_moments(ckpt: Path, model_only: bool = False
+                           ) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict]]:
+    """(manifest, every tensor, per-parameter optimizer hyper-parameters) of a verified checkpoint;
+    `model_only` reads only the model's tensors (and the DiLoCo global parameters)."""
     manifest = verify(ckpt)
-    tensors = read_tensors(tensor_dir(ckpt, manifest), manifest["tensors"])
+    keys = [k for k in manifest["tensors"] if k.startswith((MODEL_PREFIX, DILOCO_GLOBAL_PREFIX))] \
+        if model_only else None
+    tensors = read_tensors(tensor_dir(ckpt, manifest), manifest["tensors"], keys)
     if manifest.get("islands"):  # DiLoCo: the model is the islands' global parameters
         for name in [k for k in tensors if k.startswith(DILOCO_GLOBAL_PREFIX)]:
             tensors[MODEL_PREFIX + name[len(DILOCO_GLOBAL_PREFIX):]] = tensors[name]
@@ -64,15 +69,24 @@ def load_model_and_moments(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], d
     return manifest, tensors, dict(groups)
 
 
-def export_hf(path: Path, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """A transformers model folder (config.json, safetensors, generation_config.json) in the
-    architecture that computes what the checkpoint's model does (checkpoint/hf.py)."""
-    ckpt = resolve_checkpoint(path)
-    manifest, tensors, _ = load_model_and_moments(ckpt)
-    weights = {k[len(MODEL_PREFIX):]: v.contiguous() for k, v in tensors.items()
-               if k.startswith(MODEL_PREFIX)}
+def model_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, the model's tensors under their names without `model.`) of the checkpoint at
+    `path` (a step, checkpoints or run folder), verified, under any layout it was saved with;
+    for DiLoCo islands the global parameters."""
+    manifest, tensors, _ = load_model_and_moments(resolve_checkpoint(path), model_only=True)
+    return manifest, {k[len(MODEL_PREFIX):]: v.contiguous() for k, v in tensors.items()
+                      if k.startswith(MODEL_PREFIX)}
+
+
+def export_hf(path: Path, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+              report: Callable[[str], None] = print) -> Path:
+    """A transformers model folder (config.json, safetensors, generation_config.json and the
+    tokenizer: checkpoint/hf_tokenizer.py) in the architecture that computes what the
+    checkpoint's model does (checkpoint/hf.py); `report` gets one line about the tokenizer."""
+    manifest, weights = model_weights(path)
     config, hf_tensors = to_hf(weights, manifest["recipe"]["model"])
     write_hf_folder(out, config, hf_tensors, {"atoll_step": str(manifest["step"])}, max_shard_bytes)
+    report(write_tokenizer(out, manifest["recipe"].get("data"), config["max_position_embeddings"]))
     return out
 
 

@@ -97,6 +97,7 @@ def test_large_exports_are_sharded_with_an_index(tmp_path):
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
     assert not (out / "model.safetensors").exists()
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
     assert_same_function(atoll_model(run), hf_model(out))
 
 
@@ -199,3 +200,138 @@ def test_tied_grouped_query_model_trains_under_fsdp_like_one_process(tmp_path):
     out = tmp_path / "hf"
     assert cli("ckpt", "export", str(tmp_path / "fsdp"), "--format", "hf", "--out", str(out)) == 0
     assert_same_function(ours, hf_model(out))
+
+
+# ---------------------------------------------------------------- the tokenizer of an export
+
+# Text whose bytes cover ASCII, control bytes, whitespace runs, 2-, 3- and 4-byte UTF-8, and the
+# characters the byte-level alphabet itself uses ("Ā" stands for byte 0, "Ġ" for the space).
+AWKWARD_TEXTS = ["def naïve(x):\n\treturn x  # ok\r\n", " leading and trailing ", "\x00\x01\x7f",
+                 "Ā Ġ ĉ ÿ ¡", "日本語のテキスト", "emoji 🙂🚀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "€" * 5]
+
+
+def random_text(seed: int, length: int = 400) -> str:
+    """Code points from every UTF-8 length (surrogates excluded: not encodable)."""
+    generator = torch.Generator().manual_seed(seed)
+    ranges = [(0, 0x80), (0x80, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x110000)]
+    picks = torch.randint(0, len(ranges), (length,), generator=generator).tolist()
+    return "".join(chr(int(torch.randint(*ranges[r], (1,), generator=generator))) for r in picks)
+
+
+def test_byte_tokenizer_gives_exactly_the_ids_atoll_trains_on(tmp_path):
+    """The exported byte-level tokenizer, as the tokenizers library and transformers load it,
+    encodes any text to the ids atoll's byte sources read from a file (its UTF-8 bytes) and
+    decodes them back to the same text."""
+    from atoll.checkpoint.hf_tokenizer import write_tokenizer
+    from atoll.trainer.config import DataConfig
+    from atoll.trainer.data import SEPARATOR, load_tokens
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert write_tokenizer(out, {"source": "folder"}, 4096).startswith("tokenizer: byte-level")
+    ours = __import__("tokenizers").Tokenizer.from_file(str(out / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert sorted(ours.get_vocab().values()) == list(range(256)) and len(theirs) == 256
+    texts = AWKWARD_TEXTS + [random_text(seed) for seed in range(3)]
+    for k, text in enumerate(texts):
+        folder = tmp_path / f"data{k}"
+        folder.mkdir()
+        (folder / "doc.txt").write_text(text, encoding="utf-8")
+        trained_on = load_tokens(DataConfig(source="folder", path=str(folder))).tolist()
+        assert trained_on[-1] == SEPARATOR  # atoll appends it after every file
+        expected = trained_on[:-1]
+        assert expected == list(text.encode("utf-8"))
+        assert ours.encode(text).ids == expected, text
+        assert theirs(text)["input_ids"] == expected, text
+        assert ours.decode(expected) == theirs.decode(expected) == text
+    assert ours.encode("").ids == [] and theirs("")["input_ids"] == []
+    every_byte = list(range(256))  # one token per byte value, whatever the text around it
+    assert ours.encode(bytes(every_byte[:128]).decode("ascii")).ids == every_byte[:128]
+    assert {ours.token_to_id(ours.id_to_token(b)) for b in every_byte} == set(every_byte)
+
+
+def test_exported_folder_generates_in_a_pipeline_without_atoll(tmp_path):
+    """A byte-level run (vocab 300 > 256 bytes) exported to a folder of 0644 files that
+    transformers' text-generation pipeline uses in a Python that cannot import atoll, and
+    that continues a prompt with atoll's own greedy tokens."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from atoll.trainer.inference import generate, load_model
+
+    run = tmp_path / "run"
+    assert cli("train", *LOCAL, "model.vocab_size=300", f"run.dir={run}") == 0
+    out = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out)) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {n: "0o644" for n in names}
+
+    # -I: no PYTHONPATH, user site or script folder; -S: no .pth files, so not the editable install's.
+    script = (
+        "import importlib.util, json, sys\n"
+        "sys.path.append(sys.argv[1])\n"
+        "assert importlib.util.find_spec('atoll') is None\n"
+        "try:\n    import atoll.trainer\nexcept ModuleNotFoundError:\n    pass\n"
+        "else:\n    raise SystemExit('atoll is importable')\n"
+        "from transformers import pipeline\n"
+        "generator = pipeline('text-generation', model=sys.argv[2])\n"
+        "result = generator(sys.argv[3], max_new_tokens=8, do_sample=False, return_tensors=True)\n"
+        "print(json.dumps([int(i) for i in result[0]['generated_token_ids']]))\n")
+    site_packages = sysconfig.get_paths()["purelib"]
+    control = subprocess.run([sys.executable, "-I", "-c", "import atoll.trainer"], cwd=tmp_path)
+    assert control.returncode == 0  # the same interpreter with its site-packages set up does import it
+    prompt = "def naïve(x):\n    return 'ü"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, site_packages, str(out), prompt],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompt_ids = list(prompt.encode("utf-8"))
+    assert ids[:len(prompt_ids)] == prompt_ids and len(ids) == len(prompt_ids) + 8
+    assert ids == generate(load_model(run), prompt_ids, 8)
+
+
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_export_of_a_tokenised_run_copies_its_tokenizer_or_says_it_has_none(source, tmp_path, capsys):
+    """data.source=text: the training tokenizer's files go along and transformers encodes
+    as training did, whatever the architecture; data.source=tokens: no tokenizer file, one line saying so."""
+    import numpy as np
+
+    words = [f"w{i}" for i in range(100)]
+    tokenizer = word_level_tokenizer(tmp_path / "tokenizer", words)
+    picks = torch.randint(0, len(words), (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    text = " ".join(words[i] for i in picks)
+    if source == "text":
+        (tmp_path / "texts").mkdir()
+        (tmp_path / "texts" / "a.txt").write_text(text)
+        data = [f"data.path={tmp_path / 'texts'}", f"data.tokenizer={tokenizer}"]
+    else:
+        np.asarray([i + 2 for i in picks], dtype=np.uint16).tofile(tmp_path / "tokens.uint16")
+        data = [f"data.path={tmp_path / 'tokens.uint16'}"]
+    run = tmp_path / "run"
+    # Qwen2Moe: left to itself, transformers would give this tokenizer.json Qwen2's own rules
+    qwen2_moe = ARCHITECTURES["Qwen2MoeForCausalLM"]
+    assert cli("train", *LOCAL, *qwen2_moe, f"data.source={source}", *data, f"run.dir={run}") == 0
+    capsys.readouterr()
+    out = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--format", "hf", "--out", str(out)) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (out / "model.safetensors").exists()
+    if source == "tokens":
+        assert [line for line in printed if "tokenizer" in line] == [
+            "no tokenizer written: data.source=tokens holds ids of a tokenizer the checkpoint does not name; "
+            "copy its files into the folder to use it with a pipeline"]
+        assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+        return
+    assert printed[0].startswith("tokenizer: copied from ") and \
+        printed[0].endswith("(tokenizer.json, tokenizer_config.json)")
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+    assert json.loads((tokenizer / "tokenizer_config.json").read_text()) == {"eos_token": "</s>"}  # untouched
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    training = __import__("tokenizers").Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    sample = text[:300]
+    assert loaded(sample, add_special_tokens=False)["input_ids"] == training.encode(sample).ids
+    assert loaded.eos_token == "</s>" and loaded.eos_token_id == 1
+    assert oct((out / "tokenizer_config.json").stat().st_mode & 0o777) == "0o644"
