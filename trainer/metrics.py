@@ -121,7 +121,7 @@ class MetricsLogger:
             record_event(self.run_dir, event, **fields)
 
     def close(self, final_step: int, summary: bool = True) -> Optional[str]:
-        """Finish wandb, draw the loss curve and return the one-line summary."""
+        """Finish wandb, draw the loss curve of the whole run and return the one-line summary."""
         if not self.enabled:
             return None
         if self._bar is not None:
@@ -130,33 +130,38 @@ class MetricsLogger:
             self._wandb.finish()
         if not summary:
             return None
-        losses = [r for r in self.history if "loss" in r]
+        # metrics.jsonl holds every logged step of the run, earlier invocations included.
+        train, evals = loss_series(read_jsonl(self.run_dir / METRICS_FILE))
         elapsed = time.perf_counter() - self.started
-        summary = f"done: {final_step} steps in {format_duration(elapsed)}"
-        if losses:
-            first, last = losses[0], losses[-1]
-            rate = sum(r.get("tokens_per_s", 0.0) for r in losses) / len(losses)
-            summary += (f" | loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f}"
-                        f" (step {last['step']}) | {rate:,.0f} tok/s")
-            self._plot(losses)
-        evals = [r for r in self.history if "eval_loss" in r]
+        if self.start_step:
+            summary = (f"done: steps {self.start_step + 1}-{final_step} of {self.total_steps} "
+                       f"(resumed from step {self.start_step}) in {format_duration(elapsed)}")
+        else:
+            summary = f"done: {final_step} steps in {format_duration(elapsed)}"
+        if train:
+            (first_step, first_loss), (last_step, last_loss) = train[0], train[-1]
+            rates = [r["tokens_per_s"] for r in self.history if "tokens_per_s" in r]
+            summary += (f" | loss {first_loss:.4f} (step {first_step}) -> {last_loss:.4f}"
+                        f" (step {last_step})")
+            if rates:  # this invocation's speed
+                summary += f" | {sum(rates) / len(rates):,.0f} tok/s"
+            self._plot(train, evals)
         if evals:
-            summary += f" | eval loss {evals[-1]['eval_loss']:.4f}"
+            summary += f" | eval loss {evals[-1][1]:.4f}"
         summary += f" | {self.run_dir}"
         print(summary, flush=True)
         return summary
 
-    def _plot(self, losses: list[dict[str, Any]]) -> None:
+    def _plot(self, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="train")
-        evals = [r for r in self.history if "eval_loss" in r]
+        ax.plot(*zip(*train), label="train")
         if evals:
-            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+            ax.plot(*zip(*evals), "o-", label="eval")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(self.run_dir.name)
@@ -165,6 +170,22 @@ class MetricsLogger:
         fig.tight_layout()
         fig.savefig(self.run_dir / "loss.png")
         plt.close(fig)
+
+
+def loss_series(records: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, loss) and (step, eval_loss) points of metrics.jsonl rows, by step.
+
+    A step logged again (after a rollback) counts once, with its newest row. Values that
+    were not finite are stored as strings and left out.
+    """
+    newest: dict[int, dict[str, Any]] = {}
+    for record in records:
+        if isinstance(record.get("step"), int):
+            newest[record["step"]] = record
+    rows = [newest[step] for step in sorted(newest)]
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    return train, evals
 
 
 def _plain(value: Any) -> Any:
