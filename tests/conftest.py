@@ -73,6 +73,32 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def moe_stats(run_dir: Path) -> list[dict]:
+    """Per logged step, every `moe.<layer>.<stat>` (max_load, mean_load, dropped)."""
+    return [{k: v for k, v in r.items() if k.startswith("moe.")}
+            for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
+
+
+def assert_same_metrics(got_dir: Path, want_dir: Path, names=("loss", "grad_norm"), rel: float = 1e-5,
+                        first_step: int = 1) -> None:
+    """The same logged steps and samples as the reference from `first_step` on, and each of
+    `names` within `rel` of the reference's at every step (rel=0: exactly equal)."""
+    got = read_jsonl(Path(got_dir) / "metrics.jsonl")
+    want = [r for r in read_jsonl(Path(want_dir) / "metrics.jsonl") if r["step"] >= first_step]
+    assert got and [r["step"] for r in got] == [r["step"] for r in want]
+    assert [r["samples"] for r in got] == [r["samples"] for r in want]
+    for name in names:
+        values, expected = [r[name] for r in got], [r[name] for r in want]
+        if rel:
+            assert values == pytest.approx(expected, rel=rel), name
+        else:
+            assert values == expected, name
+
+
 # ------------------------------------------------------------ runs in flight
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -86,6 +112,20 @@ def assert_same_state(got_dir: Path, want_dir: Path) -> None:
     assert any(k.endswith(".exp_avg_sq") for k in want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def assert_close_state(got_dir: Path, want_dir: Path, tol: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Every tensor of the newest checkpoints (weights, buffers, both Adam moments and the
+    step) within `tol`: relative, and absolute on the scale of that tensor's largest value
+    (so that near-zero entries of a tensor compare like the rest); returns the reference's."""
+    got, want = final_state(got_dir), final_state(want_dir)
+    assert got.keys() == want.keys()
+    for suffix in (".exp_avg", ".exp_avg_sq", ".step"):
+        assert any(k.startswith("optim.state.") and k.endswith(suffix) for k in want), suffix
+    for name in want:
+        scale = want[name].abs().max().item() if want[name].numel() else 0.0
+        torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol * scale, msg=name)
+    return want
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -163,6 +203,35 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         raise AssertionError(f"run still going after {timeout} s (exit {proc.poll()}); processes:\n"
                              + "\n".join(alive) + f"\nstderr tail:\n{err[-6000:]}") from None
+
+
+RESULT_TIMEOUT_S = 240  # a loaded 2-core machine is slow to spawn and import
+
+
+@contextlib.contextmanager
+def spawned():
+    """(start(target, *args), results queue) for processes spawned by torch.multiprocessing;
+    `target` gets the queue as its last argument. Every process started is gone afterwards,
+    also when the test failed before reading what the processes sent."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, procs = ctx.Queue(), []
+
+    def start(target, *args):
+        proc = ctx.Process(target=target, args=(*args, results))
+        proc.start()
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start, results
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
 @pytest.fixture
