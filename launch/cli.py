@@ -35,8 +35,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ckpt = commands.add_parser("ckpt", help="inspect, verify, export or import checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
-    inspect = ckpt_commands.add_parser("inspect", help="JSON summary of a checkpoint")
+    inspect = ckpt_commands.add_parser("inspect", help="summary of a checkpoint (--json: its full index)")
     inspect.add_argument("path", type=Path, help="checkpoint, checkpoints folder or run folder")
+    inspect.add_argument("--json", action="store_true",
+                         help="print the JSON index: step, samples, layout, every tensor's global "
+                              "shape and dtype, bytes, files")
     verify = ckpt_commands.add_parser("verify", help="re-hash every file against the manifest")
     verify.add_argument("path", type=Path)
     export = ckpt_commands.add_parser("export", help="write a checkpoint in another format")
@@ -189,6 +192,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def print_to_reader(text: str) -> int:
+    """Print `text` to stdout; a reader that stops early (`| head`) ends the command quietly,
+    with the exit code of a process ended by SIGPIPE, as a shell reports it."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Nothing more reaches the reader; stdout goes to /dev/null so that the
+        # interpreter's own flush at exit does not fail on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return 0
+
+
 def ckpt_command(args: argparse.Namespace) -> int:
     import json
 
@@ -196,8 +212,9 @@ def ckpt_command(args: argparse.Namespace) -> int:
     from atoll.checkpoint.manifest import CheckpointError
 
     if args.ckpt_command == "inspect":
-        print(json.dumps(tools.inspect(args.path), indent=2))
-        return 0
+        if args.json:
+            return print_to_reader(json.dumps(tools.inspect(args.path), indent=2))
+        return print_to_reader("\n".join(tools.describe(args.path)))
     if args.ckpt_command == "verify":
         try:
             ckpt = tools.verify_path(args.path)

@@ -14,6 +14,9 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from atoll.checkpoint import dcp_io, manifest, store
 from atoll.checkpoint.manifest import CheckpointError
 from atoll.launch.cli import main
 from atoll.trainer.metrics import read_jsonl
-from conftest import TINY_MOE
+from conftest import TINY_MOE, subprocess_env
 
 BASE = [*TINY_MOE, "launch.backend=local", "parallel.dp=1", "checkpoint.interval=2",
         "checkpoint.keep=5"]
@@ -308,7 +311,7 @@ def test_real_metadata_loads_through_the_safe_reader(trained):
 def test_inspect(trained, where, step, capsys):
     ckpts = trained / "checkpoints"
     path = {"run": trained, "checkpoints": ckpts, "step2": ckpts / S2}[where]
-    assert main(["ckpt", "inspect", str(path)]) == 0
+    assert main(["ckpt", "inspect", "--json", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     folder = ckpts / store.step_dir_name(step)
     m = manifest.read_manifest(folder)
@@ -317,6 +320,47 @@ def test_inspect(trained, where, step, capsys):
     assert info["tensors"]["model." + WQ]["shape"] == [64, 64]
     assert info["bytes"] == sum(p.stat().st_size for p in folder.iterdir()
                                 if p.name != manifest.MANIFEST)
+
+
+def test_inspect_summary_for_people(trained, capsys):
+    assert main(["ckpt", "inspect", str(trained)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    folder = trained / "checkpoints" / S4
+    m = manifest.read_manifest(folder)
+    size = sum(f["size"] for f in m["files"].values())
+    assert len(lines) <= 10
+    assert lines[0] == f"checkpoint  {folder}"
+    assert "step        4 (8 samples consumed)" in lines
+    assert "layout      world=1 pp=1 dp=1 ep=1 dp_shard=fsdp" in lines
+    assert "recipe      default" in lines
+    assert any(line.startswith(f"tensors     {len(m['tensors'])} (") for line in lines)
+    assert any(line.startswith("size ") and f"({size:,} bytes) in 2 files" in line for line in lines)
+    assert any(line.startswith("saved ") and time.strftime("%Y-%m-%d", time.localtime(m["created"])) in line
+               for line in lines)
+    assert lines[-1].startswith("files       sizes match the manifest")
+
+
+def test_inspect_summary_names_a_damaged_file(run_copy, capsys):
+    truncate(run_copy / "checkpoints" / S4)
+    assert main(["ckpt", "inspect", str(run_copy)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"files       DAMAGED: {DATA} has ")
+
+
+def test_inspect_piped_into_head_ends_quietly(tmp_path):
+    """A reader that stops after one line (`| head -1`) while inspect still writes."""
+    ckpt = tmp_path / store.step_dir_name(7)
+    ckpt.mkdir()
+    (ckpt / DATA).write_bytes(b"0" * 16)
+    tensors = {f"model.layers.{i}.w": {"shape": [4, 4], "dtype": "float32"} for i in range(5000)}
+    manifest.write_manifest(ckpt, step=7, samples=14, layout={"world_size": 1}, recipe={},
+                            tensors=tensors, state={})  # an index far larger than a pipe's buffer
+    for extra in (["--json"], []):
+        command = " ".join([sys.executable, "-m", "atoll.launch", "ckpt", "inspect", *extra, str(ckpt)])
+        proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -1"],
+                              capture_output=True, text=True, timeout=60, env=subprocess_env())
+        assert proc.stdout.strip() in ("{", f"checkpoint  {ckpt}"), proc.stdout
+        assert proc.stderr == "", proc.stderr
+        assert proc.returncode in (0, 141), proc.returncode  # 141: inspect ended by the closed pipe
 
 
 def test_export_hf(trained, tmp_path, capsys):
