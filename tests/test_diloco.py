@@ -390,6 +390,10 @@ def test_two_islands_under_torchrun_agree_after_every_outer_step(tmp_path):
     for outer in (1, 2):
         hashes = {e["state_sha256"] for e in steps if e["outer_step"] == outer}
         assert len(hashes) == 1
+    printed = [line for line in proc.stdout.splitlines() if ": outer step " in line]
+    assert sorted(printed) == sorted(
+        f"island {e['island']}: outer step {e['outer_step']} | 2 islands | {e['bytes_sent'] / 1e6:.2f} MB sent"
+        f" | {e['seconds']:.2f} s | state {e['state_sha256'][:12]}" for e in steps)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
     # comm_bytes counts every byte sent between islands: the outer steps' payloads, nothing else

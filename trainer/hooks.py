@@ -109,6 +109,16 @@ class DilocoHook(StepHook):
             trainer.island_event("membership", outer_step=diloco.outer_step, **change)
         for fields in events:
             trainer.island_event("outer_step", island=trainer.env.island, **fields)
+            if trainer.env.is_island_lead:  # the rank that writes the event says it on the console too
+                print(outer_step_line(trainer.env.island, fields, trainer.cfg.diloco.fragments), flush=True)
+
+
+def outer_step_line(island: int, fields: dict, fragments: int) -> str:
+    """One console line per outer step of an island, from its `outer_step` event's fields."""
+    fragment = f" (fragment {fields['fragment']})" if fragments > 1 else ""
+    return (f"island {island}: outer step {fields['outer_step']}{fragment} | {fields['islands']} islands"
+            f" | {fields['bytes_sent'] / 1e6:.2f} MB sent | {fields['seconds']:.2f} s"
+            f" | state {fields['state_sha256'][:12]}")
 
 
 class MetricsHook(StepHook):
