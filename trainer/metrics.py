@@ -127,7 +127,14 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            self._wandb = None
+            # End wandb's service process now. Left to wandb's atexit hook, the teardown
+            # would run after a Ray actor's exit has killed the actor's child processes,
+            # the service among them, and print a ConnectionResetError traceback.
+            wandb.teardown()
         if not summary:
             return None
         # metrics.jsonl holds every logged step of the run, earlier invocations included.
