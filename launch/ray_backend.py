@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -149,6 +150,10 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
     supervisor's poll loop checks it (an interrupt raised at an arbitrary point
     inside Ray's own calls could leave the driver unable to tear the group down)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; each rank's lines differ
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # The driver prints each worker line behind a "(rank0 pid=...)" prefix that Ray
+        # wraps in colour codes unless this says no: a file or a pipe gets plain text.
+        os.environ["RAY_COLOR_PREFIX"] = "0"
     if not cfg.launch.ray_address or _names_loopback(cfg.launch.ray_address):
         # Read when ray is imported, and by what ray.init starts. Without it a
         # driver joining a cluster on 127.0.0.1 looks for it at the external address.

@@ -90,6 +90,8 @@ def test_default_recipe_on_ray(short_tmp):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     out = proc.stdout + proc.stderr
     assert "(rank0" in out and "step 8/8" in out and "done: 8 steps" in out
+    assert "\x1b" not in out  # no colour codes in captured output
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # e.g. from wandb's exit in a worker
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     for key in ("loss", "lr", "tokens", "tokens_per_s", "step_time_s", "tflops", "comm_bytes"):
