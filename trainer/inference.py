@@ -13,8 +13,8 @@ building the single-device `Transformer` from the checkpoint's own recipe.
 (checkpoint/hf_tokenizer.py). Generation recomputes the whole sequence for
 every new token: a reference for checks and small experiments, not a server.
 
-This module knows no process groups and no checkpoint files: it asks
-checkpoint/tools.py for the verified tensors and recipe.
+This module knows no process groups and reads no tensors itself: it asks
+checkpoint/tools.py for the verified tensors and the manifest for the recipe.
 """
 
 from __future__ import annotations
