@@ -14,6 +14,12 @@ from conftest import TINY_MOE, subprocess_env
 LOCAL = [*TINY_MOE, "launch.backend=local", "parallel.dp=1", "checkpoint.interval=3"]
 
 
+def summary_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("done: ")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
 def test_resumed_run_summarises_its_own_steps_and_plots_the_whole_run(tmp_path, capsys, monkeypatch):
     drawn = []
     draw = MetricsLogger._plot
@@ -22,12 +28,12 @@ def test_resumed_run_summarises_its_own_steps_and_plots_the_whole_run(tmp_path, 
     args = ["train", *LOCAL, "run.steps=6", f"run.dir={tmp_path}"]
 
     assert main([*args, "run.stop_at=3"]) == 0
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = summary_line(capsys.readouterr().out)
     assert summary.startswith("done: 3 steps in "), summary
     assert [step for step, _ in drawn[-1]] == [1, 2, 3]
 
     assert main(args) == 0
-    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = summary_line(capsys.readouterr().out)
     assert summary.startswith("done: steps 4-6 of 6 (resumed from step 3) in "), summary
     assert "(step 1) -> " in summary and "(step 6)" in summary
     assert [step for step, _ in drawn[-1]] == [1, 2, 3, 4, 5, 6]
