@@ -60,6 +60,12 @@ def _names_loopback(address: str) -> bool:
     return bool(host) and is_loopback(host)
 
 
+def _ray_token_available() -> bool:
+    """Whether this machine holds a Ray authentication token (where Ray itself looks)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
 def _init_ray(cfg: DictConfig) -> None:
     import ray
 
@@ -158,6 +164,11 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
         # Read when ray is imported, and by what ray.init starts. Without it a
         # driver joining a cluster on 127.0.0.1 looks for it at the external address.
         os.environ.update(LOOPBACK_ENV)
+    if cfg.launch.ray_address and "RAY_AUTH_MODE" not in os.environ and _ray_token_available():
+        # A cluster started with `ray start` requires token authentication by default; a
+        # driver that joins it from outside a job must present the token (a job's driver
+        # inherits the mode from the cluster). Read when ray is imported.
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     from atoll.trainer.config import run_dir, to_dict
@@ -171,6 +182,7 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
     with stop.installed():
         try:
             _init_ray(cfg)
+            stop.reclaim()  # a driver's ray.init turns SIGTERM into an immediate exit
             factory = RayGroupFactory(cfg)
             supervisor = Supervisor(
                 to_dict(cfg), factory, lambda event, /, **f: record_event(folder, event, **f),

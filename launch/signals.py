@@ -74,6 +74,12 @@ class GracefulStop:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
+    def reclaim(self) -> None:
+        """Handle the signals again after a library took them (`ray.init` makes SIGTERM exit)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
+
     def watch(self, on_expired: Callable[[], None], poll_s: float = 0.2) -> threading.Thread:
         """A daemon thread that calls `on_expired` once the grace period of a stop has run out
         (for a run in this process: its main thread may be inside a step that never ends)."""

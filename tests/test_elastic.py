@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -24,8 +26,8 @@ import pytest
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.trainer.metrics import read_jsonl
-from conftest import (TINY_MOE, assert_same_state, ended, events, finish, last_step, losses, run_cli,
-                      subprocess_env, wait_for)
+from conftest import (TINY_MOE, assert_same_state, ended, events, finish, free_port, last_step, losses,
+                      run_cli, subprocess_env, wait_for)
 
 CLUSTER_SCRIPT = Path(__file__).with_name("ray_cluster_script.py")
 # A constant learning rate, so the reference's stops and resumes see the same schedule.
@@ -133,32 +135,107 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 81))
 
 
+class RayStartCluster:
+    """`ray start --head` with Ray's default settings, as a user starts one (token authentication
+    on: this HOME holds a token, as any machine does once it has run a local Ray cluster).
+
+    Its processes are found by a tag in the environment they inherit and ended by their ids."""
+
+    def __init__(self, home: Path, ray_tmp: Path):
+        self.tag = f"atoll-test-cluster-{os.getpid()}-{id(self)}"
+        self.dashboard, self.gcs = free_port(), free_port()
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        self.env = subprocess_env(HOME=str(home), RAY_TMPDIR=str(ray_tmp), PATH=path,
+                                  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", ATOLL_TEST_CLUSTER=self.tag)
+        self.env.pop("RAY_AUTH_MODE", None)
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True)
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        started = subprocess.run(
+            [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", "--num-cpus=2",
+             f"--dashboard-port={self.dashboard}", "--object-store-memory=200000000",
+             "--disable-usage-stats"], env=self.env, capture_output=True, text=True, timeout=120)
+        if started.returncode != 0 or "Token authentication is enabled" not in started.stdout + started.stderr:
+            self.close()
+            raise AssertionError(f"ray start: {started.stderr[-3000:]}")
+        # What the README tells a submitter to set; the token is this HOME's.
+        self.client_env = dict(self.env, RAY_AUTH_MODE="token")
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        """Until the cluster takes jobs: its job agent comes up a while after `ray start` returns."""
+        deadline = time.time() + timeout
+        while True:
+            probe = subprocess.run(self.job("submit", "--", "true"), env=self.client_env,
+                                   capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                return
+            assert time.time() < deadline, probe.stderr[-300:]
+            time.sleep(2)
+
+    def job(self, *args: str, **kwargs) -> list[str]:
+        return [str(Path(sys.executable).with_name("ray")), "job", *args, "--address", self.address]
+
+    def close(self) -> None:
+        ours = []
+        for proc in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("ATOLL_TEST_CLUSTER") == self.tag:
+                    ours.append(proc)
+        for proc in ours:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(ours, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
 @pytest.mark.slow
-def test_ray_job_submit_runs_under_the_supervisor(short_tmp, tmp_path):
-    """`ray job submit --working-dir DIR -- atoll train RECIPE launch.ray_address=auto`: the job's
-    driver joins the cluster, a killed rank is restarted from memory, and the job succeeds."""
-    cluster = LocalCluster(1, short_tmp, dashboard=True)
+def test_ray_job_on_a_ray_start_cluster_recovers_stops_and_resumes(short_tmp, tmp_path):
+    """The README's `ray job submit` against `ray start --head` with default settings (token
+    authentication on): the job's driver joins the cluster, a SIGKILLed rank is restarted from
+    memory, `ray job stop` stops the job at a step boundary with a checkpoint, and the same
+    command submitted again ends on the uninterrupted run's final weights."""
+    cluster = RayStartCluster(tmp_path / "home", short_tmp)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny.yaml").write_text("run:\n  name: tiny\n  steps: 60\n")
+    run_dir = tmp_path / "job-run"
+    args = ["--working-dir", str(work), "--runtime-env-json",
+            json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}),
+            "--", "atoll", "train", "tiny.yaml", "launch.ray_address=auto", f"run.dir={run_dir}",
+            *TINY_MOE, "parallel.dp=2", "checkpoint.interval=1000"]
     try:
-        work = tmp_path / "work"
-        work.mkdir()
-        (work / "tiny.yaml").write_text("run:\n  name: tiny\n  steps: 40\n")
-        run_dir = tmp_path / "job-run"
-        submit = subprocess.Popen(
-            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.info["dashboard"], "--working-dir", str(work),
-             "--", "atoll", "train", "tiny.yaml", "launch.ray_address=auto", f"run.dir={run_dir}",
-             *TINY_MOE, "parallel.dp=2", "checkpoint.interval=0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+        cluster.wait_ready()
+        submit = subprocess.Popen(cluster.job("submit", "--submission-id", "first") + args,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=cluster.client_env)
         with ended(submit):
             wait_for(lambda: last_step(run_dir) >= 5, 180, submit, "the job to train")
-            victim = events(run_dir, "workers")[0]["ranks"][1]["pid"]
-            os.kill(victim, signal.SIGKILL)
-            out, err = finish(submit, 300)
+            os.kill(events(run_dir, "workers")[0]["ranks"][1]["pid"], signal.SIGKILL)
+            wait_for(lambda: events(run_dir, "restart") and last_step(run_dir) >= 15, 180, submit,
+                     "the restarted group to train")
+            stop = subprocess.run(cluster.job("stop", "first"), env=cluster.client_env,
+                                  capture_output=True, text=True, timeout=120)
+            assert stop.returncode == 0, stop.stderr[-2000:]
+            out, err = finish(submit, 120)
+        stopped, = events(run_dir, "stop")
+        assert stopped["signal"] == "SIGTERM" and stopped["checkpoint"], stopped
+        assert re.search(rf"atoll: stopped at step {stopped['step']}: checkpoint "
+                         rf"step-0*{stopped['step']} saved; rerun the same command to continue", out + err)
+        assert stopped["step"] < 60
+        assert events(run_dir, "run_end")[-1]["status"] == "stopped"
+        again = subprocess.run(cluster.job("submit", "--submission-id", "second") + args,
+                               env=cluster.client_env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     finally:
         cluster.close()
-    assert submit.returncode == 0, (out + err)[-3000:]
-    assert "succeeded" in out + err
     failure, = events(run_dir, "failure")
     restart, = events(run_dir, "restart")
     assert failure["kind"] == "died" and restart["source"] == "memory"
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 41))
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 61))
+    reference = tmp_path / "reference"
+    done = run_cli(["train", str(work / "tiny.yaml"), *TINY_MOE, "parallel.dp=2", "checkpoint.interval=1000",
+                    f"run.dir={reference}"], torchrun_procs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(run_dir, reference)
