@@ -104,3 +104,113 @@ def test_sigmoid_scores_and_capacity_accounting():
     # A dropped assignment contributes nothing: equal to the kernel with its gate zeroed.
     expected = moe.experts(x.reshape(-1, 8), gates * kept, experts).reshape(2, 10, 8)
     torch.testing.assert_close(out, expected)
+
+
+# ------------------------------------------------------------ dispatch to one rank
+
+def _kernels_on_cpu() -> list[str]:
+    from atoll.parallel.kernels import grouped_mm_usable, triton_usable
+
+    cpu = torch.device("cpu")
+    return ["naive", "sorted"] + (["grouped_mm"] if grouped_mm_usable(cpu, torch.float32) else []) + \
+        (["triton"] if triton_usable(cpu) else [])
+
+
+ONE_RANK_TOKENS, ONE_RANK_DIM, ONE_RANK_HIDDEN = 12, 8, 12
+# Selection bias that sends every token's top-2 to the experts of one ep rank (2 experts each).
+TO_RANK = {0: [10.0, 10.0, 0.0, 0.0], 1: [0.0, 0.0, 10.0, 10.0]}
+
+
+def _one_rank_moe(kernel: str) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(ONE_RANK_DIM, ONE_RANK_HIDDEN, MoEConfig(num_experts=4, top_k=2, kernel=kernel, balance="none"))
+    with torch.no_grad():
+        for w in (moe.experts.w1, moe.experts.w3, moe.experts.w2):
+            w.normal_(std=0.3)
+    return moe
+
+
+def _rank_tokens(rank: int) -> torch.Tensor:
+    return torch.randn(1, ONE_RANK_TOKENS, ONE_RANK_DIM, generator=torch.Generator().manual_seed(10 + rank))
+
+
+def _forward_backward(moe: MoE, x: torch.Tensor, target: int) -> dict:
+    """Output, input and router gradients, and the experts' gradients (whole [E, ...])."""
+    from torch.distributed.tensor import DTensor
+
+    moe.router.expert_bias_E.copy_(torch.tensor(TO_RANK[target]))
+    moe.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out, _ = moe(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    whole = lambda g: g.full_tensor() if isinstance(g, DTensor) else g
+    return {"out": out.detach(), "x": x.grad, "router": moe.router.gate.weight.grad,
+            **{name: whole(getattr(moe.experts, name).grad) for name in ("w1", "w3", "w2")}}
+
+
+def _dispatch_rank(rank: int, store_file: str, results) -> None:
+    """One of two ep ranks: for every kernel, all tokens of both ranks go to rank 0's experts,
+    then all to rank 1's (the other rank receives and computes nothing, forward or backward)."""
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    from atoll.parallel.expert_parallel import apply_expert_parallel
+    from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv
+
+    try:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails
+        mesh = ParallelMesh(Layout(dp=2, ep=2), ProcessEnv(rank=rank, world_size=2), torch.device("cpu"))
+        out = {}
+        for kernel in _kernels_on_cpu():
+            moe = _one_rank_moe(kernel)
+            apply_expert_parallel(moe, mesh)
+            for target in TO_RANK:
+                got = _forward_backward(moe, _rank_tokens(rank), target)
+                missing = [k for k, v in got.items() if v is None]
+                assert not missing, f"{kernel}, all tokens to rank {target}: no gradient for {missing}"
+                out[kernel, target] = {k: v.numpy().copy() for k, v in got.items()}
+        results.put((rank, out))
+        dist.destroy_process_group()
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_every_token_routed_to_one_ep_rank_matches_one_process(tmp_path):
+    """ep=2, every token of both ranks routed to the experts of rank 0, then of rank 1: with
+    each CPU kernel the outputs and the input, router and expert gradients are those of one
+    process running the unsharded layer (naive kernel) on each rank's tokens; the experts of
+    the idle rank get exactly zero gradient."""
+    from conftest import RESULT_TIMEOUT_S, spawned
+
+    with spawned() as (start, results):
+        for rank in range(2):
+            start(_dispatch_rank, rank, str(tmp_path / "store"))
+        got = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in range(2))
+    for rank, value in got.items():
+        assert not isinstance(value, str), f"rank {rank}:\n{value}"
+    kernels = _kernels_on_cpu()
+    assert {"naive", "sorted"} <= set(kernels)
+    for target in TO_RANK:
+        reference = _one_rank_moe("naive")
+        per_rank = [_forward_backward(reference, _rank_tokens(rank), target) for rank in range(2)]
+        experts_sum = {name: per_rank[0][name] + per_rank[1][name] for name in ("w1", "w3", "w2")}
+        idle = slice(2, 4) if target == 0 else slice(0, 2)
+        assert all(not g[idle].any() for g in experts_sum.values())  # the routing really is one-sided
+        for kernel in kernels:
+            for rank in range(2):
+                ours = got[rank][kernel, target]
+                for name in ("out", "x", "router"):
+                    torch.testing.assert_close(torch.from_numpy(ours[name]), per_rank[rank][name], rtol=1e-5,
+                                               atol=1e-6, msg=f"{kernel} to rank {target}: rank {rank} {name}")
+                for name, want in experts_sum.items():  # the expert gradients hold both ranks' tokens
+                    grad = torch.from_numpy(ours[name])
+                    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6,
+                                               msg=f"{kernel} to rank {target}: rank {rank} {name}")
+                    assert not grad[idle].any()

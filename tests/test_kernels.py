@@ -81,3 +81,39 @@ def test_gpu_check_stops_in_one_line_without_a_gpu():
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
     assert lines[0].startswith("gpu_check: no CUDA GPU here (torch "), lines
+
+
+def routed_to(T, D, H, E, pairs, seed=0):
+    """Inputs where token t goes to the experts pairs[t] (shuffled token order)."""
+    g = torch.Generator().manual_seed(seed)
+    experts_TK = torch.tensor(pairs)[torch.randperm(T, generator=g)]
+    gates_TK = torch.rand(T, experts_TK.shape[1], generator=g).softmax(-1)
+    x = torch.randn(T, D, generator=g)
+    w1, w3 = torch.randn(E, D, H, generator=g) / D ** 0.5, torch.randn(E, D, H, generator=g) / D ** 0.5
+    w2 = torch.randn(E, H, D, generator=g) / H ** 0.5
+    return x, gates_TK, experts_TK, w1, w3, w2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loads", [
+    {(0, 3): 4500, (1, 3): 200},          # expert 0 alone over a chunk; 2 empty between chunks
+    {(0, 1): 4200, (1, 2): 60, (2, 1): 40},  # the last expert empty, ending the last chunk
+], ids=["empty-between-chunks", "empty-last-expert"])
+def test_several_chunks_and_empty_experts_match_naive(backend, loads):
+    """More rows than one chunk holds (CHUNK_ROWS; one expert alone exceeds it) with an expert
+    that gets no row: output and every gradient equal naive's, the empty expert's exactly zero."""
+    from atoll.parallel.kernels.sorted import CHUNK_ROWS, _chunks
+
+    pairs = [pair for pair, count in loads.items() for _ in range(count)]
+    inputs = routed_to(len(pairs), 8, 12, 4, pairs)
+    counts = torch.bincount(inputs[2].flatten(), minlength=4).tolist()
+    assert max(counts) > CHUNK_ROWS and 0 in counts
+    assert len(list(_chunks(counts))) >= 2  # the chunked path, not one pass
+    want = outputs_and_grads(experts_naive, *inputs)
+    got = outputs_and_grads(get_kernel(backend, CPU), *inputs)
+    for name, a, b in zip(("out", "x", "gates", "w1", "w3", "w2"), got, want):
+        # Weight gradients sum thousands of rows: float error on the tensor's own scale.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=name)
+    empty = counts.index(0)
+    for grad in got[3:]:
+        assert not grad[empty].any()

@@ -117,9 +117,10 @@ def experts_naive(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.
     for e, (w1_DH, w3_DH, w2_HD) in enumerate(per_expert):
         # N = the (token, slot) pairs routed to expert e; a token appears at most once per
         # expert because top-k indices are distinct, but index_add_ would sum repeats anyway.
+        # An expert without rows still runs (on zero rows): with no rows at all, as on an
+        # expert-parallel rank that receives nothing, the output must still depend on x and
+        # the weights, or that rank's backward would skip the all-to-alls its peers run.
         token_N, slot_N = torch.nonzero(experts_TK == e, as_tuple=True)
-        if token_N.numel() == 0:
-            continue
         x_ND = x_TD[token_N]
         h_NH = F.silu(x_ND @ w1_DH) * (x_ND @ w3_DH)
         gate_N1 = gates_TK[token_N, slot_N].to(x_TD.dtype).unsqueeze(-1)
