@@ -154,6 +154,9 @@ class RayStartCluster:
         started = subprocess.run(
             [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", "--num-cpus=2",
              f"--dashboard-port={self.dashboard}", "--object-store-memory=200000000",
+             # Ports of its own, so that no other Ray on this machine keeps its job agent out.
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
              "--disable-usage-stats"], env=self.env, capture_output=True, text=True, timeout=120)
         if started.returncode != 0 or "Token authentication is enabled" not in started.stdout + started.stderr:
             self.close()
