@@ -96,8 +96,12 @@ def read_latest(root: Path) -> Optional[Path]:
     return Path(root) / name if name else None
 
 
-def find_resumable(root: Path, warn: Callable[[str], None] = print) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint that verifies: `latest` first, then older ones by step."""
+def find_resumable(root: Path, warn: Callable[[str], None] = print,
+                   skipped: Callable[[Path, str], None] = lambda path, reason: None
+                   ) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint that verifies: `latest` first, then older ones by step.
+
+    `skipped(path, reason)` hears of every damaged checkpoint passed over."""
     root = Path(root)
     candidates: list[Path] = []
     latest = read_latest(root)
@@ -111,6 +115,7 @@ def find_resumable(root: Path, warn: Callable[[str], None] = print) -> Optional[
             return candidate, verify(candidate, read_manifest(candidate))
         except CheckpointError as exc:
             warn(f"skipping checkpoint: {exc}")
+            skipped(candidate, str(exc))
     if candidates:  # starting afresh would silently throw the run away
         raise CheckpointError(f"no valid checkpoint in {root} ({len(candidates)} damaged); "
                               "pass run.overwrite=true to start afresh")

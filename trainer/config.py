@@ -301,6 +301,14 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
+def recipe_sha256(cfg: DictConfig) -> str:
+    """A fingerprint of the resolved recipe (events name the recipe a run started with)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 

@@ -86,7 +86,9 @@ def write_config(cfg: DictConfig) -> None:
     (run_dir(cfg) / CONFIG_FILE).write_text(to_yaml(cfg), encoding="utf-8")
 
 
-def choose_checkpoint(cfg: DictConfig, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+def choose_checkpoint(cfg: DictConfig, warn: Callable[[str], None],
+                      skipped: Callable[[Path, str], None] = lambda path, reason: None
+                      ) -> Optional[tuple[Path, dict]]:
     """The verified checkpoint to resume from, or None to start afresh.
 
     `auto` takes the run's newest valid checkpoint (falling back past damaged
@@ -96,7 +98,7 @@ def choose_checkpoint(cfg: DictConfig, warn: Callable[[str], None]) -> Optional[
     if mode == "none":
         return None
     if mode == "auto":
-        return find_resumable(checkpoints_dir(cfg), warn)
+        return find_resumable(checkpoints_dir(cfg), warn, skipped)
     path = resolve_checkpoint(Path(mode))
     return path, verify(path)
 
