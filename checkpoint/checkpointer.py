@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.checkpoint.dcp_io import (FileHashes, HashingFileSystemWriter, SafeFileSystemReader,
@@ -282,7 +283,11 @@ class Checkpointer:
                                       f"resume it with diloco.islands={manifest['islands']}")
             folder = island_dir(ckpt_dir, self.islands.island)
             state = json.loads((folder / ISLAND_STATE).read_text(encoding="utf-8"))
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(str(folder)), process_group=self.group)
+        try:
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(str(folder)), process_group=self.group)
+        except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+            # e.g. a tensor the manifest lists but the files lack: one line naming it, every rank
+            raise CheckpointError(f"checkpoint {ckpt_dir} failed to load: {one_line_error(exc)}") from None
         restore_states(states, tensors, state)
 
 

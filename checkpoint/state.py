@@ -18,6 +18,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from atoll.checkpoint.manifest import CheckpointError
+
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 MODEL_PREFIX = "model."  # the model's tensors in a checkpoint: model.<fqn>
 
@@ -47,10 +49,15 @@ class ModelOptimizerState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for model, optimizer in self.parts:
             own_model, own_optim = get_state_dict(model, optimizer, options=_OPTIONS)
+            # A missing entry is an error, never a silently fresh moment or hyper-parameter.
+            missing = [f"model.{k}" for k in own_model if k not in state_dict["model"]] + \
+                [f"optim.{k}" for k in own_optim if k not in state_dict["optim"]]
+            if missing:
+                raise CheckpointError(f"the saved model and optimizer state lacks {len(missing)} entries: "
+                                      f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
             set_state_dict(model, optimizer,
                            model_state_dict={k: state_dict["model"][k] for k in own_model},
-                           optim_state_dict={k: state_dict["optim"][k] for k in own_optim
-                                             if k in state_dict["optim"]},
+                           optim_state_dict={k: state_dict["optim"][k] for k in own_optim},
                            options=_OPTIONS)
 
 

@@ -253,6 +253,51 @@ def test_resume_into_a_model_of_another_shape(trained, tmp_path, capsys):
     assert int(match.group(2)) > 8 and f"and {int(match.group(2)) - 8} more" in line
 
 
+MOMENT = f"optim.state.{WQ}.exp_avg_sq"
+
+
+def without_moment(ckpt: Path, out: Path, listed: bool) -> Path:
+    """A committed copy of `ckpt` whose files lack one Adam moment; `listed`: the manifest's
+    tensor index still names it (index and files disagree), else it is gone from both."""
+    saved = manifest.verify(ckpt)
+    tensors = dcp_io.read_tensors(ckpt, saved["tensors"])
+    index = dcp_io.tensor_index(tensors)
+    del tensors[MOMENT]
+    target = store.partial_dir(out, saved["step"])
+    dcp_io.write_tensors(target, tensors)
+    manifest.write_manifest(target, step=saved["step"], samples=saved["samples"], layout=saved["layout"],
+                            recipe=saved["recipe"], tensors=index if listed else dcp_io.tensor_index(tensors),
+                            state=saved["state"])
+    return store.commit(out, saved["step"])
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["missing-from-files", "missing-from-index-and-files"])
+def test_optimizer_moment_missing_from_a_full_checkpoint_stops_with_one_line(trained, tmp_path, capsys, listed):
+    """A full checkpoint (not weights-only) without one parameter's exp_avg_sq is never
+    resumed with a fresh moment: the run stops with one line naming that tensor."""
+    damaged = without_moment(trained / "checkpoints" / S4, tmp_path / "damaged", listed)
+    assert train(tmp_path / "new", f"checkpoint.resume={damaged}") == 2
+    line = one_error_line(capsys)
+    assert str(damaged) in line and MOMENT in line, line
+    assert not (tmp_path / "new" / "metrics.jsonl").exists() or logged_steps(tmp_path / "new") == []
+
+
+def test_optimizer_state_missing_a_key_is_refused():
+    """Loading model and optimizer state that lacks an optimizer entry raises CheckpointError
+    naming it instead of keeping this optimizer's fresh value."""
+    from atoll.checkpoint.state import ModelOptimizerState
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = ModelOptimizerState([(model, optimizer)])
+    saved = state.state_dict()
+    del saved["optim"]["state.0.weight.exp_avg"]
+    with pytest.raises(CheckpointError, match=r"state\.0\.weight\.exp_avg"):
+        state.load_state_dict(saved)
+
+
 def test_resume_none_on_a_used_run_dir_needs_overwrite(run_copy, capsys):
     assert train(run_copy, "checkpoint.resume=none") == 2
     assert "run.overwrite" in one_error_line(capsys)
