@@ -144,7 +144,7 @@ def train_command(args: argparse.Namespace) -> int:
     control.stop_request = stop.reason
 
     def give_up() -> None:  # the step in progress never reached its boundary: leave now
-        exit_now(outcome.incomplete(stop, "the step did not finish within "
+        exit_now(outcome.incomplete(stop, "the stop did not finish within "
                                           f"fault_tolerance.stop_grace_s={stop.grace_s:g}"))
 
     stop.watch(give_up)
