@@ -18,7 +18,7 @@ from atoll.launch.cli import main
 from atoll.trainer.config import MoEConfig
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.moe import MoE, Router, apply_capacity
-from conftest import TINY_MOE, losses, run_cli
+from conftest import TINY_MOE, assert_close_state, assert_same_metrics, run_cli
 
 STEPS = 6
 
@@ -29,14 +29,13 @@ def test_ep2_matches_ep1_and_checkpoints_cross_ep_degrees(tmp_path):
     reference = tmp_path / "reference"
     assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
                  f"run.dir={reference}"]) == 0
-    expected = losses(reference)
 
     # ep=2 with FSDP: the whole run, saving at step 3 with experts split over 2 ranks.
     ep_fsdp = tmp_path / "ep2_fsdp"
     proc = run_cli(["train", *common, "parallel.dp=2", "parallel.ep=2", f"run.dir={ep_fsdp}"],
                    torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(ep_fsdp) == pytest.approx(expected, rel=1e-5)
+    assert_same_metrics(ep_fsdp, reference)  # loss and gradient norm
     saved = ep_fsdp / "checkpoints" / "step-00000003"
     manifest = verify(saved)
     assert manifest["layout"]["ep"] == 2
@@ -47,7 +46,10 @@ def test_ep2_matches_ep1_and_checkpoints_cross_ep_degrees(tmp_path):
     to_ep1 = tmp_path / "to_ep1"
     assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
                  f"checkpoint.resume={saved}", f"run.dir={to_ep1}"]) == 0
-    assert losses(to_ep1) == pytest.approx(expected[3:], rel=1e-5)
+    assert_same_metrics(to_ep1, reference, first_step=4)
+    # Weights and both Adam moments: Adam's steps amplify the float drift of the ep=2 steps
+    # before the checkpoint (weights ~2e-6 off their scale at the end), hence 1e-5.
+    assert_close_state(to_ep1, reference, tol=1e-5)
 
     # ep=1 -> ep=2 with DDP: the reference's own step-3 checkpoint, experts split on load.
     to_ep2 = tmp_path / "to_ep2_ddp"
@@ -55,7 +57,8 @@ def test_ep2_matches_ep1_and_checkpoints_cross_ep_degrees(tmp_path):
                     f"checkpoint.resume={resolve_checkpoint(reference / 'checkpoints' / 'step-00000003')}",
                     f"run.dir={to_ep2}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(to_ep2) == pytest.approx(expected[3:], rel=1e-5)
+    assert_same_metrics(to_ep2, reference, first_step=4)
+    assert_close_state(to_ep2, reference, tol=1e-5)
     # Load statistics reach the metrics, summed over both ranks' tokens.
     last = read_jsonl(to_ep2 / "metrics.jsonl")[-1]
     assert last["moe.0.mean_load"] == 2 * 2 * 32 * 2 / 4  # dp × micro_batch × seq_len × top_k / E
