@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from atoll.launch.supervisor import NODE_SETTLE_S, Supervisor, UserError, WorkerFailed, fit_layout
+from atoll.launch.supervisor import (NODE_SETTLE_S, StopIncomplete, Supervisor, UserError, WorkerFailed,
+                                     fit_layout)
 from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
 from atoll.trainer.config import load_recipe, to_dict
+from atoll.trainer.hooks import RESIZE
 
 
 def recipe(**ft) -> dict:
@@ -57,7 +59,9 @@ class FakeGroup:
         for rank in range(self.world):
             step = self.resumed + self.polls
             if self.stop_requested_at is not None and self.polls > self.stop_requested_at + 1:
-                status = RankStatus(rank, "finished", {"step": step}, result={"step": step, "stopped": True})
+                stop = {} if self.stop_reason == RESIZE else {"stop": {"signal": self.stop_reason, "step": step}}
+                status = RankStatus(rank, "finished", {"step": step},
+                                    result={"step": step, "stopped": True, **stop})
             elif step >= self.factory.total_steps:
                 status = RankStatus(rank, "finished", {"step": self.factory.total_steps},
                                     result={"step": self.factory.total_steps, "rank": rank})
@@ -69,7 +73,7 @@ class FakeGroup:
         return statuses
 
     def request_stop(self, reason):
-        self.stop_requested_at = self.polls
+        self.stop_requested_at, self.stop_reason = self.polls, reason
 
     def restart_island(self, island, recipe, store, attempt):
         """New processes for one island's ranks; they come back healthy."""
@@ -325,3 +329,46 @@ def test_fit_layout_keeps_the_global_batch(dp, ep, accum, workers, min_workers, 
         return
     assert (got["parallel"]["dp"], got["parallel"]["ep"], got["data"]["grad_accum"]) == want
     assert got["parallel"]["dp"] * got["data"]["grad_accum"] == dp * accum
+
+
+def signal_at(poll: int, clock: Clock, expire_after_s: float):
+    """`interrupted` and `stop_expired` of a SIGTERM that arrives once the clock passes `poll` polls."""
+    state = {"at": None}
+
+    def interrupted():
+        if state["at"] is None and clock.now >= poll * 0.1:
+            state["at"] = clock.now
+        return "SIGTERM" if state["at"] is not None else None
+
+    return interrupted, lambda: state["at"] is not None and clock.now - state["at"] > expire_after_s
+
+
+def test_a_signal_asks_every_rank_to_stop_with_a_checkpoint_and_ends_the_run():
+    factory = FakeFactory([], total_steps=100)
+    sup, events, clock = supervise(factory, recipe())
+    sup.interrupted, sup.stop_expired = signal_at(3, clock, expire_after_s=20)
+    results = sup.run()
+    group, = factory.groups
+    assert group.stop_reason == "SIGTERM"  # not a resize: the ranks commit a disk checkpoint
+    assert [r["stop"]["signal"] for r in results] == ["SIGTERM", "SIGTERM"]
+    assert "restart" not in kinds(events) and group.shut
+
+
+def test_a_stop_past_its_grace_period_ends_without_waiting_longer():
+    never_finish = lambda g, r, s: RankStatus(r, "running", {"step": 2})  # noqa: E731 (stuck in a step)
+    factory = FakeFactory([never_finish], total_steps=100)
+    sup, events, clock = supervise(factory, recipe(hang_timeout_s=1000))
+    sup.interrupted, sup.stop_expired = signal_at(3, clock, expire_after_s=2)
+    with pytest.raises(StopIncomplete, match="stop_grace_s=20"):
+        sup.run()
+    assert 2 < clock.now < 3 and factory.groups[0].shut
+
+
+def test_a_rank_that_dies_while_stopping_ends_the_run_instead_of_restarting():
+    dies = lambda g, r, s: RankStatus(r, "dead", {"step": 4}) if r == 1 and g.polls > 4 else None  # noqa: E731
+    factory = FakeFactory([dies], total_steps=100)
+    sup, events, clock = supervise(factory, recipe())
+    sup.interrupted, sup.stop_expired = signal_at(3, clock, expire_after_s=20)
+    with pytest.raises(StopIncomplete, match="rank 1 died while stopping"):
+        sup.run()
+    assert len(factory.groups) == 1 and "restart" not in kinds(events)
