@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from atoll.checkpoint.store import step_dir_name
 from atoll.launch.signals import GracefulStop, exit_code
 from atoll.trainer.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl, record_event
 
@@ -63,10 +64,16 @@ class RunOutcome:
             return 0
         stop = stops[0]
         signum = _signum(stop.get("signal"))
+        if stop.get("from_memory"):  # the step in progress was given up; its predecessor was saved
+            saved = self.checkpoints / step_dir_name(stop["step"])
+            stop["checkpoint"] = str(saved) if saved.is_dir() else None
+            stop["error"] = stop.get("error") or "the snapshot's checkpoint did not commit"
         if stop.get("checkpoint"):
-            line = (f"stopped at step {stop['step']}: checkpoint {Path(stop['checkpoint']).name} saved; "
-                    f"{RERUN}")
-            reason = "signal"
+            source = (" (the newest memory snapshot: the step in progress did not end in time)"
+                      if stop.get("from_memory") else "")
+            line = (f"stopped at step {stop['step']}{source}: checkpoint {Path(stop['checkpoint']).name} "
+                    f"saved; {RERUN}")
+            reason = "memory snapshot" if stop.get("from_memory") else "signal"
         else:
             line = (f"stopped at step {stop['step']} without a new checkpoint ({stop.get('error')}); "
                     f"{self._from_newest()}")

@@ -26,8 +26,10 @@ against the fake group of its unit tests. Decisions:
   resumes from that step.
 
 - stop policy: a signal (`interrupted()`) asks every rank to stop after its
-  step in progress with a disk checkpoint; a failure while stopping, or a
-  stop past its grace period, ends the run without one (`StopIncomplete`).
+  step in progress with a disk checkpoint. A step still running after a
+  third of `stop_grace_s` is given up: a group restored from the newest memory
+  snapshot commits that instead. A failure while stopping, or a stop past
+  its grace period, ends the run without a new checkpoint (`StopIncomplete`).
 
 Every decision is an event (DESIGN §7): workers, failure, restart, resize.
 """
@@ -43,6 +45,10 @@ from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
 from atoll.trainer.hooks import RESIZE
 
 BACKOFF_CAP_S = 30.0
+# The outcome of a group that could not reach a signal's step boundary within this share of
+# fault_tolerance.stop_grace_s: the rest is left to commit the newest memory snapshot instead.
+SNAPSHOT_AFTER = 1 / 3
+SNAPSHOT_TO_DISK = "snapshot_to_disk"
 STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a group
 GROW_CHECK_S = 1.0  # how often a shrunk run looks for its missing capacity
 # A rank that raised usually did so because a peer died: wait this long for the death to show.
@@ -159,6 +165,8 @@ class Supervisor:
         self.group: Optional[WorkerGroup] = None
         self._failure: Optional[tuple[Failure, float, int]] = None  # failure, when detected, last step
         self._restarted: list[int] = []  # ranks of an island restarted alone (DiLoCo)
+        self.stop_grace_s = ft["stop_grace_s"]
+        self._saving_snapshot = False  # a group only commits the newest memory snapshot to disk
 
     # ------------------------------------------------------------------ main loop
 
@@ -166,7 +174,7 @@ class Supervisor:
         current = self.recipe
         try:
             while True:
-                if self.interrupted():  # between groups: nothing runs that could save
+                if self.interrupted() and not self._saving_snapshot:  # nothing runs that could save
                     raise StopIncomplete(f"{self.interrupted()} arrived while no worker group ran")
                 group = self._start_group(current)
                 if group is None:  # could not place: resized or waiting
@@ -185,6 +193,19 @@ class Supervisor:
                     self._handle_failure(outcome, ranks)
                     current = self._restart_recipe(self.recipe)
                     continue
+                if outcome == SNAPSHOT_TO_DISK:
+                    # Asked only now: a keeper may have been busy with the stuck group's snapshot.
+                    if not self._newest_snapshot():
+                        raise StopIncomplete("the step in progress did not end within a third of "
+                                             f"fault_tolerance.stop_grace_s={self.stop_grace_s:g} and "
+                                             "no memory snapshot is complete")
+                    self.log("supervisor: the step in progress did not end within a third of "
+                             f"fault_tolerance.stop_grace_s={self.stop_grace_s:g}; committing the "
+                             "newest memory snapshot to disk instead")
+                    self._saving_snapshot = True
+                    self.attempt += 1  # a new group that continues this run
+                    current = self._snapshot_to_disk_recipe(self.recipe)
+                    continue
                 if outcome == "grow":
                     step = max(s.beat.get("step", 0) for s in self._last_statuses)
                     self.emit("resize", from_world=world_of(current), to_world=world_of(self.recipe),
@@ -194,6 +215,10 @@ class Supervisor:
                     current = self._restart_recipe(self.recipe)
                     continue
                 self.state = "finished"
+                if self._saving_snapshot:  # the stop's checkpoint is the snapshot's step
+                    for result in outcome:
+                        result["stop"] = {"signal": self.interrupted(), "step": result.get("step"),
+                                          "from_memory": True}
                 return outcome
         finally:
             if self.group is not None:
@@ -264,6 +289,16 @@ class Supervisor:
         self.state = "resizing"
         return self._restart_recipe(resized)
 
+    def _snapshot_to_disk_recipe(self, recipe: dict) -> dict:
+        """A group that restores the newest memory snapshot and, finding itself past its last
+        step (run.stop_at=1), saves it as a disk checkpoint and ends."""
+        out = self._restart_recipe(recipe)
+        out["checkpoint"]["resume"] = "auto"
+        out["checkpoint"]["interval"] = out["checkpoint"]["interval"] or 1
+        out["checkpoint"]["async"] = False  # one save, at once: no writer process to start
+        out["run"]["stop_at"] = 1
+        return out
+
     def _restart_recipe(self, recipe: dict) -> dict:
         """A later group resumes this run: from memory, else from the run's own checkpoints."""
         out = copy.deepcopy(recipe)
@@ -285,13 +320,16 @@ class Supervisor:
         stopping = False
         shrunk = world_of(recipe) < world_of(self.recipe)
         self._last_statuses: list[RankStatus] = []
-        signalled = False
+        signalled: Optional[float] = None  # when the group was asked to stop for a signal
         while True:
-            if self.interrupted() and not signalled:
+            if self.interrupted() and signalled is None:
                 # Every rank stops after its step in progress and commits a disk checkpoint.
                 group.request_stop(self.interrupted())
-                signalled = True
-            if signalled and self.stop_expired():
+                signalled = self.clock()
+            if signalled is not None and not self._saving_snapshot and recipe["checkpoint"]["memory_interval"] \
+                    and self.clock() - signalled >= self.stop_grace_s * SNAPSHOT_AFTER:
+                return SNAPSHOT_TO_DISK  # a long step: the newest complete state may be in memory
+            if signalled is not None and self.stop_expired():
                 raise StopIncomplete("the workers did not reach a step boundary and commit "
                                      "within fault_tolerance.stop_grace_s="
                                      f"{self.recipe['fault_tolerance']['stop_grace_s']:g}")
@@ -326,6 +364,10 @@ class Supervisor:
                     group.request_stop(RESIZE)
                     stopping = True
             self.sleep(self.poll_s)
+
+    def _newest_snapshot(self) -> bool:
+        store = self.factory.snapshot_store()
+        return store is not None and store.latest() is not None
 
     def _note_first_step(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus],
                          now: float) -> bool:

@@ -96,6 +96,43 @@ def test_sigterm_to_torchrun_stops_with_a_checkpoint_and_the_rerun_is_bitwise(tm
     assert_same_state(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_step_that_cannot_end_in_time_stops_from_the_memory_snapshot(short_tmp, uninterrupted):
+    """On Ray, a rank stuck in its step (here: SIGSTOPped) cannot reach the boundary: after a third
+    of stop_grace_s the group is replaced by one that restores the newest memory snapshot and
+    commits it to disk; the rerun goes on from there and ends bitwise on the uninterrupted run."""
+    run_dir = short_tmp / "run"
+    args = [*RECIPE, "logging.log_interval=1", "fault_tolerance.stop_grace_s=24", f"run.dir={run_dir}"]
+    env = subprocess_env(RAY_TMPDIR=str(short_tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "atoll.launch", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= 5, 180, proc, "training to pass step 5")
+        stuck = psutil.Process(events(run_dir, "workers")[-1]["ranks"][1]["pid"])
+        stuck.suspend()
+        reached = last_step(run_dir)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = finish(proc, 120)
+    assert proc.returncode == 130, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("atoll: stopped"))
+    found = re.fullmatch(r"atoll: stopped at step (\d+) \(the newest memory snapshot: the step in progress "
+                         r"did not end in time\): checkpoint step-0*(\d+) saved; rerun the same command "
+                         r"to continue", line)
+    assert found and found[1] == found[2], line
+    step = int(found[1])
+    # The newest complete snapshot: the step reached, or the one before when the stuck rank
+    # was cut off while its snapshot was still being copied.
+    assert reached - 1 <= step <= reached
+    stop, = events(run_dir, "stop")
+    assert stop["reason"] == "memory snapshot" and stop["step"] == step and stop["checkpoint"]
+    verify(read_latest(run_dir / "checkpoints"))
+    rerun = subprocess.run([sys.executable, "-m", "atoll.launch", "train", *args], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_state(run_dir, uninterrupted)
+
+
 # Steps of about a second on one thread, so that a signal always lands inside one.
 SLOW_STEPS = ["model.dim=256", "model.layers=2", "model.heads=4", "model.moe.num_experts=4",
               "data.seq_len=128", "data.micro_batch=48", "data.max_bytes=400000", "logging.wandb=disabled",

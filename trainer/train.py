@@ -545,11 +545,13 @@ class Trainer:
             if isinstance(hook, HeartbeatHook):
                 hook.beat(self)  # started (and resumed): the launcher may time the next step
         if self.step >= self.last_step:
-            if self.resume_source == "memory" and self.checkpointer.interval:
+            saving = self.resume_source == "memory" and bool(self.checkpointer.interval)
+            if saving:
                 # Resumed from memory at the end: the end's disk checkpoint may never have committed.
                 self.checkpointer.save(self.step, self.states, self.loader.samples_consumed)
             if self.is_logging_rank:
-                print(f"nothing to do: run {cfg.run.name} is already at step {self.step} "
+                print(f"saving the memory snapshot of step {self.step} as a disk checkpoint" if saving else
+                      f"nothing to do: run {cfg.run.name} is already at step {self.step} "
                       f"(run.steps={cfg.run.steps}, run.stop_at={cfg.run.stop_at})", flush=True)
             self._close_hooks()
             self.logger.close(self.step, summary=False)
