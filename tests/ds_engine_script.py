@@ -1,13 +1,15 @@
 """A real DeepSpeed ZeRO engine on CPU/gloo for tests/test_deepspeed_universal.py.
 
     python ds_engine_script.py RESULT [--load UNIVERSAL_DIR] [--save CKPT_DIR --steps K] [--stage S]
+                               [--eval-tokens TOKENS_PT]
 
 Builds the tiny atoll model (fresh weights, seed 1) in a ZeRO engine with a
 torch AdamW client optimizer; --load restores a universal checkpoint
 (`load_universal`), --save then trains K steps and `engine.save_checkpoint`s.
 Rank 0 saves RESULT = {"loaded": ..., "trained": ...}, each with the full
 weights (module and fp32 master), Adam moments by parameter name, and the
-step and hyper-parameters of each optimizer group.
+step and hyper-parameters of each optimizer group; with --eval-tokens, also the
+engine's own loss ("eval_loss") on those token windows [B, S+1] after training.
 Runs as one process (env defaults) or under torch.distributed.run.
 """
 
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--stage", type=int, default=1)
     parser.add_argument("--experts", type=int, default=0, help="MoE layers with this many experts")
+    parser.add_argument("--eval-tokens", help="a torch.save'd [B, S+1] token tensor to compute the loss on")
     args = parser.parse_args()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
@@ -117,6 +120,10 @@ def main() -> None:
         engine.save_checkpoint(args.save, tag=f"global_step{engine.global_steps}",
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         result["trained"] = snapshot(engine, optimizer)
+        if args.eval_tokens:
+            with torch.no_grad():
+                tokens_BS = torch.load(args.eval_tokens, weights_only=True)
+                result["trained"]["eval_loss"] = loss_fn(engine, tokens_BS).item()
     if engine.global_rank == 0:
         torch.save(result, args.result)
     deepspeed.comm.barrier()

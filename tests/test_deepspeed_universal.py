@@ -25,6 +25,8 @@ from atoll.checkpoint.deepspeed_universal import UniversalState, read_universal,
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.launch.cli import main
+from atoll.trainer.config import DataConfig, as_dataclass, load_recipe
+from atoll.trainer.data import build_data
 from atoll.trainer.metrics import read_jsonl
 from conftest import free_port, subprocess_env
 from ds_engine_script import build_model, build_optimizer, group_names, loss_fn
@@ -178,6 +180,16 @@ def atoll_args(kind: str) -> list[str]:
     return ATOLL_TINY_DENSE + (MOE if kind == "moe" else [])
 
 
+def first_batch_tokens(kind: str) -> torch.Tensor:
+    """The token windows [B, S+1] of the first step of an atoll run of this recipe whose data
+    starts at sample 0 (as a run resumed from a DeepSpeed import does)."""
+    cfg = load_recipe(ATOLL_TINY_DENSE[0], atoll_args(kind)[1:])
+    _, loader = build_data(as_dataclass(cfg.data, DataConfig), cfg.run.seed, 0, 1, cfg.model.vocab_size)
+    (inputs_BS, targets_BS), = loader.next_step()
+    assert torch.equal(inputs_BS[:, 1:], targets_BS[:, :-1])
+    return torch.cat([inputs_BS, targets_BS[:, -1:]], dim=1)
+
+
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def engine_run(request):
     """atoll trains and exports; a 2-rank ZeRO-1 engine loads it, trains on and saves;
@@ -190,10 +202,12 @@ def engine_run(request):
         assert main(["ckpt", "export", str(tmp / "atoll"), "--format", "deepspeed-universal",
                      "--out", str(tmp / "export")]) == 0
         state = read_universal(tmp / "export")
+        torch.save(first_batch_tokens(kind), tmp / "eval_tokens.pt")
         run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
              "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPT),
              str(tmp / "result.pt"), "--load", str(tmp / "export"), "--save", str(tmp / "native"),
-             "--steps", "2", "--stage", "1", "--experts", str(EXPERTS[kind])])
+             "--steps", "2", "--stage", "1", "--experts", str(EXPERTS[kind]),
+             "--eval-tokens", str(tmp / "eval_tokens.pt")])
         result = torch.load(tmp / "result.pt", weights_only=True)
         tag = f"global_step{result['trained']['global_steps']}"
         run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
@@ -262,6 +276,15 @@ def test_deepspeed_checkpoint_imports_and_resumes(engine_run):
                  f"run.dir={resumed}"]) == 0
     records = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in records] == [7, 8, 9]
-    assert all(r["loss"] < 6.0 for r in records)  # trained weights, not a fresh model (ln 256 = 5.5)
+    # Step 7 is DeepSpeed's trained weights on the run's first batch (the data starts over):
+    # its loss is the one the engine itself computed on those tokens.
+    assert records[0]["loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+    # Not a value other weights give: the engine's fresh start, atoll's weights before the 2 steps.
+    tokens = torch.load(tmp / "eval_tokens.pt", weights_only=True)
+    exported = build_model(seed=1, experts=EXPERTS[kind])
+    exported.load_state_dict({**state.params, **state.buffers})
+    with torch.no_grad():
+        for model in (build_model(seed=1, experts=EXPERTS[kind]), exported):
+            assert abs(loss_fn(model, tokens).item() - trained["eval_loss"]) > 1e-4
     final = resolve_checkpoint(resumed)
     assert verify(final)["step"] == 9
