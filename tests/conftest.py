@@ -114,6 +114,19 @@ def assert_same_state(got_dir: Path, want_dir: Path) -> None:
         assert torch.equal(got[name], want[name]), name
 
 
+def checkpoint_model(path: Path):
+    """The model of a checkpoint (a step, checkpoints or run folder; any layout) as one
+    single-device Transformer in eval mode."""
+    from atoll.checkpoint.tools import model_weights
+    from atoll.trainer.config import model_config, recipe_from_dict
+    from atoll.trainer.model import Transformer
+
+    manifest, weights = model_weights(path)
+    model = Transformer(model_config(recipe_from_dict(manifest["recipe"])))
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 def assert_close_state(got_dir: Path, want_dir: Path, tol: float = 1e-6) -> dict[str, torch.Tensor]:
     """Every tensor of the newest checkpoints (weights, buffers, both Adam moments and the
     step) within `tol`: relative, and absolute on the scale of that tensor's largest value
