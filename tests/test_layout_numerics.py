@@ -24,16 +24,23 @@ STRESS = [*TINY_MOE, f"run.steps={STEPS}", "optim.grad_clip=0.05", "optim.warmup
           f"checkpoint.interval={STEPS}", "checkpoint.async=false", "checkpoint.memory_interval=0"]
 OPTIMIZERS = {"adamw": ["optim.name=adamw"], "sgd": ["optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9"]}
 # Each global batch is 8 samples, in forwards of 2: the reference is micro_batch=2 × grad_accum=4.
-# (name, processes, optimizer, layout overrides)
-LAYOUTS = [
-    ("dp2-fsdp-accum2", 2, "sgd", ["parallel.dp=2", "parallel.dp_shard=fsdp", "data.grad_accum=2"]),
-    ("dp2-ddp-accum2", 2, "sgd", ["parallel.dp=2", "parallel.dp_shard=ddp", "data.grad_accum=2"]),
-    ("dp2-ep2-fsdp-accum2", 2, "sgd", ["parallel.dp=2", "parallel.ep=2", "data.grad_accum=2"]),
-    ("pp2-dp2-ep2-fsdp", 4, "sgd", ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "data.micro_batch=4",
-                                    "parallel.microbatches=2"]),
-    ("dp4-ep2-fsdp", 4, "adamw", ["parallel.dp=4", "parallel.ep=2", "parallel.dp_shard=fsdp"]),
-    ("dp4-ep2-ddp", 4, "adamw", ["parallel.dp=4", "parallel.ep=2", "parallel.dp_shard=ddp"]),
+# (name, processes, layout overrides)
+CLIPPED = [
+    ("dp2-fsdp-accum2", 2, ["parallel.dp=2", "parallel.dp_shard=fsdp", "data.grad_accum=2"]),
+    ("dp2-ddp-accum2", 2, ["parallel.dp=2", "parallel.dp_shard=ddp", "data.grad_accum=2"]),
+    ("dp2-ep2-fsdp-accum2", 2, ["parallel.dp=2", "parallel.ep=2", "data.grad_accum=2"]),
+    ("pp2-dp2-ep2-fsdp", 4, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "data.micro_batch=4",
+                             "parallel.microbatches=2"]),
 ]
+# dp > ep: experts FSDP-sharded again over dp_mod_ep, or all-reduced over it after DDP.
+WIDER = [
+    ("dp4-ep2-fsdp", 4, ["parallel.dp=4", "parallel.ep=2", "parallel.dp_shard=fsdp"]),
+    ("dp4-ep2-ddp", 4, ["parallel.dp=4", "parallel.ep=2", "parallel.dp_shard=ddp"]),
+]
+# (name, processes, optimizer, layout overrides): the clipped layouts with either optimizer.
+LAYOUTS = [(f"{name}-{optimizer}", procs, optimizer, layout)
+           for name, procs, layout in CLIPPED for optimizer in OPTIMIZERS] + \
+          [(f"{name}-adamw", procs, "adamw", layout) for name, procs, layout in WIDER]
 
 
 def expert_biases(run_dir) -> dict[str, torch.Tensor]:
