@@ -26,8 +26,8 @@ import pytest
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.trainer.metrics import read_jsonl
-from conftest import (TINY_MOE, assert_same_state, ended, events, finish, free_port, last_step, losses,
-                      run_cli, subprocess_env, wait_for)
+from conftest import (TINY_MOE, assert_same_state, ended, events, finish, free_port, grad_norms, last_step,
+                      losses, run_cli, subprocess_env, wait_for)
 
 CLUSTER_SCRIPT = Path(__file__).with_name("ray_cluster_script.py")
 # A constant learning rate, so the reference's stops and resumes see the same schedule.
@@ -129,6 +129,7 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
         done = run_cli(["train", *ELASTIC, *args, f"run.dir={reference}"], torchrun_procs=procs)
         assert done.returncode == 0, done.stderr[-3000:]
     assert losses(run_dir) == losses(reference)
+    assert grad_norms(run_dir) == grad_norms(reference)
     assert_same_state(run_dir, reference)
     manifest = verify(resolve_checkpoint(run_dir))
     assert manifest["samples"] == 80 * 2 * 2  # steps × dp × micro_batch: each sample once
