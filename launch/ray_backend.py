@@ -60,19 +60,22 @@ def _names_loopback(address: str) -> bool:
     return bool(host) and is_loopback(host)
 
 
-def _ray_token_available() -> bool:
-    """Whether this machine holds a Ray authentication token (where Ray itself looks)."""
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
-
-
 def _init_ray(cfg: DictConfig) -> None:
     import ray
 
     common = dict(include_dashboard=False, log_to_driver=True, configure_logging=True,
                   logging_level="WARNING")
     if cfg.launch.ray_address:
-        ray.init(address=cfg.launch.ray_address, **common)
+        try:
+            ray.init(address=cfg.launch.ray_address, **common)
+        except ConnectionError as exc:
+            # A job's driver inherits the cluster's authentication mode; a driver started from
+            # a shell must be told (setting it unasked would break clusters without tokens).
+            hint = ("; a cluster started with `ray start` may require token authentication: set "
+                    "RAY_AUTH_MODE=token (the token comes from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+                    "or RAY_AUTH_TOKEN)") if os.environ.get("RAY_AUTH_MODE") != "token" else ""
+            raise WorkerFailed(f"cannot join the Ray cluster at {cfg.launch.ray_address}: "
+                               f"{str(exc).splitlines()[0]}{hint}") from None
         return
     ray.init(**ray_init_options(cfg), **common)
 
@@ -164,11 +167,6 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
         # Read when ray is imported, and by what ray.init starts. Without it a
         # driver joining a cluster on 127.0.0.1 looks for it at the external address.
         os.environ.update(LOOPBACK_ENV)
-    if cfg.launch.ray_address and "RAY_AUTH_MODE" not in os.environ and _ray_token_available():
-        # A cluster started with `ray start` requires token authentication by default; a
-        # driver that joins it from outside a job must present the token (a job's driver
-        # inherits the mode from the cluster). Read when ray is imported.
-        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     from atoll.trainer.config import run_dir, to_dict
