@@ -321,8 +321,8 @@ def from_hf(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[
         model["ffn_hidden"] = hidden
         if not shared:  # a shared expert of width 0 adds exactly nothing
             out = {k: v for k, v in out.items() if ".shared_expert." not in k}
-    if model["tie_embeddings"]:
-        out.pop("output.weight", None)
+    if model["tie_embeddings"]:  # one matrix under both names, as atoll's own checkpoints hold it
+        out["output.weight"] = out["tok_embeddings.weight"]
     return model, out
 
 

@@ -66,11 +66,7 @@ def glm4_moe():
 # The import drops `output.weight` of a tied model, while atoll's model (and its own
 # checkpoints) hold the tied matrix under both names: neither loading it here nor
 # `atoll train checkpoint.resume=...` accepts the imported checkpoint.
-TIED_IMPORT = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                reason="a tied import lacks model.output.weight (checkpoint/hf.py from_hf)")
-
-
-@pytest.mark.parametrize("build", [llama, pytest.param(llama_tied, marks=TIED_IMPORT), mixtral, qwen2_moe, glm4_moe],
+@pytest.mark.parametrize("build", [llama, llama_tied, mixtral, qwen2_moe, glm4_moe],
                          ids=["Llama", "Llama-tied", "Mixtral", "Qwen2Moe", "Glm4Moe"])
 def test_imported_model_computes_transformers_logits(build, tmp_path, capsys):
     """save_pretrained, `atoll ckpt import`, load into atoll: the logits of transformers'
