@@ -12,6 +12,7 @@ store, a heartbeat sink and a stop request, all optional, none of them Ray
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -110,7 +111,10 @@ class DilocoHook(StepHook):
         for fields in events:
             trainer.island_event("outer_step", island=trainer.env.island, **fields)
             if trainer.env.is_island_lead:  # the rank that writes the event says it on the console too
-                print(outer_step_line(trainer.env.island, fields, trainer.cfg.diloco.fragments), flush=True)
+                # One write with its newline: unbuffered, print() writes the newline apart, and
+                # the islands' lines could run into each other on a shared terminal.
+                sys.stdout.write(outer_step_line(trainer.env.island, fields, trainer.cfg.diloco.fragments) + "\n")
+                sys.stdout.flush()
 
 
 def outer_step_line(island: int, fields: dict, fragments: int) -> str:
