@@ -203,7 +203,7 @@ def test_ray_job_on_a_ray_start_cluster_recovers_stops_and_resumes(short_tmp, tm
     cluster = RayStartCluster(tmp_path / "home", short_tmp)
     work = tmp_path / "work"
     work.mkdir()
-    (work / "tiny.yaml").write_text("run:\n  name: tiny\n  steps: 60\n")
+    (work / "tiny.yaml").write_text("run:\n  name: tiny\n  steps: 40\n")
     run_dir = tmp_path / "job-run"
     args = ["--working-dir", str(work), "--runtime-env-json",
             json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}),
@@ -227,7 +227,7 @@ def test_ray_job_on_a_ray_start_cluster_recovers_stops_and_resumes(short_tmp, tm
         assert stopped["signal"] == "SIGTERM" and stopped["checkpoint"], stopped
         assert re.search(rf"atoll: stopped at step {stopped['step']}: checkpoint "
                          rf"step-0*{stopped['step']} saved; rerun the same command to continue", out + err)
-        assert stopped["step"] < 60
+        assert stopped["step"] < 40
         assert events(run_dir, "run_end")[-1]["status"] == "stopped"
         again = subprocess.run(cluster.job("submit", "--submission-id", "second") + args,
                                env=cluster.client_env, capture_output=True, text=True, timeout=300)
@@ -237,7 +237,7 @@ def test_ray_job_on_a_ray_start_cluster_recovers_stops_and_resumes(short_tmp, tm
     failure, = events(run_dir, "failure")
     restart, = events(run_dir, "restart")
     assert failure["kind"] == "died" and restart["source"] == "memory"
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 61))
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 41))
     reference = tmp_path / "reference"
     done = run_cli(["train", str(work / "tiny.yaml"), *TINY_MOE, "parallel.dp=2", "checkpoint.interval=1000",
                     f"run.dir={reference}"], torchrun_procs=2)

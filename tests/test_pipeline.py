@@ -20,13 +20,10 @@ DEFAULT_MODEL = ["run.steps=5", "logging.log_interval=1", "logging.eval_interval
 # (schedule, pp, dp, grad_accum, microbatches, experts, dp_shard, ep)
 MATRIX = [
     ("1f1b", 2, 1, 4, 2, 0, "fsdp", 1),
-    ("gpipe", 2, 1, 2, 4, 8, "fsdp", 1),
-    ("interleaved_1f1b", 2, 1, 4, 4, 8, "fsdp", 1),
-    ("1f1b", 4, 1, 2, 8, 8, "fsdp", 1),
+    ("gpipe", 4, 1, 2, 8, 8, "fsdp", 1),
     ("gpipe", 4, 1, 1, 4, 0, "fsdp", 1),
     ("1f1b", 2, 2, 2, 2, 8, "fsdp", 2),
     ("interleaved_1f1b", 2, 2, 2, 4, 8, "ddp", 2),
-    ("gpipe", 2, 2, 4, 2, 0, "ddp", 1),
 ]
 
 # Four layers so two stages hold two each; micro_batch 2 splits into 2 pipeline microbatches.

@@ -127,8 +127,7 @@ def test_a_step_that_cannot_end_in_time_stops_from_the_memory_snapshot(short_tmp
     stop, = events(run_dir, "stop")
     assert stop["reason"] == "memory snapshot" and stop["step"] == step and stop["checkpoint"]
     verify(read_latest(run_dir / "checkpoints"))
-    rerun = subprocess.run([sys.executable, "-m", "atoll.launch", "train", *args], capture_output=True,
-                           text=True, timeout=300, env=env)
+    rerun = run_cli(["train", *args], torchrun_procs=2)  # any launcher continues it
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_state(run_dir, uninterrupted)
 
