@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -40,6 +41,20 @@ def ensure_venv() -> None:
     STAMP.write_text(_project_hash())
 
 
+def run(cmd: list[str], **kwargs) -> int:
+    """Run `cmd` to its end and return its exit code. Ctrl-C reaches it from the terminal
+    (it stops at a step boundary with a checkpoint), so this process waits for it instead
+    of leaving it behind; a SIGTERM sent to this process alone is passed on."""
+    child = subprocess.Popen(cmd, **kwargs)
+    previous = (signal.signal(signal.SIGINT, lambda signum, frame: None),
+                signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("train", "test"):
         print(__doc__.strip(), file=sys.stderr)
@@ -47,8 +62,8 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     command, rest = argv[0], argv[1:]
     if command == "train":
-        return subprocess.call([str(BIN / "atoll"), "train", *rest])
-    code = subprocess.call([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
+        return run([str(BIN / "atoll"), "train", *rest])
+    code = run([str(BIN / "python"), "-m", "pytest", *rest], cwd=ROOT)
     return 0 if code == 5 else code  # 5: no tests collected
 
 
