@@ -206,6 +206,12 @@ def test_resume_auto_falls_back_to_the_older_checkpoint(run_copy, kind, capsys):
     assert f"resumed from {run_copy / 'checkpoints' / S2} at step 2 (4 samples consumed)" in out
     assert logged_steps(run_copy) == [1, 2, 3, 4]
     assert main(["ckpt", "verify", str(run_copy)]) == 0  # step 4 was saved again
+    events = read_jsonl(run_copy / "events.jsonl")
+    skipped, = [e for e in events if e["event"] == "checkpoint_skipped"]
+    assert skipped["path"] == str(run_copy / "checkpoints" / S4) and S4 in skipped["reason"]
+    start = [e for e in events if e["event"] == "run_start"][-1]
+    assert start["resume"] == {"source": "disk", "step": 2, "path": str(run_copy / "checkpoints" / S2)}
+    assert [e for e in events if e["event"] == "run_end"][-1]["status"] == "done"
 
 
 def test_leftover_partial_is_ignored_and_removed(run_copy, capsys):
