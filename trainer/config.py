@@ -12,7 +12,9 @@ This module knows nothing about processes, models or files beyond the recipe.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -303,9 +305,6 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def recipe_sha256(cfg: DictConfig) -> str:
     """A fingerprint of the resolved recipe (events name the recipe a run started with)."""
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
