@@ -37,18 +37,11 @@ class GracefulStop:
         self.grace_s = grace_s
         self.signum: Optional[int] = None
         self.received_at: Optional[float] = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> Optional[str]:
-        return signal.Signals(self.signum).name if self.signum is not None else None
+        self.on_expired: Optional[Callable[[], None]] = None
 
     def reason(self) -> Optional[str]:
         """What `RunControl.stop_request` returns: the signal's name once one arrived."""
-        return self.name
+        return signal.Signals(self.signum).name if self.signum is not None else None
 
     def expired(self) -> bool:
         return self.received_at is not None and time.monotonic() - self.received_at > self.grace_s
@@ -60,6 +53,10 @@ class GracefulStop:
         print(f"atoll: {signal.Signals(signum).name} received: stopping after the current step with a "
               f"checkpoint (at most {self.grace_s:g} s; send it again to abort at once)",
               file=sys.stderr, flush=True)
+        if self.on_expired is not None:
+            timer = threading.Timer(self.grace_s, self.on_expired)
+            timer.daemon = True
+            timer.start()
 
     @contextlib.contextmanager
     def installed(self):
@@ -80,17 +77,10 @@ class GracefulStop:
             for sig in SIGNALS:
                 signal.signal(sig, self._handle)
 
-    def watch(self, on_expired: Callable[[], None], poll_s: float = 0.2) -> threading.Thread:
-        """A daemon thread that calls `on_expired` once the grace period of a stop has run out
-        (for a run in this process: its main thread may be inside a step that never ends)."""
-        def loop() -> None:
-            while not self.expired():
-                time.sleep(poll_s)
-            on_expired()
-
-        thread = threading.Thread(target=loop, name="atoll-stop-grace", daemon=True)
-        thread.start()
-        return thread
+    def watch(self, on_expired: Callable[[], None]) -> None:
+        """Call `on_expired` on a timer thread once a stop's grace period has run out (for a run
+        in this process: its main thread may be inside a step that never ends)."""
+        self.on_expired = on_expired
 
 
 def exit_now(code: int) -> None:

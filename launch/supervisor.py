@@ -331,8 +331,7 @@ class Supervisor:
                 return SNAPSHOT_TO_DISK  # a long step: the newest complete state may be in memory
             if signalled is not None and self.stop_expired():
                 raise StopIncomplete("the workers did not reach a step boundary and commit "
-                                     "within fault_tolerance.stop_grace_s="
-                                     f"{self.recipe['fault_tolerance']['stop_grace_s']:g}")
+                                     f"within fault_tolerance.stop_grace_s={self.stop_grace_s:g}")
             statuses = group.poll(self.poll_s)
             now = self.clock()
             self._last_statuses = statuses

@@ -54,6 +54,37 @@ class RunControl:
     rejoin_token: Optional[str] = None
 
 
+class StopAgreement:
+    """Whether, and after which step, the loop stops before its last step; the same on every rank.
+
+    Every step each rank offers two flags on the step's all-reduce (`offer`): it was asked
+    to stop, and that request ends the run (a signal, not a resize). `agree` takes the
+    world's sums, so a rank that saw no request itself stops at the same step as the rest.
+    """
+
+    def __init__(self, control: RunControl):
+        self.control = control
+        self.after: Optional[int] = None  # the step the loop stops after
+        self.final = False  # that stop ends the run: a disk checkpoint is committed there
+        self.reason: Optional[str] = None  # the signal's name, as far as this rank knows it
+        self._request: Any = None
+
+    def offer(self) -> tuple[float, float]:
+        request = self.control.stop_request() if self.control.stop_request is not None else None
+        self._request = request
+        return float(bool(request)), float(bool(request) and request != RESIZE)
+
+    def agree(self, step: int, stops: float, final_stops: float) -> None:
+        if stops and self.after is None:
+            self.after = step
+        if final_stops and not self.final:
+            self.after, self.final = step, True
+            self.reason = self._request if self._request and self._request != RESIZE else "signal"
+
+    def ends_run_at(self, step: int) -> bool:
+        return self.final and step == self.after
+
+
 class StepHook:
     """One concern of the loop; every method is optional."""
 

@@ -41,8 +41,8 @@ from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hid
                                   model_differences, recipe_from_dict, recipe_sha256, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
-from atoll.trainer.hooks import (RESIZE, DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
-                                 MetricsHook, RunControl, StepHook)
+from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
+                                 MetricsHook, RunControl, StepHook, StopAgreement)
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
                                   island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
 from atoll.trainer.metrics import MetricsLogger, record_event
@@ -183,9 +183,7 @@ class Trainer:
                                                  on_event=self._snapshot_event)
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
-        self.stop_after: Optional[int] = None  # set when the launcher asks for a clean stop
-        self.stop_final = False  # that stop ends the run (a signal), not a resize
-        self.stop_reason: Optional[str] = None
+        self.stop = StopAgreement(self.control)  # a clean stop the launcher asks for
         ft = cfg.fault_tolerance
         self.guard = AnomalyGuard(ft.spike_factor, ft.max_bad_steps)
         # Everything a checkpoint holds; each entry is layout-free.
@@ -376,15 +374,15 @@ class Trainer:
         """A disk checkpoint is taken after this step: on the interval, at the last step of
         this invocation, at a clean stop (to resize) that has no memory snapshot to resume from,
         and always when a signal stops the run (a rerun continues from it)."""
-        if self.stop_final and self.step == self.stop_after:
+        if self.stop.ends_run_at(self.step):
             return True
-        boundary = self.step == self.last_step or (self.step == self.stop_after and self.snapshotter is None)
+        boundary = self.step == self.last_step or (self.step == self.stop.after and self.snapshotter is None)
         interval = self.checkpointer.interval
         return bool(interval) and (self.step % interval == 0 or boundary)
 
     def at_boundary(self) -> bool:
         """The last step of this invocation: save whatever the next one resumes from."""
-        return self.step == self.last_step or self.step == self.stop_after
+        return self.step == self.last_step or self.step == self.stop.after
 
     def train_step(self) -> StepResult:
         """Forward, backward, checks and one optimizer step (skipped on an anomaly)."""
@@ -407,22 +405,14 @@ class Trainer:
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
         n = len(micro_batches)
-        request = self.control.stop_request() if self.control.stop_request is not None else None
         # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
-        grad_norm, (loss_total, aux_total, stops, final_stops) = clip_grad_norm(
+        grad_norm, (loss_total, aux_total, *stops) = clip_grad_norm(
             params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, torch.tensor(float(bool(request))),
-                   torch.tensor(float(bool(request) and request != RESIZE))])
+            extra=[loss_sum / n, aux_sum / n, *map(torch.tensor, self.stop.offer())])
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
-        if stops and self.stop_after is None:
-            self.stop_after = self.step + 1
-        if final_stops and not self.stop_final:
-            # A signal: the run ends at this step with a disk checkpoint. Ranks that did not
-            # see the signal themselves learn it here.
-            self.stop_after, self.stop_final = self.step + 1, True
-            self.stop_reason = request if request and request != RESIZE else "signal"
+        self.stop.agree(self.step + 1, *stops)
         self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
         anomaly = self.guard.check(result.loss, grad_norm)
         if anomaly is not None:
@@ -556,13 +546,13 @@ class Trainer:
             self._close_hooks()
             self.logger.close(self.step, summary=False)
             return {"step": self.step}
-        while self.step < self.last_step and self.step != self.stop_after:
+        while self.step < self.last_step and self.step != self.stop.after:
             self.one_step()
         self._close_hooks()
-        stopped = self.step == self.stop_after and self.step < self.last_step
+        stopped = self.step == self.stop.after and self.step < self.last_step
         self.logger.close(self.step, summary=not stopped)
         last = next((h.last for h in self.hooks if isinstance(h, MetricsHook)), {})
-        if self.stop_final and self.step == self.stop_after:
+        if self.stop.ends_run_at(self.step):
             return {"step": self.step, "stopped": True, **last, "stop": self._stop_summary()}
         if self.checkpointer.interval and self.checkpointer.last_error:
             raise TrainingError(f"the run finished but its last {self.checkpointer.last_error}")
@@ -572,7 +562,7 @@ class Trainer:
         """What a signal's stop left: the step and the checkpoint a rerun continues from."""
         saved = checkpoints_dir(self.cfg) / step_dir_name(self.step)
         failed = self.checkpointer.last_error
-        return {"signal": self.stop_reason, "step": self.step,
+        return {"signal": self.stop.reason, "step": self.step,
                 "checkpoint": None if failed or not saved.is_dir() else str(saved), "error": failed}
 
     def _close_hooks(self) -> None:
