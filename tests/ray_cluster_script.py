@@ -46,7 +46,10 @@ ANSWER = "cluster: "  # Ray may print lines of its own on stdout too
 
 
 def answer(**fields) -> None:
-    print(ANSWER + json.dumps(fields), flush=True)
+    # One write with its newline: Ray's own processes share this stdout, and a newline
+    # written apart lets their output run into the answer.
+    sys.stdout.write(ANSWER + json.dumps(fields) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> int:

@@ -49,7 +49,8 @@ class LocalCluster:
     def _answer(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith("cluster: "):
-                return json.loads(line.removeprefix("cluster: "))
+                # Whatever Ray wrote right after the answer, on the same line, is not part of it.
+                return json.JSONDecoder().raw_decode(line.removeprefix("cluster: "))[0]
         raise AssertionError(f"the cluster script ended (exit {self.proc.wait()})")
 
     def command(self, name: str) -> dict:
