@@ -175,11 +175,11 @@ def torchrun_control(cfg):
     """Under torchrun the memory tier is /dev/shm, shared by the ranks of a node and by
     the restarts torchrun makes of them (same run id), so a restart resumes from memory."""
     from atoll.checkpoint.snapshot_store import ShmSnapshotStore, shm_root
-    from atoll.trainer.config import run_dir
+    from atoll.trainer.config import memory_tier_on, run_dir
     from atoll.trainer.hooks import RunControl
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if not cfg.checkpoint.memory_interval:
+    if not memory_tier_on(cfg):
         return RunControl(attempt=attempt)
     root = shm_root(str(run_dir(cfg)), os.environ.get("TORCHELASTIC_RUN_ID", "none"))
     if os.environ.get("LOCAL_RANK", "0") == "0" and attempt == 0:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from atoll.launch.signals import GracefulStop
 from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed
 from atoll.launch.worker_group import ActorPool, RayWorkerGroup
+from atoll.trainer.config import memory_tier_on
 
 # Worker output reaches the driver through Ray's log monitor, after the result
 # does: give the last lines (the run summary, a traceback) time to arrive.
@@ -42,11 +43,11 @@ __all__ = ["run_on_ray", "WorkerFailed", "ray_init_options"]
 
 def ray_init_options(cfg: DictConfig) -> dict:
     """ray.init arguments for a cluster atoll starts itself (loopback, tight health checks)."""
-    from atoll.trainer.config import world_size
+    from atoll.trainer.config import object_store_mb, world_size
 
     world = world_size(cfg)
     return dict(num_cpus=world * cfg.launch.cpus_per_worker, _node_ip_address="127.0.0.1",
-                object_store_memory=cfg.launch.ray_object_store_mb * 1024 * 1024,
+                object_store_memory=(object_store_mb(cfg) or 256) * 1024 * 1024,
                 _system_config=dict(HEALTH_CHECKS))
 
 
@@ -92,7 +93,7 @@ class RayGroupFactory:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.cpus = cfg.launch.cpus_per_worker
-        self.memory = cfg.checkpoint.memory_interval > 0
+        self.memory = memory_tier_on(cfg)
         self.keepers: dict[str, Any] = {}
         self.pool = ActorPool()
         self.outer_store = None

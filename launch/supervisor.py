@@ -326,7 +326,8 @@ class Supervisor:
                 # Every rank stops after its step in progress and commits a disk checkpoint.
                 group.request_stop(self.interrupted())
                 signalled = self.clock()
-            if signalled is not None and not self._saving_snapshot and recipe["checkpoint"]["memory_interval"] \
+            if signalled is not None and not self._saving_snapshot \
+                    and str(recipe["checkpoint"]["memory_interval"]) != "0" \
                     and self.clock() - signalled >= self.stop_grace_s * SNAPSHOT_AFTER:
                 return SNAPSHOT_TO_DISK  # a long step: the newest complete state may be in memory
             if signalled is not None and self.stop_expired():

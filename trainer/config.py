@@ -67,6 +67,10 @@ class ModelConfig:
     ffn_hidden: Optional[int] = None  # default: SwiGLU-sized 8/3·dim rounded to 16
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32: the compute precision
+    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block)
+    ac_every: int = 2  # selective: recompute every ac_every-th block
+    compile: bool = False  # torch.compile each transformer block
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -113,8 +117,10 @@ class ParallelConfig:
 class LaunchConfig:
     backend: str = "ray"  # ray | local | torchrun (torchrun is detected, not chosen)
     ray_address: Optional[str] = None  # None: start a local cluster; "auto": join
-    ray_object_store_mb: int = 256
+    ray_object_store_mb: str = "auto"  # auto (sized from the state) | MB of a cluster atoll starts
     cpus_per_worker: int = 1
+    gpus_per_worker: Optional[int] = None  # None: 1 when the cluster has GPUs, else 0
+    device_memory_gb: Optional[float] = None  # memory plan budget; None: the device's own
     threads_per_worker: int = 0  # torch intra-op threads; 0 = cores / local workers
 
 
@@ -126,7 +132,7 @@ class CheckpointConfig:
     keep_every: int = 0
     resume: str = "auto"  # auto | none | PATH
     load_optimizer: bool = True  # false: take only the weights of checkpoint.resume (fine-tuning)
-    memory_interval: int = 1  # steps between in-memory snapshots (fault recovery); 0 = off
+    memory_interval: str = "auto"  # steps between in-memory snapshots; 0 = off; auto: cost <= 5% of a step
     memory_replicas: int = 1  # copies of each snapshot on other nodes (Ray)
 
 
@@ -193,6 +199,8 @@ _SECTION_TYPES[(ModelConfig, "moe")] = MoEConfig
 _KEYWORD_FIELDS = {("checkpoint", "async"): "async_"}
 
 CHOICES = {
+    "model.dtype": ("auto", "bf16", "fp32"),
+    "model.activation_checkpointing": ("none", "full", "selective"),
     "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
     "model.moe.balance": ("aux_loss", "aux_free", "none"),
     "model.moe.score_func": ("softmax", "sigmoid"),
@@ -211,7 +219,7 @@ POSITIVE_INTS = (
     "run.steps", "model.dim", "model.layers", "model.heads", "model.vocab_size",
     "model.moe.top_k", "data.seq_len", "data.micro_batch", "data.grad_accum",
     "data.max_bytes", "parallel.dp", "parallel.ep", "parallel.pp",
-    "launch.ray_object_store_mb", "launch.cpus_per_worker", "logging.log_interval",
+    "model.ac_every", "launch.cpus_per_worker", "logging.log_interval",
     "logging.eval_batches", "diloco.islands", "diloco.inner_steps", "diloco.fragments",
     "diloco.int4_group",
 )
@@ -220,7 +228,7 @@ NON_NEGATIVE = (
     "model.moe.groups", "optim.warmup_steps",
     "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
-    "launch.threads_per_worker", "checkpoint.memory_interval", "checkpoint.memory_replicas",
+    "launch.threads_per_worker", "checkpoint.memory_replicas",
     "fault_tolerance.max_restarts", "fault_tolerance.restart_backoff_s",
     "fault_tolerance.min_workers", "fault_tolerance.spike_factor", "optim.momentum",
     "diloco.outer_momentum", "diloco.overlap_steps", "diloco.bandwidth_mbit",
@@ -389,6 +397,17 @@ def validate(cfg: DictConfig) -> None:
     for key in ("optim.lr",) + POSITIVE:
         if not _get(cfg, key) > 0:
             raise RecipeError(f"recipe key '{key}' must be positive, got {_get(cfg, key)}")
+    for key, minimum in (("checkpoint.memory_interval", 0), ("launch.ray_object_store_mb", 1)):
+        value = _get(cfg, key)
+        if value != "auto" and not (value.isdigit() and int(value) >= minimum):
+            raise RecipeError(f"recipe key '{key}' must be auto or an integer of at least {minimum}, "
+                              f"got '{value}'")
+    if cfg.launch.gpus_per_worker is not None and cfg.launch.gpus_per_worker < 0:
+        raise RecipeError(f"recipe key 'launch.gpus_per_worker' must not be negative, "
+                          f"got {cfg.launch.gpus_per_worker}")
+    if cfg.launch.device_memory_gb is not None and not cfg.launch.device_memory_gb > 0:
+        raise RecipeError(f"recipe key 'launch.device_memory_gb' must be positive, "
+                          f"got {cfg.launch.device_memory_gb}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
     if not 0 < cfg.data.val_fraction < 0.5:
@@ -487,6 +506,22 @@ def _validate_pipeline(cfg: DictConfig) -> None:
                                    layers - 2 * first_last < stages - 2):
         raise RecipeError(f"parallel.pp_first_last_layers={first_last} needs at least 3 stages and must "
                           f"leave a layer for each middle stage (model.layers={layers}, {stages} stages)")
+
+
+def memory_interval(cfg: DictConfig) -> Optional[int]:
+    """`checkpoint.memory_interval` as steps: 0 = off, None = auto (chosen from measured cost)."""
+    value = cfg.checkpoint.memory_interval
+    return None if value == "auto" else int(value)
+
+
+def memory_tier_on(cfg: DictConfig) -> bool:
+    return memory_interval(cfg) != 0
+
+
+def object_store_mb(cfg: DictConfig) -> Optional[int]:
+    """`launch.ray_object_store_mb` in MB; None = auto (sized from the state)."""
+    value = cfg.launch.ray_object_store_mb
+    return None if value == "auto" else int(value)
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -12,7 +12,6 @@ snapshots, metrics, heartbeat) to its step hooks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +28,17 @@ from atoll.checkpoint.store import find_resumable, step_dir_name
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
-from atoll.parallel.expert_parallel import (apply_expert_parallel, moe_layers, reduce_moe_load,
-                                           sync_expert_grads)
+from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
-from atoll.parallel.data_parallel import apply_data_parallel, dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.parallelize import parallelize
+from atoll.parallel.precision import resolve_precision
 from atoll.parallel.diloco import DiLoCo
 from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
-from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, model_config,
-                                  model_differences, recipe_from_dict, recipe_sha256, run_dir, to_dict)
+from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, memory_interval,
+                                  memory_tier_on, model_config, model_differences, recipe_from_dict, recipe_sha256, run_dir, to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
@@ -134,6 +134,7 @@ class Trainer:
             self.kernel_choice = f"MoE kernel {moe.kernel}" + \
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
+        self.precision = resolve_precision(cfg.model.dtype, self.device)
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)
@@ -161,8 +162,7 @@ class Trainer:
                     if cfg.logging.eval_interval else [])
         self.step = 0
         self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" else contextlib.nullcontext())
+        self.autocast = self.precision.autocast()
 
         ckpt = cfg.checkpoint
         self.checkpointer = Checkpointer(
@@ -176,10 +176,10 @@ class Trainer:
         if store is not None and self.outer is not None:  # islands share the store, each in its own part
             store = island_snapshots(self.outer, store)
         self.snapshot_store = store
-        if store is not None and ckpt.memory_interval:
+        if store is not None and memory_tier_on(cfg):
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
                                                  is_coordinator=self.env.is_island_lead,
-                                                 interval=ckpt.memory_interval, warn=self._warn,
+                                                 interval=memory_interval(cfg) or 1, warn=self._warn,
                                                  on_event=self._snapshot_event)
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
@@ -224,8 +224,7 @@ class Trainer:
         self.runner: Optional[PipelineRunner] = None
         if self.layout.pp == 1:
             self.parts = [self.model]
-            apply_expert_parallel(self.model, self.mesh)
-            self.train_module = apply_data_parallel(self.model, self.model.layers.values(), self.mesh)
+            self.train_module = parallelize(self.model, self.mesh, cfg.model, self.precision)
             return
         virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
         num_stages = self.layout.pp * virtual
@@ -235,10 +234,9 @@ class Trainer:
         del self.model  # each rank keeps only its stages
         wrappers, train_modules = [], []
         for part in self.parts:
-            apply_expert_parallel(part, self.mesh)
             wrapper = StageModule(part)
             wrappers.append(wrapper)
-            train_modules.append(apply_data_parallel(wrapper, part.layers.values(), self.mesh))
+            train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper))
         self.runner = PipelineRunner(train_modules, wrappers, stage_ids, num_stages, par.pp_schedule,
                                      par.microbatches or self.layout.pp, lm_loss, self.device,
                                      self.mesh.pp_group)
