@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from atoll.parallel.kernels import tokens_per_expert
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 16 if _INTERPRET else 64  # rows per token tile; fixed, the tile layout depends on it
 
@@ -225,7 +227,7 @@ def _route(experts_TK: torch.Tensor, num_experts: int):
     T, K = experts_TK.shape
     flat_N = experts_TK.reshape(-1)
     dst_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    counts_E = tokens_per_expert(flat_N, num_experts)
     offs_E1 = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])
     tiles_E = (counts_E + BLOCK_M - 1) // BLOCK_M
     tile_end_E = tiles_E.cumsum(0)
