@@ -143,3 +143,52 @@ def test_reference_kernels_sync_where_documented(monkeypatch):
     reuses them); `naive` sizes each expert's rows with nonzero. Both are CPU/reference kernels."""
     assert kernel_syncs(monkeypatch, "sorted") == ["tolist"]
     assert kernel_syncs(monkeypatch, "naive") == ["nonzero"] * 4
+
+
+def _ep_rank(rank: int, store_file: str, results) -> None:
+    """One of two ep ranks: the host syncs of a MoE layer's forward and backward."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    from atoll.parallel.expert_parallel import apply_expert_parallel
+    from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv
+    from atoll.trainer.config import MoEConfig
+    from atoll.trainer.moe import MoE
+
+    try:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        mesh = ParallelMesh(Layout(dp=2, ep=2), ProcessEnv(rank=rank, world_size=2), CPU)
+        torch.manual_seed(0)
+        moe = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, kernel="grouped_mm"))
+        apply_expert_parallel(moe, mesh)
+        x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(rank))
+        calls = []
+        for counting in (False, True):  # the second pass is counted
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                if counting:
+                    calls = count_host_syncs(monkeypatch)
+                out, aux_loss = moe(x)
+                (out.square().sum() + aux_loss).backward()
+        results.put((rank, calls))
+        dist.destroy_process_group()
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not grouped_mm_usable(CPU, torch.float32), reason="torch without _grouped_mm on CPU")
+def test_expert_parallel_syncs_once_per_layer_for_its_split_sizes(tmp_path):
+    """The all-to-alls take their split sizes as Python ints: one read per layer forward, both
+    directions together; backward reuses them, everything else stays on the device."""
+    from conftest import RESULT_TIMEOUT_S, spawned
+
+    with spawned() as (start, results):
+        for rank in range(2):
+            start(_ep_rank, rank, str(tmp_path / "store"))
+        got = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in range(2))
+    assert got == {0: ["tolist"], 1: ["tolist"]}, got
