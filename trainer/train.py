@@ -28,6 +28,7 @@ from atoll.checkpoint.store import find_resumable, step_dir_name
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
+from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync
@@ -123,6 +124,8 @@ class Trainer:
             self.outer.agree("started", "1", cfg.fault_tolerance.collective_timeout_s)
         self.is_logging_rank = self.env.is_logging_rank
 
+        # Triton tiles chosen once per shape for all ranks, and again after a restart
+        use_kernel_config_file(run_dir(cfg) / "kernels" / "triton_configs.json")
         self.kernel_choice = ""
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
             moe = cfg.model.moe
