@@ -11,7 +11,9 @@ token dispatch:
     -> all-to-all back -> weight by gate, scatter-add into token order
 
 Both all-to-alls are autograd-aware, so backward sends gradients the same
-way in reverse. Gradients of expert weights therefore already sum the
+way in reverse. Host syncs: one per MoE layer and micro-batch in forward (the
+split sizes of the all-to-alls, which torch takes as Python ints); backward
+reuses them. Gradients of expert weights therefore already sum the
 contributions of every ep rank; `sync_expert_grads` finishes the data-
 parallel average over the ranks that hold the same experts ("dp_mod_ep").
 
@@ -78,13 +80,16 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     # How many rows each rank receives for each of its local experts, from each source.
     recv_counts_E = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_counts_E, counts_E, group=group)
-    send_splits = counts_E.view(ep, local_experts).sum(1).tolist()
     recv_counts_PL = recv_counts_E.view(ep, local_experts)
-    recv_splits = recv_counts_PL.sum(1).tolist()
+    # The one host sync of the layer: all_to_all_single takes its split sizes as Python
+    # ints (so does torchtitan's). Both directions come over in a single read.
+    send_splits, recv_splits = torch.stack([counts_E.view(ep, local_experts).sum(1),
+                                            recv_counts_PL.sum(1)]).tolist()
 
     x_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
+    # output_size: the length is known on the host, so repeat_interleave needs no sync
     local_ids_R = torch.arange(local_experts, device=x_TD.device).repeat(ep).repeat_interleave(
-        recv_counts_PL.reshape(-1))
+        recv_counts_PL.reshape(-1), output_size=x_RD.shape[0])
     kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype,
                         x_RD.shape[0] / local_experts * w1_EDH.shape[1] * w1_EDH.shape[2])
     ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_TD.device)

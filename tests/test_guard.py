@@ -19,7 +19,9 @@ from atoll.trainer.config import load_recipe
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.train import Trainer, TrainingError
+from atoll.parallel.kernels import grouped_mm_usable
 from conftest import TINY_MOE
+from test_host_syncs import count_host_syncs
 
 
 def test_guard_skips_then_rolls_back_and_learns_spikes_from_history():
@@ -121,28 +123,28 @@ def test_divergence_without_a_snapshot_is_one_line_and_saves_nothing(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in read_jsonl(tmp_path / "run" / "metrics.jsonl"))
 
 
-def test_a_step_reads_the_device_once_outside_log_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [
+    ("model.moe.kernel=grouped_mm",),  # the default MoE recipe on the GPU-path kernel
+    ("model.moe.kernel=grouped_mm", "model.moe.balance=aux_free", "model.moe.capacity_factor=1.0"),
+    ("model.moe.num_experts=0",),  # dense
+], ids=["moe", "moe-aux-free-capacity", "dense"])
+def test_a_step_reads_the_device_once_outside_log_steps(tmp_path, monkeypatch, recipe):
     """Between log steps a training step brings values to the host once (the gradient norm,
     loss and stop flag travel together, for the guard's decision); the MoE load statistics,
-    drop counts and the loss stay tensors until a log step. Counted without CUDA by wrapping
-    every tensor-to-host conversion."""
-    trainer = make_trainer(tmp_path / "syncs", "model.moe.kernel=naive", "model.moe.balance=aux_free",
-                           "model.moe.capacity_factor=1.0", "logging.log_interval=100")
+    drop counts and the loss stay tensors until a log step, and routing counts stay on the
+    device. Counted without CUDA by wrapping every tensor-to-host conversion and every op
+    that sizes its output from the data (test_host_syncs.count_host_syncs)."""
+    if "model.moe.kernel=grouped_mm" in recipe and not grouped_mm_usable(torch.device("cpu"), torch.float32):
+        pytest.skip("torch without _grouped_mm on CPU")
+    trainer = make_trainer(tmp_path / "syncs", *recipe, "logging.log_interval=100")
     try:
         trainer.one_step()  # the first step (lazy initialisation) is not the steady state
-        reads = []
-        for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
-            original = getattr(torch.Tensor, method)
-
-            def counted(tensor, *args, _original=original, _method=method, **kwargs):
-                reads.append(_method)
-                return _original(tensor, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, method, counted)
+        reads = count_host_syncs(monkeypatch)
         for _ in range(3):
             trainer.one_step()
         monkeypatch.undo()
-        assert len(reads) == 3, reads  # one per step
-        assert trainer.load_metrics()["moe.0.dropped"] >= 0  # read at a log step instead
+        assert reads == ["tolist"] * 3, reads  # one per step: clip_grad_norm's global values
+        if "model.moe.num_experts=0" not in recipe:
+            assert trainer.load_metrics()["moe.0.dropped"] >= 0  # read at a log step instead
     finally:
         trainer.close()

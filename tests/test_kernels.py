@@ -117,3 +117,65 @@ def test_several_chunks_and_empty_experts_match_naive(backend, loads):
     empty = counts.index(0)
     for grad in got[3:]:
         assert not grad[empty].any()
+
+
+CANDIDATES = [{"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 256, "num_warps": 8}]
+
+
+def test_tile_config_table_times_once_and_the_file_decides(tmp_path):
+    """The fastest candidate that runs is chosen and written; a table on the same file (another
+    rank, a restart) takes it without timing, even where its own timings would differ."""
+    from atoll.parallel.kernels.tuning import TileConfigTable
+
+    def needs_too_much_memory(config):
+        if config["BLOCK_M"] == 256:
+            raise RuntimeError("out of resources: shared memory")
+        return 1.0 / config["BLOCK_M"]  # bigger tiles faster
+
+    path = tmp_path / "kernels" / "triton_configs.json"
+    first = TileConfigTable(path)
+    assert first.choose("k N=8", CANDIDATES, needs_too_much_memory) == CANDIDATES[1]
+    assert first.choose("k N=8", CANDIDATES, None) == CANDIDATES[1]  # remembered: not timed again
+    assert (first.tuned, first.read) == (1, 0)
+
+    def never(config):
+        raise AssertionError("timed although the file holds a choice")
+
+    restarted = TileConfigTable(path)
+    assert restarted.choose("k N=8", CANDIDATES, never) == CANDIDATES[1]
+    assert (restarted.tuned, restarted.read) == (0, 1)
+    # a key the file lacks, or a saved config that is no longer a candidate, is tuned again
+    assert restarted.choose("k N=16", CANDIDATES[:1], never) == CANDIDATES[0]  # one candidate: no timing
+    other_candidates = TileConfigTable(path)
+    assert other_candidates.choose("k N=8", CANDIDATES[2:] + CANDIDATES[:1], lambda c: 1.0 / c["BLOCK_M"]) == \
+        CANDIDATES[2]
+    assert (other_candidates.tuned, other_candidates.read) == (1, 0)
+    with pytest.raises(RuntimeError, match="no tile config runs here"):
+        TileConfigTable(None).choose("k", CANDIDATES[2:] * 2, needs_too_much_memory)
+
+
+def test_ranks_that_meet_a_shape_together_share_one_choice(tmp_path):
+    """Two ranks whose own timings disagree: the first to lock the file times, the other waits
+    and takes its choice."""
+    import threading
+    import time
+
+    from atoll.parallel.kernels.tuning import TileConfigTable
+
+    path = tmp_path / "triton_configs.json"
+    tables = [TileConfigTable(path), TileConfigTable(path)]
+    chosen = [None, None]
+
+    def rank(i):
+        def timing(config):  # rank 0 finds the small tiles fast, rank 1 the big ones
+            time.sleep(0.05)
+            return config["BLOCK_M"] if i == 0 else -config["BLOCK_M"]
+        chosen[i] = tables[i].choose("k", CANDIDATES[:2], timing)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert chosen[0] == chosen[1]
+    assert sorted((t.tuned, t.read) for t in tables) == [(0, 1), (1, 0)]

@@ -6,6 +6,7 @@ imported (triton.jit reads it when the kernels are decorated); tests/conftest.py
 sets it before anything imports triton.
 """
 
+import json
 import os
 
 import torch
@@ -167,3 +168,36 @@ def test_bf16_close_to_fp32_naive(T, D, H, E, K):
     for name, got, want in zip(("x", "gates", "w1", "w3", "w2"), grads, ref_grads):
         assert rel_err(got, want) < 2e-2, name
     assert grads[2][3].abs().sum() == 0  # the empty expert's weight gradient
+
+
+def test_tile_configs_are_chosen_once_and_kept_in_the_run_directory(tmp_path):
+    """The trainer keeps the configs in <run dir>/kernels/triton_configs.json. The first run
+    chooses one per kernel and shape and writes them; a second run (a restart) reads them all,
+    chooses none itself, leaves the file as it was and gives bitwise the same results."""
+    from atoll.parallel.kernels import tuning
+    from atoll.trainer.config import load_recipe
+    from atoll.trainer.train import Trainer
+    from conftest import TINY_MOE
+
+    cfg = load_recipe(None, [*TINY_MOE, "parallel.dp=1", "launch.backend=local", "checkpoint.interval=0",
+                             "checkpoint.memory_interval=0", f"run.dir={tmp_path / 'run'}"])
+    Trainer(cfg).close()
+    path = tmp_path / "run" / "kernels" / "triton_configs.json"
+    assert tuning.table().path == path and not path.exists()  # nothing chosen yet
+    inputs = make_inputs(T=20, D=16, H=32, E=4, K=2)
+    dy = torch.randn(20, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    try:
+        first = forward_backward(experts_triton, *inputs, dy)
+        assert (tuning.table().tuned, tuning.table().read) == (6, 0)  # 2 kernels forward, 4 backward
+        saved = path.read_bytes()
+        keys = sorted(json.loads(saved)["configs"])
+        assert len(keys) == 6 and all("rows/expert<=16" in k for k in keys), keys  # 40 rows / 4 experts
+
+        tuning.use_config_file(path)  # a restart: nothing in memory, the same file
+        second = forward_backward(experts_triton, *inputs, dy)
+        assert (tuning.table().tuned, tuning.table().read) == (0, 6)
+        assert path.read_bytes() == saved
+        assert torch.equal(first[0], second[0])
+        assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    finally:
+        tuning.use_config_file(None)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atoll.parallel.kernels import tokens_per_expert
 from atoll.trainer.config import MoEConfig
 
 
@@ -109,6 +110,9 @@ def experts_naive(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.
     """Reference expert computation: one SwiGLU per expert over the tokens routed to it.
 
     out[t] = sum_k gates[t, k] * swiglu_{experts[t, k]}(x[t]), in x's dtype.
+
+    A reference, not a training kernel: `nonzero` sizes its output from the data, so
+    on a GPU every expert costs a host sync (E per call, forward and backward).
     """
     out_TD = torch.zeros_like(x_TD)
     # unbind (not w[e]) so backward stacks the per-expert weight gradients once
@@ -165,7 +169,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
     P_e: mean router probability of e over the T tokens.
     """
     num_experts = probs_TE.shape[-1]
-    tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    tokens_per_expert_E = tokens_per_expert(experts_TK, num_experts)
     f_E = tokens_per_expert_E.float() / experts_TK.numel()
     P_E = probs_TE.float().mean(dim=0)
     return num_experts * (f_E * P_E).sum()
@@ -212,8 +216,8 @@ class MoE(nn.Module):
 
         if self.training and not experts_TK.is_meta:  # meta: a shape-only pass
             with torch.no_grad():
-                routed = experts_TK if kept_TK is None else experts_TK[kept_TK]
-                self.load_E += torch.bincount(routed.reshape(-1), minlength=self.num_experts)
+                # counted on the device: read only at a log step (no host sync per layer)
+                self.load_E += tokens_per_expert(experts_TK, self.num_experts, kept_TK)
                 if kept_TK is not None:
                     self.dropped += (~kept_TK).sum()
         if self.balance == "aux_loss":

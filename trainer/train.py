@@ -28,6 +28,7 @@ from atoll.checkpoint.store import find_resumable, step_dir_name
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
+from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync
@@ -46,6 +47,7 @@ from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, 
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
                                   island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
 from atoll.trainer.metrics import MetricsLogger, record_event
+from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
 from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
@@ -122,6 +124,8 @@ class Trainer:
             self.outer.agree("started", "1", cfg.fault_tolerance.collective_timeout_s)
         self.is_logging_rank = self.env.is_logging_rank
 
+        # Triton tiles chosen once per shape for all ranks, and again after a restart
+        use_kernel_config_file(run_dir(cfg) / "kernels" / "triton_configs.json")
         self.kernel_choice = ""
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
             moe = cfg.model.moe
@@ -138,6 +142,7 @@ class Trainer:
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)
+        self.peak_tflops = device_peak_tflops(self.device)  # None: no `mfu` in the metrics
         self.param_count = count_params(self.model)["total"]
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._build_parts(cfg)
@@ -510,8 +515,10 @@ class Trainer:
                    "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
                    "step_time_s": elapsed / steps,
                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
-                   "tflops": self.flops_per_token * tokens_per_s / 1e12,
-                   "comm_bytes": self.comm_bytes * steps + (self.outer.take_bytes() if self.outer else 0)}
+                   "tflops": self.flops_per_token * tokens_per_s / 1e12}
+        if self.peak_tflops:  # tflops: the island's GPUs together (its global batch's tokens)
+            metrics["mfu"] = model_flops_utilization(metrics["tflops"], self.env.world_size, self.peak_tflops)
+        metrics["comm_bytes"] = self.comm_bytes * steps + (self.outer.take_bytes() if self.outer else 0)
         metrics.update(self.load_metrics())
         return metrics
 

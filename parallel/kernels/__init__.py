@@ -32,6 +32,20 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 KERNEL_NAMES = ("auto", *_REGISTRY)
 
 
+def tokens_per_expert(experts: torch.Tensor, num_experts: int,
+                      kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignments per expert, [num_experts] int64, counted on the device.
+
+    Not torch.bincount: on a GPU it reads the largest id to the host to size its
+    output, a sync per call. `kept` (same shape as `experts`, bool) counts only the
+    kept assignments, without the boolean-mask indexing that would sync as well.
+    Integer adds, so the counts are exact and the same in any order.
+    """
+    flat = experts.reshape(-1)
+    ones = torch.ones_like(flat) if kept is None else kept.reshape(-1).to(flat.dtype)
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, ones)
+
+
 class KernelUnavailable(ValueError):
     """The chosen kernel cannot run here; one line naming why."""
 

@@ -33,13 +33,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from atoll.parallel.kernels import tokens_per_expert
+
 
 def sort_assignments(experts_TK: torch.Tensor, num_experts: int):
-    """(token index per sorted row, slot-major flat index per sorted row, rows per expert)."""
+    """(token index per sorted row, slot-major flat index per sorted row, rows per expert),
+    all on the device: no host sync."""
     flat_N = experts_TK.reshape(-1)
     order_N = torch.argsort(flat_N, stable=True)
     token_N = order_N // experts_TK.shape[1]
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    counts_E = tokens_per_expert(flat_N, num_experts)
     return token_N, order_N, counts_E
 
 
@@ -98,7 +101,9 @@ class _SortedExperts(torch.autograd.Function):
             del h_NH
             out_TD.index_add_(0, token_N, y_ND.mul_(gate_N1))
         else:
-            counts = counts_E.tolist()  # one host sync for all segment sizes
+            # One host sync per call for all segment sizes: the loop needs them in Python.
+            # The CPU kernel; on a GPU `grouped_mm` or `triton` keep the sizes on the device.
+            counts = counts_E.tolist()
             offs_E = None
             N = token_N.numel()
             a_NH, b_NH = x_TD.new_empty(N, H), x_TD.new_empty(N, H)

@@ -7,8 +7,8 @@
 with the N = T*K (token, slot) rows sorted by expert. Only int32 indices are
 sorted (a stable argsort, so forward and backward see the same order); the
 tiles of BLOCK_M sorted rows, each inside one expert, are laid out on the
-device with no host sync (the grid is the upper bound cdiv(N, BLOCK_M) + E
-and spare tiles return at once). Kernels:
+device (the grid is the upper bound cdiv(N, BLOCK_M) + E and spare tiles
+return at once). Kernels:
 
 - `_gather_up` forward, "scattered -> grouped": each tile gathers its x rows
   by token index inside the K loop and runs the w1 and w3 GEMMs together,
@@ -31,6 +31,15 @@ Every output element is written by exactly one program, accumulation is
 fp32 in registers and K sums go through [T, K, D] buffers, so results are
 deterministic (no atomics). Inputs and outputs stay in x's dtype.
 
+Tiles: each launch takes the config chosen for its kernel and shape (the
+dims, the dtype and the mean rows per expert rounded up to a power of two)
+from TILE_CANDIDATES / XTY_CANDIDATES, 64-row tiles for small loads and
+128 × 128/256 × 64 ones for Hopper. A shape is timed once, by the first
+process that meets it, and the choice is shared with every rank and kept
+for restarts through the file the trainer names (kernels/tuning.py), so all
+ranks sum in the same order. No host sync: counts and tile layouts stay on
+the device.
+
 Single-device code: no process groups; expert parallelism calls it on the
 rows a rank received. Under TRITON_INTERPRET=1 (CPU) it runs one small
 config and is only correct in fp32.
@@ -40,28 +49,36 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 import triton
 import triton.language as tl
 
+from atoll.parallel.kernels import tokens_per_expert, tuning
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_M = 16 if _INTERPRET else 64  # rows per token tile; fixed, the tile layout depends on it
 
 
-def _configs(names, values):
-    if _INTERPRET:
-        return [triton.Config(dict.fromkeys(names, 16))]
-    return [triton.Config(dict(zip(names, v[:-2])), num_warps=v[-2], num_stages=v[-1])
-            for v in values]
+def _candidates(values):
+    """Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) as launch keywords."""
+    if _INTERPRET:  # one small config: the CPU interpreter is slow and ignores warps and stages
+        values = [(16, 16, 16, 1, 1)]
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return [dict(zip(names, v)) for v in values]
 
 
-_TILE_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"),
-                         [(64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)])
-_XTY_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                        [(64, 64, 32, 4, 4), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4),
-                         (128, 128, 32, 8, 3)])
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _TILE_CONFIGS)
+# Row tiles of _gather_up / _scatter_down: BLOCK_M sorted rows (each tile inside one
+# expert) × BLOCK_N output columns, BLOCK_K deep. The 64-row tiles suit few rows per
+# expert and smaller GPUs; 128 × 128/256 × 64 with 8 warps fill a Hopper SM.
+TILE_CANDIDATES = _candidates([
+    (64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)])
+# _group_xty: BLOCK_M × BLOCK_N of a weight gradient, summed over BLOCK_K rows at a time.
+XTY_CANDIDATES = _candidates([
+    (64, 64, 32, 4, 4), (128, 64, 32, 8, 3), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3)])
+_MIN_BLOCK_N = min(c["BLOCK_N"] for c in TILE_CANDIDATES)
 
 
 @triton.jit
@@ -74,7 +91,6 @@ def _tile_rows(tile_e_ptr, tile_row_ptr, offs_ptr, E, BLOCK_M: tl.constexpr):
     return e, rows, rows < end
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["N", "K", "BWD"])
 @triton.jit
 def _gather_up(src_ptr, tok_ptr, w_ptr, v_ptr, s_we, s_wk, s_wn,
                a_ptr, b_ptr, gate_ptr, da_ptr, db_ptr, dgate_ptr, s_dg,
@@ -123,7 +139,6 @@ def _gather_up(src_ptr, tok_ptr, w_ptr, v_ptr, s_we, s_wk, s_wn,
         tl.store(db_ptr + out_off, (dh * silu).to(db_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["N", "K", "FWD"])
 @triton.jit
 def _scatter_down(p_ptr, q_ptr, w_ptr, v_ptr, s_we, s_wk, s_wn, gate_ptr, dst_ptr, out_ptr,
                   tile_e_ptr, tile_row_ptr, offs_ptr, N, K, E,
@@ -163,7 +178,6 @@ def _scatter_down(p_ptr, q_ptr, w_ptr, v_ptr, s_we, s_wk, s_wn, gate_ptr, dst_pt
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=_XTY_CONFIGS, key=["M", "N", "DW2"])
 @triton.jit
 def _group_xty(x_ptr, x2_ptr, tok_ptr, y_ptr, y2_ptr, gate_ptr, out_ptr, out2_ptr, offs_ptr,
                M, N, DW2: tl.constexpr, PREC: tl.constexpr,
@@ -216,33 +230,83 @@ def _group_xty(x_ptr, x2_ptr, tok_ptr, y_ptr, y2_ptr, gate_ptr, out_ptr, out2_pt
 
 
 def _route(experts_TK: torch.Tensor, num_experts: int):
-    """Sorted-row indices and the tile layout, all on the device (no host sync).
+    """Sorted-row indices and rows per expert, all on the device (no host sync).
 
-    Returns dst_N (flat t*K+k index of each sorted row, int64), tok_N (its token),
-    offs_E1 (row offsets per expert, [E+1]), tile_e and tile_row (expert and first
-    sorted row of each tile).
+    Returns dst_N (flat t*K+k index of each sorted row, int64), tok_N (its token,
+    int32), counts_E and offs_E1 (row offsets per expert, [E+1], int64).
     """
-    T, K = experts_TK.shape
+    K = experts_TK.shape[1]
     flat_N = experts_TK.reshape(-1)
     dst_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    counts_E = tokens_per_expert(flat_N, num_experts)
     offs_E1 = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])
-    tiles_E = (counts_E + BLOCK_M - 1) // BLOCK_M
-    tile_end_E = tiles_E.cumsum(0)
-    tile = torch.arange(triton.cdiv(T * K, BLOCK_M) + num_experts, device=flat_N.device)
-    tile_e = torch.searchsorted(tile_end_E, tile, right=True)  # E: spare tile
-    e = tile_e.clamp(max=num_experts - 1)
-    tile_row = offs_E1[e] + (tile - tile_end_E[e] + tiles_E[e]) * BLOCK_M
-    i32 = torch.int32
-    return (dst_N, (dst_N // K).to(i32), offs_E1.to(i32), tile_e.to(i32), tile_row.to(i32))
+    return dst_N, (dst_N // K).to(torch.int32), counts_E, offs_E1
 
 
-def _tile_grid(n_tiles: int, n: int):
-    return lambda meta: (n_tiles, triton.cdiv(n, meta["BLOCK_N"]))
+class _Tiles:
+    """The tile layout of one call's sorted rows for each BLOCK_M asked for, on the device:
+    tile_e and tile_row (expert and first sorted row of each tile; expert E marks a spare
+    tile). The grid is the upper bound cdiv(N, BLOCK_M) + E, so no host sync sizes it."""
+
+    def __init__(self, counts_E: torch.Tensor, offs_E1: torch.Tensor, rows: int):
+        self.counts_E, self.offs_E1, self.rows = counts_E, offs_E1, rows
+        self.layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_m not in self.layouts:
+            E = self.counts_E.numel()
+            tiles_E = (self.counts_E + block_m - 1) // block_m
+            tile_end_E = tiles_E.cumsum(0)
+            tile = torch.arange(triton.cdiv(self.rows, block_m) + E, device=self.counts_E.device)
+            tile_e = torch.searchsorted(tile_end_E, tile, right=True)
+            e = tile_e.clamp(max=E - 1)
+            tile_row = self.offs_E1[e] + (tile - tile_end_E[e] + tiles_E[e]) * block_m
+            self.layouts[block_m] = (tile_e.to(torch.int32), tile_row.to(torch.int32))
+        return self.layouts[block_m]
 
 
-def _xty_grid(E: int, m: int, n: int):
-    return lambda meta: (E, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))
+def _shape_key(rows: int, num_experts: int, dtype: torch.dtype) -> str:
+    """The row count and dtype part of a tuning key. Rows: the next power of two of the mean
+    rows per expert (known on the host; the rows an expert-parallel rank receives vary from
+    step to step and fall into a few buckets)."""
+    rows_per_expert = triton.next_power_of_2(max(1, triton.cdiv(rows, num_experts)))
+    return f"E={num_experts} rows/expert<={rows_per_expert} {str(dtype).removeprefix('torch.')}"
+
+
+def _time(launch, config: dict, device: torch.device) -> float:
+    """Seconds per launch with `config`."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(lambda: launch(config), warmup=5, rep=25) / 1e3
+    launch(config)  # the interpreter: compile-free, one timed run
+    start = time.perf_counter()
+    launch(config)
+    return time.perf_counter() - start
+
+
+def _run(kernel, key: str, candidates: list[dict], device: torch.device, launch) -> None:
+    """`launch(config)` with the config chosen for `key`: once per shape and shared by every
+    process on the same tile config file (parallel/kernels/tuning.py)."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+    full_key = f"{kernel.__name__} {key} on {device_name}"
+    launch(tuning.table().choose(full_key, candidates, lambda c: _time(launch, c, device)))
+
+
+def _tile_launcher(kernel, tiles: _Tiles, n: int, *args, **consts):
+    """launch(config) of a row-tile kernel over n output columns: its grid and tile layout
+    follow the config's BLOCK_M and BLOCK_N."""
+    def launch(config):
+        tile_e, tile_row = tiles(config["BLOCK_M"])
+        grid = (tile_e.numel(), triton.cdiv(n, config["BLOCK_N"]))
+        kernel[grid](*args, tile_e_ptr=tile_e, tile_row_ptr=tile_row, **consts, **config)
+    return launch
+
+
+def _xty_launcher(E: int, m: int, n: int, *args, **consts):
+    """launch(config) of _group_xty for [E, m, n] weight gradients."""
+    def launch(config):
+        grid = (E, triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]))
+        _group_xty[grid](*args, **consts, **config)
+    return launch
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -269,20 +333,20 @@ def moe_experts(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.Te
     torch._check(x_TD.dtype == w1_EDH.dtype == w3_EDH.dtype == w2_EHD.dtype,
                  lambda: "atoll::moe_experts needs x and the weights in one dtype")
     x_TD, w1_EDH, w3_EDH, w2_EHD = (t.contiguous() for t in (x_TD, w1_EDH, w3_EDH, w2_EHD))
-    dst_N, tok_N, offs_E1, tile_e, tile_row = _route(experts_TK, E)
+    dst_N, tok_N, counts_E, offs_E1 = _route(experts_TK, E)
+    tiles, offs_E1 = _Tiles(counts_E, offs_E1, T * K), offs_E1.to(torch.int32)
     gate_N = gates_TK.reshape(-1)[dst_N].contiguous()
     dst_N = dst_N.to(torch.int32)
     a_NH = x_TD.new_empty(T * K, H)
     b_NH = x_TD.new_empty(T * K, H)
-    prec = _precision(x_TD.dtype)
-    grid_h, grid_d = _tile_grid(tile_e.numel(), H), _tile_grid(tile_e.numel(), D)
-    _gather_up[grid_h](x_TD, tok_N, w1_EDH, w3_EDH, *w1_EDH.stride(), a_NH, b_NH,
-                       gate_N, a_NH, a_NH, gate_N, 0, tile_e, tile_row, offs_E1, H, D, E,
-                       BWD=False, PREC=prec, BLOCK_M=BLOCK_M)
+    prec, shape = _precision(x_TD.dtype), _shape_key(T * K, E, x_TD.dtype)
+    _run(_gather_up, f"N={H} K={D} BWD=False {shape}", TILE_CANDIDATES, x_TD.device, _tile_launcher(
+        _gather_up, tiles, H, x_TD, tok_N, w1_EDH, w3_EDH, *w1_EDH.stride(), a_NH, b_NH,
+        gate_N, a_NH, a_NH, gate_N, 0, offs_ptr=offs_E1, N=H, K=D, E=E, BWD=False, PREC=prec))
     y_NKD = x_TD.new_empty(T * K, D)  # every row is written once: no zero fill
-    _scatter_down[grid_d](a_NH, b_NH, w2_EHD, w2_EHD, *w2_EHD.stride(), gate_N, dst_N, y_NKD,
-                          tile_e, tile_row, offs_E1, D, H, E,
-                          FWD=True, PREC=prec, BLOCK_M=BLOCK_M)
+    _run(_scatter_down, f"N={D} K={H} FWD=True {shape}", TILE_CANDIDATES, x_TD.device, _tile_launcher(
+        _scatter_down, tiles, D, a_NH, b_NH, w2_EHD, w2_EHD, *w2_EHD.stride(), gate_N, dst_N, y_NKD,
+        offs_ptr=offs_E1, N=D, K=H, E=E, FWD=True, PREC=prec))
     return y_NKD.view(T, K, D).sum(1), a_NH, b_NH
 
 
@@ -303,37 +367,42 @@ def moe_experts_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, gates_TK: to
     (T, D), (E, _, H), K = x_TD.shape, w1_EDH.shape, experts_TK.shape[1]
     x_TD, w1_EDH, w3_EDH, w2_EHD = (t.contiguous() for t in (x_TD, w1_EDH, w3_EDH, w2_EHD))
     dy_TD = grad_TD.to(x_TD.dtype).contiguous()
-    dst_N, tok_N, offs_E1, tile_e, tile_row = _route(experts_TK, E)  # same order as forward
+    dst_N, tok_N, counts_E, offs_E1 = _route(experts_TK, E)  # same order as forward
+    tiles, offs_E1 = _Tiles(counts_E, offs_E1, T * K), offs_E1.to(torch.int32)
     gate_N = gates_TK.reshape(-1)[dst_N].contiguous()
-    prec = _precision(x_TD.dtype)
-    grid_h, grid_d = _tile_grid(tile_e.numel(), H), _tile_grid(tile_e.numel(), D)
+    prec, shape, device = _precision(x_TD.dtype), _shape_key(T * K, E, x_TD.dtype), x_TD.device
 
     # dY rows gathered by token, @ w2[e]^T (w2[e] is [H, D]: read it as [D, H])
     da_NH, db_NH = torch.empty_like(a_NH), torch.empty_like(b_NH)
-    dgate_NJ = torch.zeros(T * K, triton.cdiv(H, _MIN_BLOCK_N), device=x_TD.device,
-                           dtype=torch.float32)
+    dgate_NJ = torch.empty(T * K, triton.cdiv(H, _MIN_BLOCK_N), device=device, dtype=torch.float32)
     s_e, s_h, s_d = w2_EHD.stride()
-    _gather_up[grid_h](dy_TD, tok_N, w2_EHD, w2_EHD, s_e, s_d, s_h, a_NH, b_NH,
-                       gate_N, da_NH, db_NH, dgate_NJ, dgate_NJ.stride(0),
-                       tile_e, tile_row, offs_E1, H, D, E, BWD=True, PREC=prec, BLOCK_M=BLOCK_M)
-    dgates_N = torch.empty(T * K, device=x_TD.device, dtype=torch.float32)
+    up = _tile_launcher(_gather_up, tiles, H, dy_TD, tok_N, w2_EHD, w2_EHD, s_e, s_d, s_h, a_NH, b_NH,
+                        gate_N, da_NH, db_NH, dgate_NJ, dgate_NJ.stride(0),
+                        offs_ptr=offs_E1, N=H, K=D, E=E, BWD=True, PREC=prec)
+
+    def up_zeroed(config):  # a config writes cdiv(H, BLOCK_N) partial sums: the rest stay 0
+        dgate_NJ.zero_()
+        up(config)
+
+    _run(_gather_up, f"N={H} K={D} BWD=True {shape}", TILE_CANDIDATES, device, up_zeroed)
+    dgates_N = torch.empty(T * K, device=device, dtype=torch.float32)
     dgates_N[dst_N] = dgate_NJ.sum(1)
 
     dw2_EHD = torch.empty_like(w2_EHD)
-    _group_xty[_xty_grid(E, H, D)](
-        a_NH, b_NH, tok_N, dy_TD, dy_TD, gate_N, dw2_EHD, dw2_EHD, offs_E1, H, D,
-        DW2=True, PREC=prec)
+    _run(_group_xty, f"M={H} N={D} DW2=True {shape}", XTY_CANDIDATES, device, _xty_launcher(
+        E, H, D, a_NH, b_NH, tok_N, dy_TD, dy_TD, gate_N, dw2_EHD, dw2_EHD, offs_E1, H, D,
+        DW2=True, PREC=prec))
     dw1_EDH, dw3_EDH = torch.empty_like(w1_EDH), torch.empty_like(w3_EDH)
-    _group_xty[_xty_grid(E, D, H)](
-        x_TD, x_TD, tok_N, da_NH, db_NH, gate_N, dw1_EDH, dw3_EDH, offs_E1, D, H,
-        DW2=False, PREC=prec)
+    _run(_group_xty, f"M={D} N={H} DW2=False {shape}", XTY_CANDIDATES, device, _xty_launcher(
+        E, D, H, x_TD, x_TD, tok_N, da_NH, db_NH, gate_N, dw1_EDH, dw3_EDH, offs_E1, D, H,
+        DW2=False, PREC=prec))
 
     # dX rows = dA @ w1[e]^T + dB @ w3[e]^T, scattered to t*K+k and summed over k
     dx_NKD = x_TD.new_empty(T * K, D)
     s_e, s_d, s_h = w1_EDH.stride()
-    _scatter_down[grid_d](da_NH, db_NH, w1_EDH, w3_EDH, s_e, s_h, s_d, gate_N,
-                          dst_N.to(torch.int32), dx_NKD, tile_e, tile_row, offs_E1, D, H, E,
-                          FWD=False, PREC=prec, BLOCK_M=BLOCK_M)
+    _run(_scatter_down, f"N={D} K={H} FWD=False {shape}", TILE_CANDIDATES, device, _tile_launcher(
+        _scatter_down, tiles, D, da_NH, db_NH, w1_EDH, w3_EDH, s_e, s_h, s_d, gate_N,
+        dst_N.to(torch.int32), dx_NKD, offs_ptr=offs_E1, N=D, K=H, E=E, FWD=False, PREC=prec))
     return (dx_NKD.view(T, K, D).sum(1), dgates_N.view(T, K).to(gates_TK.dtype),
             dw1_EDH, dw3_EDH, dw2_EHD)
 
