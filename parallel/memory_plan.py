@@ -50,6 +50,7 @@ class RankPlan:
     weights_in_use: int  # compute-dtype copies: FSDP's gathered units, or autocast's weight casts
     grads: int
     optimizer: int
+    outer: int  # DiLoCo: global parameters and outer optimizer state (fp32, on the device)
     activations: dict[str, int]  # AC mode -> bytes kept by forward for backward (in-flight microbatches)
     recompute: dict[str, int]  # AC mode -> one block's activations, rebuilt during backward
     logits: int  # kept by forward (the loss's inputs) for the microbatches in flight
@@ -61,7 +62,7 @@ class RankPlan:
     def device_total(self, ac: str) -> int:
         # Backward frees the loss's tensors before it reaches a checkpointed block: the
         # logits and a block's recompute are never alive together, the larger one counts.
-        return (self.params + self.weights_in_use + self.grads + self.optimizer + self.activations[ac]
+        return (self.params + self.weights_in_use + self.grads + self.optimizer + self.outer + self.activations[ac]
                 + max(self.logits + self.logits_grad, self.recompute[ac]) + self.reserve)
 
 
@@ -74,6 +75,7 @@ class MemoryPlan:
     budget: Optional[int]  # bytes per device; None: no verdict
     ranks: list[RankPlan]
     object_store: int  # bytes `launch.ray_object_store_mb: auto` would give a cluster atoll starts
+    object_store_need: int  # what the memory tier's snapshots want there
     tokens: str  # "micro_batch × seq_len" as planned
     loss_note: str
     suggestions: list[tuple[str, int]] = field(default_factory=list)  # (overrides, worst total)
@@ -113,7 +115,8 @@ def plan_memory(cfg: DictConfig, local_device_gb: Optional[float] = None,
     micro = cfg.data.micro_batch
     plan = MemoryPlan(device=device, compute=dtype, ac=cfg.model.activation_checkpointing,
                       ac_every=cfg.model.ac_every, budget=int(gb * GIB) if gb else None, ranks=ranks,
-                      object_store=object_store_bytes(cfg), tokens=f"{micro} × {cfg.data.seq_len}",
+                      object_store=object_store_bytes(cfg), object_store_need=snapshot_store_need(cfg),
+                      tokens=f"{micro} × {cfg.data.seq_len}",
                       loss_note=_loss_note(dtype))
     if suggest and plan.fits is False:
         plan.suggestions = _suggestions(cfg, plan, gb)
@@ -189,8 +192,8 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
     grads = params
     if ddp:  # DDP's buckets hold a flat copy of the gradients it reduces (experts under ep: not)
         grads += 4 * sum(v for n, v in local.items() if not (par.ep > 1 and is_expert(n)))
-    states = {"adamw": 2, "sgd": 1 if cfg.optim.momentum else 0}[cfg.optim.name]
-    optimizer = states * params
+    optimizer = optimizer_states(cfg) * params
+    outer = diloco_copies(cfg) * params
 
     weights_in_use = _weights_in_use(cfg, mine, fsdp, mixed)
 
@@ -222,15 +225,32 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
         logits = logits_in_flight * tokens * V * logits_bytes_per_token_per_vocab(c)
         logits_grad = tokens * V * (4 + (c if c != 4 else 0))
 
-    state = params + optimizer  # what a snapshot or a checkpoint of this rank holds
+    state = params + optimizer + outer  # what a snapshot or a checkpoint of this rank holds
     memory_tier = _memory_tier_on(cfg)
     snapshot = state * (2 if device == "cuda" else 1) if memory_tier else 0  # + pinned copy on a GPU
     staging = state if cfg.checkpoint.interval and cfg.checkpoint.async_ else 0
     holds = _describe_holds(blocks, first, last, cfg.parallel.pp)
     return RankPlan(ranks=[], holds=holds, params=params, weights_in_use=weights_in_use, grads=grads,
-                    optimizer=optimizer, activations=activations, recompute=recompute, logits=logits,
+                    optimizer=optimizer, outer=outer, activations=activations, recompute=recompute, logits=logits,
                     logits_grad=logits_grad, snapshot_host=snapshot, staging_host=staging,
                     reserve=GPU_RUNTIME_RESERVE if device == "cuda" else 0)
+
+
+def optimizer_states(cfg: DictConfig) -> int:
+    """fp32 tensors the inner optimizer keeps per parameter: AdamW's two moments, SGD's momentum."""
+    return {"adamw": 2, "sgd": 1 if cfg.optim.momentum else 0}[cfg.optim.name]
+
+
+def diloco_copies(cfg: DictConfig) -> int:
+    """fp32 copies of the parameters DiLoCo keeps with several islands (parallel/diloco.py):
+    the global parameters, the outer momentum, int4's error feedback, the delayed update's
+    starting point, and what an overlapping or delayed sync sent (parameters, with overlap)."""
+    lo = cfg.diloco
+    if lo.islands == 1:
+        return 0
+    between_steps = lo.overlap_steps > 0 or lo.delayed_update
+    return (1 + (lo.outer_momentum > 0) + (lo.quantize == "int4") + lo.delayed_update + between_steps
+            + (lo.overlap_steps > 0))
 
 
 def _weights_in_use(cfg: DictConfig, mine: dict, fsdp: bool, mixed: bool) -> int:
@@ -374,9 +394,10 @@ def _ranges(ids: list[int]) -> str:
 
 
 def full_state_bytes(cfg: DictConfig) -> int:
-    """fp32 weights and optimizer state of the whole model, once (what one snapshot holds)."""
-    states = {"adamw": 2, "sgd": 1 if cfg.optim.momentum else 0}[cfg.optim.name]
-    return (1 + states) * 4 * sum(math.prod(s) for s in _param_shapes(cfg).values())
+    """fp32 weights, optimizer and DiLoCo state of the whole model, once (what one island's
+    snapshot holds)."""
+    copies = 1 + optimizer_states(cfg) + diloco_copies(cfg)
+    return copies * 4 * sum(math.prod(s) for s in _param_shapes(cfg).values())
 
 
 def machine_memory_bytes() -> int:
@@ -392,12 +413,16 @@ def object_store_bytes(cfg: DictConfig, machine_bytes: Optional[int] = None) -> 
 
     if object_store_mb(cfg) is not None:
         return object_store_mb(cfg) * 2**20
-    need = 0
-    if _memory_tier_on(cfg):
-        need = (full_state_bytes(cfg) * cfg.diloco.islands * (cfg.checkpoint.memory_replicas + 1)
-                * OBJECT_STORE_GENERATIONS * OBJECT_STORE_HEADROOM)
     cap = OBJECT_STORE_MAX_FRACTION * (machine_bytes or machine_memory_bytes())
-    return int(max(OBJECT_STORE_FLOOR_MB * 2**20, min(need, cap)))
+    return int(max(OBJECT_STORE_FLOOR_MB * 2**20, min(snapshot_store_need(cfg), cap)))
+
+
+def snapshot_store_need(cfg: DictConfig) -> int:
+    """Bytes the memory tier's snapshots take in the object store, headroom included."""
+    if not _memory_tier_on(cfg):
+        return 0
+    return int(full_state_bytes(cfg) * cfg.diloco.islands * (cfg.checkpoint.memory_replicas + 1)
+               * OBJECT_STORE_GENERATIONS * OBJECT_STORE_HEADROOM)
 
 
 # --------------------------------------------------------------------------- when it does not fit
@@ -466,6 +491,8 @@ def describe(plan: MemoryPlan) -> list[str]:
     row(f"weights in use ({plan.compute} copies)", [r.weights_in_use for r in plan.ranks])
     row("gradients (fp32)", [r.grads for r in plan.ranks])
     row("optimizer state (fp32)", [r.optimizer for r in plan.ranks])
+    if any(r.outer for r in plan.ranks):
+        row("DiLoCo outer state (fp32)", [r.outer for r in plan.ranks])
     for mode in ("none", "full", "selective"):
         mark = "  <- recipe" if mode == plan.ac else ""
         row(f"activations ({ac_label[mode]}){mark}", [r.activations[mode] + r.recompute[mode]
@@ -481,8 +508,12 @@ def describe(plan: MemoryPlan) -> list[str]:
     lines += [f"  {label:<{width}}  " + "  ".join(f"{v:>{col}}" for v in values) for label, values in rows]
     lines.append(f"  logits: {plan.loss_note}; activations with AC include one block rebuilt in "
                  "backward, which the total counts only where it exceeds the logits (freed by then)")
-    lines.append(f"  object store of a cluster atoll starts (launch.ray_object_store_mb=auto): "
-                 f"{human(plan.object_store)}")
+    store = f"  object store of a cluster atoll starts (launch.ray_object_store_mb): {human(plan.object_store)}"
+    if plan.object_store_need > plan.object_store:
+        store += (f", less than the {human(plan.object_store_need)} the memory snapshots want (2 "
+                  "generations × memory_replicas+1, headroom): Ray will spill them to disk; on a "
+                  "bigger machine auto gives more (up to 40% of its memory)")
+    lines.append(store)
     if plan.budget is None:
         lines.append("no verdict: no GPU here; set launch.device_memory_gb=N (GiB per GPU, e.g. 80) "
                      "to plan for a GPU and check the fit")

@@ -179,6 +179,10 @@ def test_checkpointing_modes_and_pipeline_ranks():
     assert (first.ranks, last.ranks) == ([0, 1], [2, 3])
     assert first.logits == 0 and last.logits > 0
     assert first.activations["none"] > 1.9 * last.activations["none"] - last.logits
+    # DiLoCo islands keep the global parameters and the outer momentum next to the model.
+    cfg = load_recipe("default", ["diloco.islands=2", "run.steps=100", "diloco.inner_steps=50"])
+    plan = plan_memory(cfg).ranks[0]
+    assert plan.outer == 2 * plan.params and plan.ranks == [0, 1, 2, 3]
 
 
 def test_object_store_auto_is_sized_from_the_snapshot_state():
