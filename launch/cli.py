@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                                             "default: the default recipe) with key=value overrides.")
     train.add_argument("args", nargs="*", metavar="[RECIPE] [key=value ...]")
     train.add_argument("--dry-run", action="store_true",
-                       help="print the resolved recipe and layout, then exit")
+                       help="print the resolved recipe, the layout and the memory plan, then exit")
 
     ckpt = commands.add_parser("ckpt", help="inspect, verify, export or import checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True)
@@ -95,6 +95,7 @@ def train_command(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         print(f"# layout: {layout.describe()}; backend: {cfg.launch.backend}; "
               f"run dir: {run_dir(cfg)}")
+        print("\n".join(memory_plan_lines(cfg)))
         return 0
     # Workers may start elsewhere (another cwd, another node): give them absolute paths.
     cfg.run.dir = str(run_dir(cfg).resolve())
@@ -163,6 +164,17 @@ def train_command(args: argparse.Namespace) -> int:
         raise
     clear_snapshots(control)  # the run is done (or stopped with a checkpoint): nothing left in /dev/shm
     return outcome.finished([result])
+
+
+def memory_plan_lines(cfg) -> list[str]:
+    """The memory plan of the recipe, for this machine's GPU when it has one (or for the GPU
+    `launch.device_memory_gb` names)."""
+    import torch
+
+    from atoll.parallel.memory_plan import GIB, describe, plan_memory
+
+    local_gb = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+    return describe(plan_memory(cfg, local_device_gb=local_gb))
 
 
 def clear_snapshots(control) -> None:

@@ -42,12 +42,15 @@ __all__ = ["run_on_ray", "WorkerFailed", "ray_init_options"]
 
 
 def ray_init_options(cfg: DictConfig) -> dict:
-    """ray.init arguments for a cluster atoll starts itself (loopback, tight health checks)."""
-    from atoll.trainer.config import object_store_mb, world_size
+    """ray.init arguments for a cluster atoll starts itself (loopback, tight health checks; an
+    object store of `launch.ray_object_store_mb`, or with `auto` sized from the snapshots the
+    memory tier puts there, see parallel/memory_plan.py)."""
+    from atoll.parallel.memory_plan import object_store_bytes
+    from atoll.trainer.config import world_size
 
     world = world_size(cfg)
     return dict(num_cpus=world * cfg.launch.cpus_per_worker, _node_ip_address="127.0.0.1",
-                object_store_memory=(object_store_mb(cfg) or 256) * 1024 * 1024,
+                object_store_memory=object_store_bytes(cfg),
                 _system_config=dict(HEALTH_CHECKS))
 
 
