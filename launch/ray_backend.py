@@ -85,7 +85,8 @@ def _init_ray(cfg: DictConfig) -> None:
 
 
 def gpus_per_worker(cfg: DictConfig) -> int:
-    """`launch.gpus_per_worker`, or its default on the cluster joined: 1 when it has GPUs, else 0."""
+    """`launch.gpus_per_worker`, or its default on the cluster joined: 1 when it has GPUs, else 0.
+    (An autoscaling cluster with no GPU node up yet has none: such a recipe names the key.)"""
     import ray
 
     if cfg.launch.gpus_per_worker is not None:

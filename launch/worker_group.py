@@ -153,7 +153,7 @@ class ActorPool:
     actor is created inside its bundle, holding the bundle's GPUs; a spare
     waiting outside the group would need GPUs of its own, which a full node
     does not have and which would sit idle if it did. Such a group starts
-    cold (the imports take seconds, not the minutes a GPU step takes).
+    cold: its ranks import torch and atoll once placed (seconds).
     """
 
     def __init__(self, gpus_per_worker: int = 0, log: Callable[[str], None] = print) -> None:
@@ -245,10 +245,11 @@ class RayWorkerGroup:
         from ray.util.placement_group import placement_group, placement_group_table
 
         cpus, gpus = self.cpus, self.gpus
-        if gpus and self.cluster_fixed and ray.cluster_resources().get("GPU", 0) < self.world * gpus:
-            raise PlacementTimeout(f"cannot place {self.world} workers × {gpus} GPU: the Ray cluster "
-                                   f"has {ray.cluster_resources().get('GPU', 0):g} GPUs "
-                                   f"(launch.gpus_per_worker={gpus})")
+        if gpus and self.cluster_fixed:
+            total = ray.cluster_resources().get("GPU", 0)
+            if total < self.world * gpus:
+                raise PlacementTimeout(f"cannot place {self.world} workers × {gpus} GPU: the Ray "
+                                       f"cluster has {total:g} GPUs (launch.gpus_per_worker={gpus})")
         bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
         self.pg = placement_group([bundle] * self.world, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)

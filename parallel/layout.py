@@ -4,8 +4,9 @@
 (world = islands × pp × dp, with ep borrowing ranks of dp). It builds the one
 `DeviceMesh` of the run and hands out named sub-meshes; nothing else in atoll
 creates process groups for training. It reads the rank from the environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and so does not know
-whether Ray, torchrun or a local spawner started the process.
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, and LOCAL_DEVICE_ENV
+where the launcher sets it) and so does not know whether Ray, torchrun or a
+local spawner started the process.
 """
 
 from __future__ import annotations
