@@ -15,6 +15,7 @@ merges what the live keepers hold. The training side only sees the
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any, Optional, Union
 
@@ -30,6 +31,10 @@ class SnapshotKeeper:
     """Holds the snapshot shards of one node (wrapped with ray.remote by the driver)."""
 
     def __init__(self, node: str):
+        # A keeper asks Ray for no GPU, and Ray then shows it every GPU of the node. It holds
+        # host memory only: hiding the GPUs keeps anything in it from opening a CUDA context
+        # (hundreds of MB) on a GPU that a rank trains on.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.node = node
         self.shards: dict[tuple[int, int], Any] = {}  # (step, rank) -> ObjectRef this keeper owns
         self.meta: dict[int, tuple[int, bytes]] = {}  # step -> (world, meta)

@@ -8,6 +8,9 @@ is in the environment of the process that starts it; its health checks are
 tightened so that a lost node shows within a few seconds. A cluster the user
 names is theirs: atoll changes none of its settings.
 
+Each rank asks Ray for `launch.gpus_per_worker` GPUs of its own (by default
+1 when the cluster has GPUs, else none; launch/worker_group.py).
+
 Then: one snapshot keeper per node (launch/keepers.py), and the supervisor
 (launch/supervisor.py) drives `RayWorkerGroup`s (launch/worker_group.py)
 until the run finishes, fails for good, or a signal stops it (every rank
@@ -38,7 +41,7 @@ HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms"
                  "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
-__all__ = ["run_on_ray", "WorkerFailed", "ray_init_options"]
+__all__ = ["run_on_ray", "WorkerFailed", "ray_init_options", "gpus_per_worker"]
 
 
 def ray_init_options(cfg: DictConfig) -> dict:
@@ -84,6 +87,16 @@ def _init_ray(cfg: DictConfig) -> None:
     ray.init(**ray_init_options(cfg), **common)
 
 
+def gpus_per_worker(cfg: DictConfig) -> int:
+    """`launch.gpus_per_worker`, or its default on the cluster joined: 1 when it has GPUs, else 0.
+    (An autoscaling cluster with no GPU node up yet has none: such a recipe names the key.)"""
+    import ray
+
+    if cfg.launch.gpus_per_worker is not None:
+        return int(cfg.launch.gpus_per_worker)
+    return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+
 def _alive_nodes() -> list[str]:
     import ray
 
@@ -96,15 +109,17 @@ class RayGroupFactory:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.cpus = cfg.launch.cpus_per_worker
+        self.gpus = gpus_per_worker(cfg)
         self.memory = memory_tier_on(cfg)
         self.keepers: dict[str, Any] = {}
-        self.pool = ActorPool()
+        self.pool = ActorPool(self.gpus)
         self.outer_store = None
 
     def group(self, recipe: dict, world: int, placement_timeout_s: float) -> RayWorkerGroup:
         islands = recipe["diloco"]["islands"]
         return RayWorkerGroup(self.cpus, world, placement_timeout_s, self.pool, islands=islands,
-                              outer_store=self._outer_store_address() if islands > 1 else "")
+                              outer_store=self._outer_store_address() if islands > 1 else "",
+                              gpus_per_worker=self.gpus, cluster_fixed=not self.cfg.launch.ray_address)
 
     def _outer_store_address(self) -> str:
         """A store in the driver that outlives every island: where islands meet (DiLoCo)."""
@@ -122,8 +137,11 @@ class RayGroupFactory:
     def capacity(self, running_world: int) -> int:
         import ray
 
-        free = ray.available_resources().get("CPU", 0.0)
-        return int((free + running_world * self.cpus) // self.cpus)
+        free = ray.available_resources()
+        fit = (free.get("CPU", 0.0) + running_world * self.cpus) // self.cpus
+        if self.gpus:
+            fit = min(fit, (free.get("GPU", 0.0) + running_world * self.gpus) // self.gpus)
+        return int(fit)
 
     def snapshot_store(self):
         if not self.memory:

@@ -11,6 +11,12 @@ business (launch/supervisor.py).
 
 The group binds every rendezvous to the address Ray gave its node, which is
 127.0.0.1 on a cluster atoll started itself (launch/ray_backend.py).
+
+With `launch.gpus_per_worker` = g ≥ 1 every bundle of the placement group
+holds g GPUs and each rank's actor is created inside its bundle asking for
+them, so Ray gives every rank GPUs of its own and shows the process only
+those (CUDA_VISIBLE_DEVICES); the rank trains on the first it sees
+(LOCAL_DEVICE_ENV, parallel/layout.py). Without GPUs nothing of this applies.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from atoll.parallel.layout import OUTER_STORE_ENV
+from atoll.parallel.layout import LOCAL_DEVICE_ENV, OUTER_STORE_ENV
 
 
 class PlacementTimeout(RuntimeError):
@@ -48,6 +54,7 @@ class RankInfo:
     pid: int
     node: str
     ip: str
+    gpus: tuple[str, ...] = ()  # the ids of the GPUs Ray gave the rank
 
 
 class TrainWorker:
@@ -74,7 +81,8 @@ class TrainWorker:
             sock.bind((ip, 0))
             port = sock.getsockname()[1]
         return {"ip": ip, "port": port, "node": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def warm_up(self) -> bool:
         """Import what training needs now, while the driver waits for the other ranks."""
@@ -139,25 +147,43 @@ class ActorPool:
     Spares hold no resources of their own (0 CPU, pinned to a node): the
     group's placement group reserves the CPUs, and its actors run on the
     bundles' nodes.
+
+    With GPUs there are no spares. Ray hands an actor its GPUs (and sets
+    CUDA_VISIBLE_DEVICES in its process) only when it creates it, so a rank's
+    actor is created inside its bundle, holding the bundle's GPUs; a spare
+    waiting outside the group would need GPUs of its own, which a full node
+    does not have and which would sit idle if it did. Such a group starts
+    cold: its ranks import torch and atoll once placed (seconds).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gpus_per_worker: int = 0, log: Callable[[str], None] = print) -> None:
+        self.gpus = gpus_per_worker
         self.spares: list[tuple[str, Any]] = []  # (node, actor)
         self._actor_cls = None
+        self._log, self._said_no_spares = log, False
 
-    def _new(self, node: str, rank: int = -1):
+    def _new(self, node: str, rank: int = -1, bundle: Optional[tuple[Any, int]] = None):
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                                    PlacementGroupSchedulingStrategy)
 
         if self._actor_cls is None:
             self._actor_cls = ray.remote(num_cpus=0, max_restarts=0)(TrainWorker)
-        actor = self._actor_cls.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(rank)
+        if bundle is None:
+            options = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+        else:  # the bundle's GPUs become this actor's
+            group, index = bundle
+            options = dict(num_gpus=self.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=index))
+        actor = self._actor_cls.options(**options).remote(rank)
         actor.warm_up.remote()  # starts importing now; later calls queue behind it
         return actor
 
-    def take(self, nodes: list[str], alive: set[str]) -> list:
-        """One actor per entry of `nodes`: a spare of that node if there is one, else a new one."""
+    def take(self, nodes: list[str], alive: set[str], bundles: list[tuple[Any, int]]) -> list:
+        """One actor per entry of `nodes`: a spare of that node if there is one, else a new one.
+        `bundles`: (placement group, bundle index) of each entry, where an actor with GPUs is created."""
+        if self.gpus:
+            return [self._new(node, index, (group, index)) for node, (group, index) in zip(nodes, bundles)]
         self.spares = [(node, actor) for node, actor in self.spares if node in alive]
         taken = []
         for rank, node in enumerate(nodes):
@@ -168,6 +194,13 @@ class ActorPool:
 
     def replenish(self, nodes: list[str]) -> None:
         """Spares for a group on `nodes`, warming up in the background."""
+        if self.gpus:
+            if not self._said_no_spares:
+                self._said_no_spares = True
+                self._log(f"worker group: no warm spare actors with launch.gpus_per_worker={self.gpus}: "
+                          "Ray gives an actor its GPUs only when it creates it, so every rank's actor "
+                          "is created in its bundle and a restarted group starts cold")
+            return
         have = [n for n, _ in self.spares]
         for node in nodes:
             if node in have:
@@ -190,13 +223,17 @@ class RayWorkerGroup:
     """`world` actors on one placement group; started, polled and killed together."""
 
     def __init__(self, cpus_per_worker: int, world: int, placement_timeout_s: float,
-                 pool: Optional[ActorPool] = None, islands: int = 1, outer_store: str = ""):
-        self.cpus, self.world = cpus_per_worker, world
+                 pool: Optional[ActorPool] = None, islands: int = 1, outer_store: str = "",
+                 gpus_per_worker: int = 0, cluster_fixed: bool = False):
+        self.cpus, self.gpus, self.world = cpus_per_worker, gpus_per_worker, world
+        # A cluster atoll started itself never grows: a GPU shortfall fails at once, while a
+        # cluster it joined may gain nodes (an autoscaler, a node back) within the timeout.
+        self.cluster_fixed = cluster_fixed
         # DiLoCo islands rendezvous each on their own, and meet in the launcher's store.
         self.islands, self.outer_store = islands, outer_store
         self._env_extra: dict[str, str] = {}
         self.placement_timeout_s = placement_timeout_s
-        self.pool = pool or ActorPool()
+        self.pool = pool or ActorPool(gpus_per_worker)
         self.actors: list = []
         self.pg = None
         self.ranks: list[RankInfo] = []
@@ -207,21 +244,30 @@ class RayWorkerGroup:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
-        cpus = self.cpus
-        self.pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
+        cpus, gpus = self.cpus, self.gpus
+        if gpus and self.cluster_fixed:
+            total = ray.cluster_resources().get("GPU", 0)
+            if total < self.world * gpus:
+                raise PlacementTimeout(f"cannot place {self.world} workers × {gpus} GPU: the Ray "
+                                       f"cluster has {total:g} GPUs (launch.gpus_per_worker={gpus})")
+        bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+        self.pg = placement_group([bundle] * self.world, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
         if not ready:
-            have = ray.available_resources().get("CPU", 0)
+            have = ray.available_resources()
             self.shutdown()
-            raise PlacementTimeout(f"cannot place {self.world} workers × {cpus} CPU within "
-                                   f"{self.placement_timeout_s:g}s: {have:g} CPUs free in the Ray cluster")
+            asked, free = f"{cpus} CPU", f"{have.get('CPU', 0):g} CPUs"
+            if gpus:
+                asked, free = f"{asked} + {gpus} GPU", f"{free} and {have.get('GPU', 0):g} GPUs"
+            raise PlacementTimeout(f"cannot place {self.world} workers × {asked} within "
+                                   f"{self.placement_timeout_s:g}s: {free} free in the Ray cluster")
         bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         nodes = [bundle_nodes[rank] for rank in range(self.world)]
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        self.actors = self.pool.take(nodes, alive)
+        self.actors = self.pool.take(nodes, alive, [(self.pg, rank) for rank in range(self.world)])
         infos = ray.get([actor.info.remote(rank) for rank, actor in enumerate(self.actors)])
         ray.get([actor.warm_up.remote() for actor in self.actors])
-        self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"])
+        self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"], tuple(info["gpus"]))
                       for rank, info in enumerate(infos)]
         self._infos = list(infos)
         self.pool.replenish(nodes)  # the next group's actors warm up while this one trains
@@ -241,6 +287,8 @@ class RayWorkerGroup:
             env = {"RANK": str(rank), "WORLD_SIZE": str(self.world),
                    "LOCAL_RANK": str(local[rank][0]), "LOCAL_WORLD_SIZE": str(local[rank][1]),
                    "MASTER_ADDR": master["ip"], "MASTER_PORT": str(master["port"]), **self._env_extra}
+            if self.gpus:  # Ray shows the rank only its own GPUs, numbered from 0
+                env[LOCAL_DEVICE_ENV] = "0"
             self.actors[rank].start.remote(env, recipe, store, attempt, rejoin_token)
 
     def restart_island(self, island: int, recipe: dict, store: Any, attempt: int) -> list[RankInfo]:
@@ -258,12 +306,12 @@ class RayWorkerGroup:
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         if any(node not in alive for node in nodes):
             raise PlacementTimeout(f"island {island}'s node is gone")
-        fresh = self.pool.take(nodes, alive)
+        fresh = self.pool.take(nodes, alive, [(self.pg, rank) for rank in ranks])
         infos = ray.get([actor.info.remote(rank) for rank, actor in zip(ranks, fresh)])
         ray.get([actor.warm_up.remote() for actor in fresh])
         for rank, actor, info in zip(ranks, fresh, infos):
             self.actors[rank], self._infos[rank] = actor, info
-            self.ranks[rank] = RankInfo(rank, info["pid"], info["node"], info["ip"])
+            self.ranks[rank] = RankInfo(rank, info["pid"], info["node"], info["ip"], tuple(info["gpus"]))
         self._start_ranks(ranks, recipe, store, attempt, rejoin_token=f"attempt-{attempt}")
         self.pool.replenish(nodes)
         return self.ranks

@@ -4,8 +4,9 @@
 (world = islands × pp × dp, with ep borrowing ranks of dp). It builds the one
 `DeviceMesh` of the run and hands out named sub-meshes; nothing else in atoll
 creates process groups for training. It reads the rank from the environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and so does not know
-whether Ray, torchrun or a local spawner started the process.
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, and LOCAL_DEVICE_ENV
+where the launcher sets it) and so does not know whether Ray, torchrun or a
+local spawner started the process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ MESH_DIMS = ("pp", "dp_mod_ep", "ep")
 # each island also rendezvous on its own (MASTER_ADDR/MASTER_PORT are the island's), so
 # an island can fail and come back while the others and the store live on.
 OUTER_STORE_ENV = "ATOLL_OUTER_STORE"
+# Set by a launcher that shows each process only GPUs of its own: the index, among the GPUs
+# the process sees, of the one it trains on (see `visible_device_index`).
+LOCAL_DEVICE_ENV = "ATOLL_LOCAL_DEVICE"
 
 
 class LayoutError(ValueError):
@@ -171,9 +175,33 @@ def is_loopback(addr: str) -> bool:
         return addr == "localhost"
 
 
+def visible_device_index(env: ProcessEnv, visible: int) -> int:
+    """Which of the `visible` GPUs this process sees it trains on.
+
+    torchrun and the local spawner leave every GPU of the node visible to
+    every process: LOCAL_RANK picks one. A launcher that gives each process
+    GPUs of its own (Ray with launch.gpus_per_worker ≥ 1) shows it only those,
+    renumbered from 0, while LOCAL_RANK still counts the processes on the
+    node: it names the index to use in LOCAL_DEVICE_ENV. A process shown one
+    GPU by someone else (srun --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per
+    task) uses that one. Otherwise a LOCAL_RANK past the visible GPUs means
+    two ranks on one GPU, which NCCL refuses: that is a one-line error here,
+    not a wrap-around.
+    """
+    named = os.environ.get(LOCAL_DEVICE_ENV)
+    index = int(named) if named else env.local_rank
+    if index < visible:
+        return index
+    if visible == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return 0
+    chosen = f"{LOCAL_DEVICE_ENV}={named}" if named else f"LOCAL_RANK={env.local_rank}"
+    raise LayoutError(f"{chosen} but this process sees {visible} GPU(s): two ranks would share a "
+                      f"GPU; start at most {visible} processes on this node")
+
+
 def device_for(env: ProcessEnv) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", visible_device_index(env, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -217,8 +245,11 @@ class ParallelMesh:
                 self.store = store
             if layout.islands > 1 and not outer:
                 store = dist.PrefixStore(f"island-{env.island}", store)
+            # device_id binds the NCCL communicator to this rank's GPU at once (and lets
+            # sub-groups split from it) instead of guessing the device at the first collective.
+            bound = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend=backend, store=store, rank=env.rank,
-                                    world_size=env.world_size, timeout=timeout)
+                                    world_size=env.world_size, timeout=timeout, **bound)
         if env.world_size == 1:
             return
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)
@@ -296,6 +327,20 @@ class ParallelMesh:
         dist.all_reduce(buf, group=self.dp_group)
         return (buf / self.layout.dp).tolist()
 
-    def close(self) -> None:
-        if dist.is_initialized():
+    def close(self, clean: bool = True) -> None:
+        """Release the process groups. `clean`: every rank finished its last collective.
+
+        Otherwise a peer may be dead or stuck inside a collective, and destroying an NCCL
+        communicator waits for its pending work, i.e. for that peer, forever: abort it
+        instead. gloo's destroy waits for no peer, so gloo groups are destroyed as always.
+        """
+        if not dist.is_initialized():
+            return
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if clean or abort is None or "nccl" not in str(dist.get_backend()):
             dist.destroy_process_group()
+            return
+        try:
+            abort()  # every group of this process, the mesh's sub-groups included
+        except Exception as exc:  # e.g. NCCL's watchdog aborted it already; a destroy could hang
+            print(f"warning: aborting the process group failed: {exc}", flush=True)

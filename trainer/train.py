@@ -575,8 +575,9 @@ class Trainer:
             hook.close(self, clean=True)
         self.checkpointer.close()
 
-    def close(self) -> None:
-        """Release everything without collectives: `run` closes cleanly, this is the error path."""
+    def close(self, clean: bool = False) -> None:
+        """Release everything without collectives: `run` closes cleanly, this is the error path
+        (`clean`: `run` returned, so every collective it began has completed on its peers too)."""
         for hook in self.hooks:
             try:
                 hook.close(self, clean=False)
@@ -593,7 +594,7 @@ class Trainer:
             self.outer.close()
             self.outer = None
         if self.mesh is not None:
-            self.mesh.close()
+            self.mesh.close(clean=clean)  # else NCCL is aborted: a dead peer would hang a destroy
             self.mesh = None
 
 
@@ -601,7 +602,9 @@ def train(recipe: dict, control: Optional[RunControl] = None) -> dict:
     """Entry function: run the recipe as this process's rank; returns final metrics."""
     cfg = recipe_from_dict(recipe)
     trainer = Trainer(cfg, control=control)
+    result = None
     try:
-        return trainer.run()
+        result = trainer.run()
+        return result
     finally:
-        trainer.close()
+        trainer.close(clean=result is not None)
