@@ -307,7 +307,8 @@ class MemorySnapshotter:
         """Start the snapshot of `step` (after the previous one finished); `extra` must be JSON."""
         start = time.perf_counter()
         number = self.timings.saved(start, self.waited_s) if self.interval is None else 0
-        self.wait()
+        self.wait()  # counts its own wait
+        start = time.perf_counter()
         json.dumps(extra)  # a TypeError now, rather than an unreadable snapshot at restore
         tensors, json_state = split_state(states)
         self.copies.begin(tensors.values())  # after the optimizer step: what the copies must see
