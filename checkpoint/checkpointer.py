@@ -4,11 +4,13 @@ A save (every `checkpoint.interval` steps and at the end) goes:
 1. `save(step)`: wait for the previous save if it is still in flight (at most
    one), split the states into tensors and JSON, and start a checkpoint
    thread that runs `dcp.save` on the checkpoint group: it stages this rank's
-   tensors into a shared host buffer while the next forward/backward runs,
+   tensors into a shared host buffer while the next forward/backward runs
+   (device tensors on a side stream into the buffer page-locked: device_copy.py),
    then atoll's writer process (checkpoint/writer_process.py) writes them,
    hashing as it goes, into `step-N.partial/` outside this process's GIL.
 2. `wait_staging()` before the next optimizer step: the only point where
-   training must wait, since that step mutates what is being copied.
+   training must wait, since that step mutates what is being copied (on CUDA
+   the loop waits until the copies are queued, its stream until they ran).
 3. When every rank's files are durable (DCP's final gather), the ranks share
    their files' hashes and, on the same thread, the coordinator writes the
    manifest, renames the folder, rewrites `latest` and applies retention.
@@ -42,6 +44,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from atoll.checkpoint.dcp_io import (FileHashes, HashingFileSystemWriter, SafeFileSystemReader,
                                     nest_by_prefix, one_line_error, tensor_index)
+from atoll.checkpoint.device_copy import SideStreamCopies
 from atoll.checkpoint.manifest import CheckpointError, atomic_write_text, write_manifest
 from atoll.checkpoint.state import restore_states, split_state
 from atoll.checkpoint.store import apply_retention, commit, partial_dir, remove_partials
@@ -116,6 +119,7 @@ class Checkpointer:
         self.commits = is_coordinator and (islands is None or islands.island == 0)
         self.group = dist.new_group(backend="gloo")
         self.writer_process = WriterProcess() if use_async else None
+        self.copies = SideStreamCopies()  # staging of device tensors: side stream, pinned buffer
         self.in_flight: Optional[_InFlight] = None
         self.blocked_s = 0.0  # time training waited on checkpoints since last read
         self.last_error: Optional[str] = None  # of the newest save, if it failed
@@ -138,7 +142,9 @@ class Checkpointer:
         save = _InFlight(step, time.time(), tensors, json_state, samples)
         target = self._target(step)
         if self.use_async:
-            writer = AsyncFileWriter(target, self.writer_process, on_staged=lambda: _set_once(save.staged))
+            self.copies.begin(tensors.values())  # after the optimizer step: what the copies must see
+            writer = AsyncFileWriter(target, self.writer_process, on_staged=lambda: _set_once(save.staged),
+                                     copies=self.copies)
             self.in_flight = save
             # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
             threading.Thread(target=self._run, args=(save, writer, nest_by_prefix(tensors)),
@@ -154,6 +160,8 @@ class Checkpointer:
             start = time.perf_counter()
             save.staged.result()
             self.blocked_s += time.perf_counter() - start
+        if save is not None:
+            self.copies.wait_on_loop()  # on CUDA the copies may still be queued: the GPU waits, not us
 
     def poll(self) -> None:
         """Report a save that has finished (committed or failed); never blocks."""
@@ -189,6 +197,7 @@ class Checkpointer:
     def _run(self, save: _InFlight, writer: AsyncFileWriter, nested: dict) -> None:
         cpu = time.thread_time()
         try:
+            self.copies.enter_thread()
             self._write_and_commit(save, writer, nested)
         except BaseException as exc:  # DCP's CheckpointException is a BaseException
             save.thread_cpu_s = time.thread_time() - cpu

@@ -1,12 +1,13 @@
 """The memory tier of checkpoints: DCP snapshots held in host memory, outside the workers.
 
-Every `checkpoint.memory_interval` steps each rank hands its shard of the
-training state, as views of the live host tensors (GPU tensors go through
-one reusable pinned buffer), to a
-`SnapshotStore` (checkpoint/snapshot_store.py) that outlives the worker
-processes: files in /dev/shm under torchrun, keeper actors under Ray. A
-restarted group then resumes from state seconds old instead of from the
-last disk checkpoint.
+Every `checkpoint.memory_interval` steps (auto: as often as costs at most 5%
+of the step time, checkpoint/snapshot_interval.py) each rank hands its shard
+of the training state to a `SnapshotStore` (checkpoint/snapshot_store.py)
+that outlives the worker processes: files in /dev/shm under torchrun, keeper
+actors under Ray. A restarted group then resumes from state seconds old
+instead of from the last disk checkpoint. Host tensors go as views of the
+live tensors; GPU tensors are copied on a side stream into one pinned host
+buffer, allocated once and reused (checkpoint/device_copy.py).
 
 - `MemoryWriter` / `MemoryReader`: DCP storage plugins that keep DCP's own
   format (its Metadata plus raw chunk bytes) in a store, so a restore
@@ -42,9 +43,11 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from atoll.checkpoint.dcp_io import ShardBuffer, chunk_slots, nest_by_prefix, one_line_error, safe_unpickle
+from atoll.checkpoint.device_copy import SideStreamCopies
 from atoll.checkpoint.manifest import CheckpointError
 from atoll.checkpoint.snapshot_store import (Buffer, Shard, ShmSnapshotStore, SnapshotStore, default_shm_root,
                                              shm_root)
+from atoll.checkpoint.snapshot_interval import IntervalChoice, SnapshotTimings, interval_for
 from atoll.checkpoint.state import restore_states, split_state
 
 __all__ = ["SnapshotStore", "ShmSnapshotStore", "shm_root", "default_shm_root", "ShardBuffer", "MemoryWriter",
@@ -60,16 +63,21 @@ class MemoryWriter(StorageWriter):
     """Writes one snapshot into a store: per rank one shard of raw chunk bytes, then DCP's Metadata.
 
     Each chunk's storage data is `(rank, offset, nbytes)` into that rank's
-    shard. `copied` is set once the store holds the shard, when the live
-    tensors may change again.
+    shard. `copied` is set once the live tensors may change again: when the
+    store holds the shard, or as soon as every chunk is in the staging buffer
+    (on CUDA: queued on the side stream, which the loop's stream then waits for).
+    `copy_s` is how long the copies took, for `checkpoint.memory_interval: auto`.
     """
 
     def __init__(self, store: SnapshotStore, step: int, *, rank: int, buffer: Optional[ShardBuffer] = None,
-                 copied: Optional[threading.Event] = None, extra: Optional[dict] = None):
+                 copied: Optional[threading.Event] = None, extra: Optional[dict] = None,
+                 copies: Optional[SideStreamCopies] = None):
         super().__init__()
         self.store, self.step, self.rank = store, step, rank
         self.buffer = buffer if buffer is not None else ShardBuffer()
         self.copied = copied if copied is not None else threading.Event()
+        self.copies = copies if copies is not None else SideStreamCopies()
+        self.copy_s = 0.0
         self.extra = extra if extra is not None else {}
         self.is_coordinator = False
         # What this save planned, for the next snapshots of the same state (see SavedLayout).
@@ -102,24 +110,36 @@ class MemoryWriter(StorageWriter):
         return done
 
     def write_shard(self, layout: list, total: int, planner: SavePlanner) -> None:
-        """Put each planned chunk at its offset: a contiguous host tensor as it is (the store's
-        copy is the only one), any other (a GPU tensor, odd strides) through the staging buffer."""
-        pieces, staging = [], None
-        for item, offset, nbytes in layout:
-            tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
-            if tensor.shape != item.tensor_data.chunk.sizes:
-                raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
-                                      f"{tuple(item.tensor_data.chunk.sizes)}")
-            if tensor.device.type == "cpu" and tensor.is_contiguous():
-                pieces.append((offset, tensor.reshape(-1).view(torch.uint8).numpy()))
-                continue
-            if staging is None:
-                staging = self.buffer.ensure(total, pin=tensor.is_cuda)
-            region = staging[offset:offset + nbytes]
-            region.view(item.tensor_data.properties.dtype).view(tensor.shape).copy_(tensor)
-            pieces.append((offset, region.numpy()))
+        """Put each planned chunk at its offset. On the host, a contiguous tensor goes as it is
+        (the store's copy is the only one) and any other through the staging buffer; a state on
+        a GPU goes through the staging buffer whole (pinned, filled on the side stream), so the
+        loop may go on as soon as the copies are queued."""
+        copies, started = self.copies, time.perf_counter()
+        pieces, staging, live_views = [], None, False
+        with copies.copying():
+            for item, offset, nbytes in layout:
+                tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
+                if tensor.shape != item.tensor_data.chunk.sizes:
+                    raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
+                                          f"{tuple(item.tensor_data.chunk.sizes)}")
+                if not copies.on_device and tensor.device.type == "cpu" and tensor.is_contiguous():
+                    pieces.append((offset, tensor.reshape(-1).view(torch.uint8).numpy()))
+                    live_views = True
+                    continue
+                if staging is None:
+                    staging = self.buffer.ensure(total, pin=copies.on_device)
+                region = staging[offset:offset + nbytes]
+                copies.copy(region.view(item.tensor_data.properties.dtype).view(tensor.shape), tensor)
+                pieces.append((offset, region.numpy()))
+        queued = time.perf_counter()
+        if not live_views:
+            self.copied.set()  # every chunk is in the buffer (or queued, and the loop's stream waits)
+        copies.wait_done()
+        copied = time.perf_counter()
         self.store.put_shard(self.step, self.rank, Shard(total, pieces))
         self.copied.set()  # the store holds its copy: the live tensors may change again
+        # Host time without the wait for the stream, plus the stream's own copy time.
+        self.copy_s = (queued - started) + copies.device_seconds() + (time.perf_counter() - copied)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         # Runs after every rank's write_data returned, i.e. after every put_shard.
@@ -246,23 +266,32 @@ class MemorySnapshotter:
     interleave with training or disk-checkpoint collectives. Failures are
     reported (`last_error`, `warn`, a `snapshot_failed` event), never raised:
     the previous complete snapshot stays valid.
+
+    `interval=None` is `checkpoint.memory_interval: auto`: a snapshot at every
+    step until `choose_interval` has measured enough of them to pick the
+    interval, the same on every rank (and, through `agree_interval`, on every
+    DiLoCo island: it takes this island's choice and returns the run's).
     """
 
     def __init__(self, store: SnapshotStore, *, rank: int, world: int, is_coordinator: bool,
-                 interval: int, on_event: Optional[Callable[..., None]] = None,
-                 warn: Callable[[str], None] = print):
+                 interval: Optional[int], on_event: Optional[Callable[..., None]] = None,
+                 warn: Callable[[str], None] = print,
+                 agree_interval: Optional[Callable[[int], int]] = None):
         self.store, self.rank, self.world = store, rank, world
         self.is_coordinator, self.interval = is_coordinator, interval
-        self.on_event, self.warn = on_event, warn
+        self.on_event, self.warn, self.agree_interval = on_event, warn, agree_interval
         self.group = dist.new_group(backend="gloo")
         # Shards are keyed by rank and a step is complete with ranks 0..world-1: they must be this group's.
         if (rank, world) != (dist.get_rank(self.group), dist.get_world_size(self.group)):
             raise ValueError(f"snapshot rank {rank} of {world} is rank {dist.get_rank(self.group)} of "
                              f"{dist.get_world_size(self.group)} in torch.distributed")
-        self.buffer = ShardBuffer()
+        self.buffer = ShardBuffer()  # staging, reused from snapshot to snapshot
+        self.copies = SideStreamCopies()
+        self.timings = SnapshotTimings()  # of the first snapshots, while the interval is auto
         self.last_error: Optional[str] = None  # of the newest snapshot, if it failed
         self.last_step: Optional[int] = None  # newest snapshot this rank finished storing
         self.blocked_s = 0.0  # time training waited on snapshots since last read
+        self.waited_s = 0.0  # the same, never reset
         self.closed = False
         self._thread: Optional[threading.Thread] = None
         self._copied = threading.Event()
@@ -270,29 +299,60 @@ class MemorySnapshotter:
         self._saved: Optional[SavedLayout] = None
 
     def due(self, step: int) -> bool:
+        if self.interval is None:  # auto, still measuring: the first steps are snapshotted
+            return True
         return self.interval > 0 and step % self.interval == 0
 
     def save(self, step: int, states: dict[str, Stateful], extra: dict) -> None:
         """Start the snapshot of `step` (after the previous one finished); `extra` must be JSON."""
         start = time.perf_counter()
-        self.wait()
+        number = self.timings.saved(start, self.waited_s) if self.interval is None else 0
+        self.wait()  # counts its own wait
+        start = time.perf_counter()
         json.dumps(extra)  # a TypeError now, rather than an unreadable snapshot at restore
         tensors, json_state = split_state(states)
+        self.copies.begin(tensors.values())  # after the optimizer step: what the copies must see
         self._copied = threading.Event()
         writer = MemoryWriter(self.store, step, rank=self.rank, buffer=self.buffer, copied=self._copied,
-                              extra={"state": json_state, "extra": extra})
+                              extra={"state": json_state, "extra": extra}, copies=self.copies)
         # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
-        self._thread = threading.Thread(target=self._run, args=(step, writer, nest_by_prefix(tensors)),
+        self._thread = threading.Thread(target=self._run, args=(step, writer, nest_by_prefix(tensors), number),
                                         name=f"atoll-snapshot-{step}", daemon=True)
         self._thread.start()
-        self.blocked_s += time.perf_counter() - start
+        self._waited(time.perf_counter() - start)
 
     def wait_copied(self) -> None:
-        """Call before the next optimizer step: every tensor of the snapshot is in the buffer."""
+        """Call before the next optimizer step: every tensor of the snapshot is in the buffer
+        (on CUDA: queued there, and what the loop queues next runs after it)."""
         if not self._copied.is_set():
             start = time.perf_counter()
             self._copied.wait()
-            self.blocked_s += time.perf_counter() - start
+            self._waited(time.perf_counter() - start)
+        self.copies.wait_on_loop()
+
+    def choose_interval(self) -> Optional[IntervalChoice]:
+        """`auto`: once the first snapshots are measured, fix the interval; None before and after.
+
+        Every rank calls it after every step: at the same step on all of them it
+        waits for the last measured snapshot and takes the worst cost and the
+        shortest step over the snapshot group (a collective), so all choose alike."""
+        if self.interval is not None or not self.timings.complete:
+            return None
+        self.timings.end_step(time.perf_counter(), self.waited_s)
+        self.wait()  # its copy time is known, and the group is free for the reduction
+        snapshot_s, step_s = self.timings.estimate()
+        worst = torch.tensor([snapshot_s, -step_s], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.group)
+        snapshot_s, step_s = float(worst[0]), -float(worst[1])
+        interval = interval_for(snapshot_s, step_s)
+        if self.agree_interval is not None:
+            interval = self.agree_interval(interval)
+        self.interval = interval
+        return IntervalChoice(interval, snapshot_s, step_s)
+
+    def _waited(self, seconds: float) -> None:
+        self.blocked_s += seconds
+        self.waited_s += seconds
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Until the snapshot in flight is stored (and complete, on the coordinator).
@@ -302,7 +362,7 @@ class MemorySnapshotter:
         if thread is not None:
             start = time.perf_counter()
             thread.join(timeout)
-            self.blocked_s += time.perf_counter() - start
+            self._waited(time.perf_counter() - start)
             if thread.is_alive():
                 return False
             self._thread = None
@@ -312,9 +372,10 @@ class MemorySnapshotter:
         value, self.blocked_s = self.blocked_s, 0.0
         return value
 
-    def _run(self, step: int, writer: MemoryWriter, tensors: dict) -> None:
+    def _run(self, step: int, writer: MemoryWriter, tensors: dict, number: int) -> None:
         started = time.perf_counter()
         try:
+            self.copies.enter_thread()
             planner = DefaultSavePlanner()
             planner.set_up_planner(tensors, is_coordinator=self.is_coordinator)
             structure = _structure(planner.state_dict)
@@ -325,6 +386,8 @@ class MemorySnapshotter:
             if writer.is_coordinator:  # it wrote the meta: the step is complete, older ones are not needed
                 self.store.retain(step)
             self.last_step, self.last_error = step, None
+            if number:
+                self.timings.copied(number, writer.copy_s)
             if self.is_coordinator and self.on_event is not None:
                 self.on_event("memory_snapshot", step=step, shard_bytes=self._saved.total,
                               seconds=round(time.perf_counter() - started, 4))

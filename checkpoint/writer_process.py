@@ -3,8 +3,9 @@
 `dcp.save` runs on a checkpoint thread with an `AsyncFileWriter`: DCP plans
 on the checkpoint group as for any save, then `write_data` copies this
 rank's chunks into one flat shared-memory buffer (allocated once, reused
-while it is big enough), reports the copy done (the live tensors may change
-again: the next optimizer step may run) and hands the chunks to a
+while it is big enough; page-locked, and filled on a side stream, when the
+chunks are on a GPU: checkpoint/device_copy.py), reports the copy done (the
+live tensors may change again: the next optimizer step may run) and hands the chunks to a
 `WriterProcess`, which writes them with `HashingFileSystemWriter` in DCP's
 file format, fsyncs, and returns DCP's write results with each file's size
 and SHA-256. The coordinator's `.metadata` and every collective stay in the
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.futures import Future
 
 from atoll.checkpoint.dcp_io import ChunkSlot, FileHashes, HashingFileSystemWriter, chunk_slots, slot_view
+from atoll.checkpoint.device_copy import SideStreamCopies, pin_host_memory, unpin_host_memory
 from atoll.checkpoint.manifest import CheckpointError
 
 PARENT_POLL_S = 0.5
@@ -53,15 +55,29 @@ class SharedBuffer:
             self.fd = os.dup(tempfile.TemporaryFile().fileno())
         self.size = 0
         self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.pinned = False  # page-locked for device copies (CUDA), in this process
+        self.pin_refused = False
 
-    def ensure(self, nbytes: int) -> torch.Tensor:
+    def ensure(self, nbytes: int, pin: bool = False) -> torch.Tensor:
+        """At least `nbytes`, the same memory from save to save while it is big enough; `pin`
+        (device tensors are staged) page-locks it once, as long as CUDA allows it."""
         if nbytes > self.size:
+            self._unpin()
             os.ftruncate(self.fd, nbytes)
             self.size = nbytes
             self.tensor = _map(self.fd, nbytes)
+        if pin and not self.pinned and not self.pin_refused:
+            self.pinned = pin_host_memory(self.tensor)
+            self.pin_refused = not self.pinned
         return self.tensor
 
+    def _unpin(self) -> None:
+        if self.pinned:
+            unpin_host_memory(self.tensor)
+            self.pinned = False
+
     def close(self) -> None:
+        self._unpin()
         self.tensor = torch.empty(0, dtype=torch.uint8)
         os.close(self.fd)
 
@@ -195,9 +211,11 @@ class AsyncFileWriter(HashingFileSystemWriter):
     holds the files' sizes and SHA-256. Planning, `.metadata` and file names are
     FileSystemWriter's own."""
 
-    def __init__(self, path: Any, process: WriterProcess, on_staged: Callable[[], None]):
+    def __init__(self, path: Any, process: WriterProcess, on_staged: Callable[[], None],
+                 copies: Optional[SideStreamCopies] = None):
         super().__init__(path)
         self.process, self.on_staged = process, on_staged
+        self.copies = copies if copies is not None else SideStreamCopies()
         self._written: FileHashes = {}
 
     @property
@@ -205,17 +223,22 @@ class AsyncFileWriter(HashingFileSystemWriter):
         return {**self._written, **self.fs.hashes}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        copies = self.copies
         try:
             slots, total = chunk_slots(plan.items, "disk checkpoints")
-            buffer = self.process.buffer.ensure(total)
-            for slot, item in zip(slots, plan.items):
-                chunk = planner.resolve_data(item).detach()
-                if tuple(chunk.shape) != slot.shape:
-                    raise CheckpointError(f"{item.index.fqn}: chunk {tuple(chunk.shape)} is not the planned "
-                                          f"{slot.shape}")
-                slot_view(buffer, slot).copy_(chunk)
+            buffer = self.process.buffer.ensure(total, pin=copies.on_device)
+            with copies.copying():  # CUDA: on the side stream, into the (pinned) shared buffer
+                for slot, item in zip(slots, plan.items):
+                    chunk = planner.resolve_data(item).detach()
+                    if tuple(chunk.shape) != slot.shape:
+                        raise CheckpointError(f"{item.index.fqn}: chunk {tuple(chunk.shape)} is not the "
+                                              f"planned {slot.shape}")
+                    copies.copy(slot_view(buffer, slot), chunk)
         finally:
-            self.on_staged()  # copied, or failed: either way training need not wait any longer
+            # Copied (or queued: the loop's stream waits for them), or failed: either way
+            # training need not wait any longer.
+            self.on_staged()
+        copies.wait_done()  # the writer process reads what the copies put there
         results, self._written = self.process.write(str(self.path), plan, slots)
         done: Future = Future()
         done.set_result(results)

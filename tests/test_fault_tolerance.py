@@ -151,7 +151,8 @@ def test_stopped_rank_is_a_hang_detected_in_time(short_tmp):
     the stopped process is killed with its group, and the run finishes from memory."""
     run_dir = short_tmp / "hang"
     proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=0",
-                          "fault_tolerance.hang_timeout_s=6", f"run.dir={run_dir}"], short_tmp)
+                          "checkpoint.memory_interval=1", "fault_tolerance.hang_timeout_s=6",
+                          f"run.dir={run_dir}"], short_tmp)
     with ended(proc):
         wait_for(lambda: last_step(run_dir) >= 5, 120, proc, "training to start")
         victim = psutil.Process(events(run_dir, "workers")[-1]["ranks"][1]["pid"])

@@ -102,7 +102,8 @@ def test_a_step_that_cannot_end_in_time_stops_from_the_memory_snapshot(short_tmp
     of stop_grace_s the group is replaced by one that restores the newest memory snapshot and
     commits it to disk; the rerun goes on from there and ends bitwise on the uninterrupted run."""
     run_dir = short_tmp / "run"
-    args = [*RECIPE, "logging.log_interval=1", "fault_tolerance.stop_grace_s=24", f"run.dir={run_dir}"]
+    args = [*RECIPE, "logging.log_interval=1", "fault_tolerance.stop_grace_s=24", "checkpoint.memory_interval=1",
+            f"run.dir={run_dir}"]
     env = subprocess_env(RAY_TMPDIR=str(short_tmp))
     proc = subprocess.Popen([sys.executable, "-m", "atoll.launch", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

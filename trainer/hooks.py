@@ -112,13 +112,24 @@ class DiskCheckpointHook(StepHook):
 
 
 class MemorySnapshotHook(StepHook):
-    """Snapshots into the launcher's store every `checkpoint.memory_interval` steps."""
+    """Snapshots into the launcher's store every `checkpoint.memory_interval` steps; with
+    `auto`, every step until the interval is chosen, which is then reported once."""
 
     def before_optimizer_step(self, trainer: "Trainer") -> None:
         trainer.snapshotter.wait_copied()
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
         snap = trainer.snapshotter
+        choice = snap.choose_interval()
+        if choice is not None:
+            fields = {"interval": choice.interval, "snapshot_s": round(choice.snapshot_s, 6),
+                      "step_s": round(choice.step_s, 6)}
+            trainer.island_event("memory_interval", step=trainer.step, **fields,
+                                 **({"island": trainer.env.island} if trainer.outer else {}))
+            if trainer.is_logging_rank:
+                print(f"memory snapshots every {choice.interval} step{'s' * (choice.interval > 1)} "
+                      f"(checkpoint.memory_interval=auto: {choice.snapshot_s * 1e3:.1f} ms per snapshot, "
+                      f"{choice.step_s * 1e3:.1f} ms per step; at most 5% of the step time)", flush=True)
         if snap.due(trainer.step) or trainer.at_boundary():
             snap.save(trainer.step, trainer.states, trainer.snapshot_extra())
 

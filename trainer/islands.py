@@ -70,6 +70,13 @@ def island_snapshots(outer: OuterGroup, shared: SnapshotStore) -> IslandSnapshot
     return IslandSnapshotStore(shared, outer.island, outer.islands, floor=outer.snapshot_floor)
 
 
+def shared_memory_interval(outer: OuterGroup, proposed: int) -> int:
+    """`checkpoint.memory_interval: auto` on islands: the first island to choose sets the
+    interval for all (a restarted island finds it set), so they snapshot the same steps and
+    always have a common one to resume from."""
+    return int(outer.store.compare_set("memory-interval", "", str(proposed)).decode())
+
+
 def newest_common_snapshot(outer: OuterGroup, store: SnapshotStore, not_before: int) -> Optional[int]:
     """The newest step (from `not_before` on) with a complete memory snapshot on every island,
     or None. Called by each island's first rank; every island computes the same answer."""

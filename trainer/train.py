@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +46,8 @@ from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook, StopAgreement)
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
-                                  island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
+                                  island_snapshots, newest_common_snapshot, rejoin, shared_memory_interval,
+                                  start_islands_from_plain)
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
@@ -184,8 +186,10 @@ class Trainer:
         if store is not None and memory_tier_on(cfg):
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
                                                  is_coordinator=self.env.is_island_lead,
-                                                 interval=memory_interval(cfg) or 1, warn=self._warn,
-                                                 on_event=self._snapshot_event)
+                                                 interval=memory_interval(cfg), warn=self._warn,
+                                                 on_event=self._snapshot_event,
+                                                 agree_interval=(partial(shared_memory_interval, self.outer)
+                                                                 if self.outer else None))
         self.progress = ValueState(step=0)
         self.last_step = min(cfg.run.steps, cfg.run.stop_at or cfg.run.steps)
         self.stop = StopAgreement(self.control)  # a clean stop the launcher asks for
