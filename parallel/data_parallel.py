@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -31,11 +33,13 @@ def uses_fsdp(layout: Layout) -> bool:
     return layout.dp > 1 and layout.dp_shard == "fsdp"
 
 
-def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh, precision: Precision) -> nn.Module:
+def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh,
+                        precision: Optional[Precision] = None) -> nn.Module:
     """Return the module to train: the model itself, sharded, or DDP-wrapped.
 
     `model` is the root to wrap (the model, or a pipeline stage around a
-    part of it) and `blocks` its transformer blocks (one FSDP unit each).
+    part of it) and `blocks` its transformer blocks (one FSDP unit each);
+    `precision` is the run's (default: fp32).
 
     Under expert parallelism the expert weights are already split over ep:
     with FSDP and dp > ep they are sharded again over the dp_mod_ep ranks
@@ -47,6 +51,7 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh, precision:
     if layout.dp == 1:
         return model
     dp_mesh = mesh["dp"]
+    precision = precision or Precision(mesh.device.type, torch.float32)
     experts = set(expert_params(model)) if layout.ep > 1 else set()
     if uses_fsdp(layout):
         policy = precision.fsdp_policy()
@@ -108,7 +113,7 @@ def unwrap(train_module: nn.Module) -> nn.Module:
 
 
 def dp_comm_bytes_per_step(param_bytes: int, layout, stats_bytes: int = 0,
-                           precision: Precision | None = None) -> int:
+                           precision: Optional[Precision] = None) -> int:
     """Bytes each rank sends for data parallelism in one step (ring algorithms).
 
     FSDP all-gathers parameters for forward and again for backward (in the

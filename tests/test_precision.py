@@ -7,7 +7,7 @@ recipe's MoE model trains whole steps on one process, under FSDP2 and DDP
 matmuls in bf16 (FSDP by all-gathering bf16 parameters, the others under
 autocast), score the router in fp32 with an fp32 gate weight, keep the
 parameters and the optimizer state fp32, and land within what bf16 rounding
-explains of the fp32 loss.
+explains of the fp32 run's losses and gradient norm.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _rank(rank: int, ports, tmp: str, results) -> None:
 def test_every_path_trains_in_one_precision(tmp_path):
     import torch.multiprocessing as mp
 
-    from conftest import RESULT_TIMEOUT_S, losses, spawned
+    from conftest import RESULT_TIMEOUT_S, grad_norms, losses, spawned
 
     ports = mp.get_context("spawn").Queue()
     with spawned() as (start, results):
@@ -135,7 +135,7 @@ def test_every_path_trains_in_one_precision(tmp_path):
     for rank, value in got.items():
         assert not isinstance(value, str), f"rank {rank}:\n{value}"
 
-    reference = losses(tmp_path / "single-fp32")
+    reference, reference_norms = losses(tmp_path / "single-fp32"), grad_norms(tmp_path / "single-fp32")
     assert len(reference) == STEPS and got[0]["single-fp32"]["matmul_out"] == {"torch.float32"}
     fp32_only = {"torch.float32"}
     for name, fsdp in [("single", False)] + [(name, fsdp) for name, _, fsdp in PATHS]:
@@ -148,7 +148,12 @@ def test_every_path_trains_in_one_precision(tmp_path):
                 assert seen["matmul_out"] == {"torch.bfloat16"}, where
                 # FSDP all-gathers bf16 parameters; the others keep fp32 ones and autocast.
                 assert seen["matmul_weight"] == {"torch.bfloat16" if fsdp else "torch.float32"}, where
-        run_losses = losses(tmp_path / name)
+        run_losses, run_norms = losses(tmp_path / name), grad_norms(tmp_path / name)
         assert len(run_losses) == STEPS and all(math.isfinite(loss) for loss in run_losses), name
-        assert run_losses[0] == pytest.approx(reference[0], rel=2e-2), name
-        assert run_losses[0] != reference[0], name  # not silently fp32
+        # At initialisation the loss is close to log(vocab) whatever the precision; the
+        # gradient norm and the loss after an update show bf16's rounding (~1e-3 here).
+        # A DiLoCo island's second batch is not the one-process run's: step 1 only.
+        compared = 1 if name == "diloco" else STEPS
+        assert run_losses[:compared] == pytest.approx(reference[:compared], rel=2e-3), name
+        assert run_norms[0] == pytest.approx(reference_norms[0], rel=1e-2), name
+        assert run_norms[0] != reference_norms[0], name  # not silently fp32
