@@ -184,7 +184,7 @@ def atoll_only_costs(trainer: Trainer, ref: "Reference", loader) -> dict[str, fl
 
     def bookkeeping() -> None:  # accumulators, contexts, parameter list, float() conversions
         loss_sum, aux_sum = torch.zeros((), device=trainer.device), torch.zeros((), device=trainer.device)
-        with gradient_sync(trainer.train_module, True), trainer.autocast:
+        with gradient_sync(trainer.train_module, True), trainer.precision.forward_context():
             pass
         loss_sum += loss.detach()
         aux_sum += loss.detach()

@@ -375,7 +375,8 @@ class DiLoCo:
             digest = hashlib.sha256()
             for i in self.fragments[fragment].params:
                 for tensor in [self.global_locals[i]] + ([momenta[i]] if momenta else []):
-                    digest.update(tensor.detach().contiguous().view(torch.uint8).numpy())
+                    # hashlib reads host memory: a GPU tensor is copied over first
+                    digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy())
             self.fragment_digests[fragment] = digest.digest()
 
     def _agree_hash(self, changed: Optional[list[int]] = None) -> str:

@@ -31,7 +31,7 @@ def parallelize(part: nn.Module, mesh: ParallelMesh, model_cfg, precision: Preci
     apply_expert_parallel(part, mesh)
     apply_activation_checkpointing(part, model_cfg)
     apply_compile(part, model_cfg)
-    return apply_data_parallel(part if root is None else root, blocks(part), mesh)
+    return apply_data_parallel(part if root is None else root, blocks(part), mesh, precision)
 
 
 def blocks(part: nn.Module) -> Iterable[nn.Module]:

@@ -8,6 +8,10 @@ count; `parallel.pp_first_last_layers` gives the first and last stage fewer.
 With `interleaved_1f1b` each rank runs `parallel.pp_virtual_stages` stages,
 round-robin (rank r holds stages r, r+pp, ...).
 
+Each stage's forward runs in the run's precision (`forward_context`: autocast,
+or nothing where FSDP casts the parameters), as the loop without a pipeline
+does; the loss casts the logits to fp32 itself.
+
 MoE auxiliary losses cannot ride to the last stage as a loss term, so each
 stage attaches its layers' auxiliary loss to its output with `AttachAux`:
 the forward value is unchanged and backward gives the auxiliary loss the
@@ -25,8 +29,9 @@ step's mean, as in the loop without a pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -70,12 +75,13 @@ class AttachAux(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.aux_shape, ctx.scale = aux.shape, scale
+        ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux.shape, aux.dtype, scale
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor):
-        return grad_x, torch.full(ctx.aux_shape, ctx.scale, dtype=grad_x.dtype, device=grad_x.device), None
+        # In aux's dtype (fp32), not x's: under bf16 the scale would be rounded.
+        return grad_x, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_x.device), None
 
 
 class StageModule(nn.Module):
@@ -91,9 +97,11 @@ class StageModule(nn.Module):
     `microbatches` records: those are the real microbatches.
     """
 
-    def __init__(self, part: nn.Module):
+    def __init__(self, part: nn.Module,
+                 forward_context: Callable[[], ContextManager] = contextlib.nullcontext):
         super().__init__()
         self.part = part
+        self.forward_context = forward_context
         self.moe = [moe for _, moe in moe_layers(part)]
         # Per training forward: (aux loss, [(load_E, dropped) per MoE layer]).
         self.records: list[tuple[torch.Tensor, list]] = []
@@ -105,7 +113,8 @@ class StageModule(nn.Module):
         self.carried = [moe.take_load() for moe in self.moe]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, aux = self.part(x)
+        with self.forward_context():
+            out, aux = self.part(x)
         if self.training and not aux.is_meta:  # shape inference may run under no_grad
             self.records.append((aux.detach(), [moe.take_load() for moe in self.moe]))
         if aux.requires_grad:
@@ -178,6 +187,7 @@ class PipelineRunner:
         self.is_first = 0 in stage_ids
         self.is_last = num_stages - 1 in stage_ids
         self.loss_fn = loss_fn
+        self.device = device
         self.grad_scale = 1.0
         self.losses: list[torch.Tensor] = []  # unweighted, one per microbatch the schedule ran
         self.schedule = build_schedule(train_modules, stage_ids, num_stages, schedule, microbatches,
@@ -208,13 +218,13 @@ class PipelineRunner:
             wrapper.start_step()
             wrapper.grad_scale = self.grad_scale
         losses = self._run(self.schedule.step, inputs_BS, targets_BS)
-        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
+        loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         # Mean over microbatches of each stage's aux loss, summed over this rank's stages.
-        aux = sum((w.finish_step(self.microbatches) for w in self.wrappers), torch.zeros(()))
+        aux = sum((w.finish_step(self.microbatches) for w in self.wrappers), torch.zeros((), device=self.device))
         return loss, aux
 
     @torch.no_grad()
     def evaluate(self, inputs_BS, targets_BS) -> torch.Tensor:
         self.grad_scale = 1.0
         losses = self._run(self.schedule.eval, inputs_BS, targets_BS)
-        return torch.stack(losses).mean() if losses else torch.zeros(())
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)

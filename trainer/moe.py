@@ -14,7 +14,7 @@ Shapes: T tokens, D model dim, H expert hidden, E experts, K top-k.
 
 from __future__ import annotations
 
-
+import contextlib
 import math
 
 import torch
@@ -40,6 +40,13 @@ class FeedForward(nn.Module):
 
 class Router(nn.Module):
     """Token-choice top-k router, scored in fp32.
+
+    The gate's matmul and the softmax/sigmoid run on fp32 operands with
+    autocast turned off, whatever precision the rest of the model runs in; the
+    gates and probabilities it returns are fp32. Its input may arrive in bf16
+    (it is upcast), and wrappers that cast parameters for compute must leave
+    the gate's weight fp32 (atoll.parallel gives it an fp32 FSDP unit). On a
+    GPU the matmul follows torch's fp32 matmul precision (TF32 in training).
 
     - `score_func`: softmax over experts, or an independent sigmoid per expert.
     - `expert_bias_E` (auxiliary-loss-free balancing): added to the scores only
@@ -69,8 +76,12 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (gates_TK fp32, experts_TK long, probs_TE fp32)."""
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1) if self.score_func == "softmax" else logits_TE.sigmoid()
+        # No autocast for meta tensors (a shape-only pass): nothing to turn off there.
+        full_precision = contextlib.nullcontext() if x_TD.is_meta else \
+            torch.autocast(x_TD.device.type, enabled=False)
+        with full_precision:
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            probs_TE = logits_TE.softmax(dim=-1) if self.score_func == "softmax" else logits_TE.sigmoid()
         with torch.no_grad():
             experts_TK = self._select(probs_TE + self.expert_bias_E)
         gates_TK = probs_TE.gather(1, experts_TK)

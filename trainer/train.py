@@ -32,7 +32,7 @@ from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
-from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync, uses_fsdp
 from atoll.parallel.parallelize import parallelize
 from atoll.parallel.precision import resolve_precision
 from atoll.parallel.diloco import DiLoCo
@@ -140,7 +140,8 @@ class Trainer:
             self.kernel_choice = f"MoE kernel {moe.kernel}" + \
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
-        self.precision = resolve_precision(cfg.model.dtype, self.device)
+        self.precision = resolve_precision(cfg.model.dtype, self.device, fsdp=uses_fsdp(self.layout))
+        self.precision.configure_backends()
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)
@@ -150,7 +151,7 @@ class Trainer:
         self._build_parts(cfg)
         # reduce_moe_load's float64 buffer: every layer's load per expert and its drop count
         stats_bytes = sum(8 * (moe.num_experts + 1) for part in self.parts for _, moe in moe_layers(part))
-        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout, stats_bytes)
+        self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout, stats_bytes, self.precision)
         self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
         self.optimizers = [build_optimizer(part, self.optim_cfg) for part in self.parts]
@@ -169,7 +170,6 @@ class Trainer:
                     if cfg.logging.eval_interval else [])
         self.step = 0
         self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
-        self.autocast = self.precision.autocast()
 
         ckpt = cfg.checkpoint
         self.checkpointer = Checkpointer(
@@ -243,7 +243,7 @@ class Trainer:
         del self.model  # each rank keeps only its stages
         wrappers, train_modules = [], []
         for part in self.parts:
-            wrapper = StageModule(part)
+            wrapper = StageModule(part, self.precision.forward_context)
             wrappers.append(wrapper)
             train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper))
         self.runner = PipelineRunner(train_modules, wrappers, stage_ids, num_stages, par.pp_schedule,
@@ -402,7 +402,7 @@ class Trainer:
                 loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS, len(micro_batches))
             else:
                 with gradient_sync(self.train_module, index == len(micro_batches) - 1):
-                    with self.autocast:
+                    with self.precision.forward_context():
                         logits_BSV, aux_loss = self.train_module(inputs_BS)
                         loss = lm_loss(logits_BSV, targets_BS)
                     ((loss + aux_loss) / len(micro_batches)).backward()
@@ -502,7 +502,7 @@ class Trainer:
             if self.runner is not None:
                 losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
                 continue
-            with self.autocast:
+            with self.precision.forward_context():
                 logits_BSV, _ = self.train_module(inputs_BS)
             losses.append(float(lm_loss(logits_BSV, targets_BS)))
         for module in modules:
