@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from atoll.parallel.kernels import get_kernel
+from atoll.parallel.kernels import get_kernel, in_compute_dtype
 from atoll.parallel.kernels.sorted import sort_assignments
 from atoll.parallel.layout import ParallelMesh
 from atoll.trainer.moe import MoE
@@ -73,6 +73,8 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     group = self.ep_group
     ep = dist.get_world_size(group)
     w1_EDH, w3_EDH, w2_EHD = (w.to_local() for w in (self.w1, self.w3, self.w2))
+    # In the compute dtype before the all-to-alls: bf16 rows travel at half the bytes.
+    x_TD, w1_EDH, w3_EDH, w2_EHD = in_compute_dtype(x_TD, w1_EDH, w3_EDH, w2_EHD)
     local_experts = w1_EDH.shape[0]
 
     token_N, order_N, counts_E = sort_assignments(experts_TK, self.num_experts)

@@ -166,11 +166,12 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> torch.Tensor:
-        from atoll.parallel.kernels import get_kernel  # kernels are single-device code too
+        from atoll.parallel.kernels import get_kernel, in_compute_dtype  # single-device code too
 
         E, D, H = self.w1.shape
+        x_TD, w1_EDH, w3_EDH, w2_EHD = in_compute_dtype(x_TD, self.w1, self.w3, self.w2)
         kernel = get_kernel(self.kernel, x_TD.device, x_TD.dtype, experts_TK.numel() / E * D * H)
-        return kernel(x_TD, gates_TK, experts_TK, self.w1, self.w3, self.w2)
+        return kernel(x_TD, gates_TK, experts_TK, w1_EDH, w3_EDH, w2_EHD)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:

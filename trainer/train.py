@@ -128,6 +128,8 @@ class Trainer:
 
         # Triton tiles chosen once per shape for all ranks, and again after a restart
         use_kernel_config_file(run_dir(cfg) / "kernels" / "triton_configs.json")
+        self.precision = resolve_precision(cfg.model.dtype, self.device, fsdp=uses_fsdp(self.layout))
+        self.precision.configure_backends()
         self.kernel_choice = ""
         if cfg.model.moe.num_experts:  # an unusable kernel is a recipe problem: say so now
             moe = cfg.model.moe
@@ -135,13 +137,11 @@ class Trainer:
             rows = cfg.data.micro_batch // microbatches * cfg.data.seq_len * moe.top_k / moe.num_experts
             hidden = moe.hidden or ffn_hidden(cfg.model)
             chosen = resolve_kernel(moe.kernel, self.device,
-                                    torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                                    self.precision.compute_dtype,
                                     rows * cfg.model.dim * hidden)
             self.kernel_choice = f"MoE kernel {moe.kernel}" + \
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
-        self.precision = resolve_precision(cfg.model.dtype, self.device, fsdp=uses_fsdp(self.layout))
-        self.precision.configure_backends()
         self.model = Transformer(model_config(cfg)).to(self.device)
         self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
         self.flops_per_token = flops_per_token(self.model, cfg)

@@ -50,6 +50,20 @@ class KernelUnavailable(ValueError):
     """The chosen kernel cannot run here; one line naming why."""
 
 
+def in_compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x and the expert weights in the dtype the surrounding autocast computes in.
+
+    Autocast casts torch's own matmuls but not a custom kernel's, which would otherwise
+    run on fp32 inputs (and `get_kernel` would choose for fp32): the cast is done here,
+    once per call, as autocast would do it for a matmul.
+    """
+    device_type = x.device.type
+    if x.is_meta or not torch.is_autocast_enabled(device_type):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (x, *weights))
+
+
 def triton_usable(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
