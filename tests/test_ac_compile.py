@@ -108,31 +108,47 @@ def test_checkpointing_bitwise_under_fsdp_with_expert_parallel(tmp_path):
     assert_same_state(runs["full"], runs["none"])
 
 
-def _compiled_matches_eager(tmp_path, capsys, monkeypatch, name: str, overrides: list[str]) -> str:
+@pytest.mark.slow
+def test_checkpointing_in_pipeline_stages_follows_one_process(tmp_path):
+    """pp=2 with AC full (stage shape inference, 1F1B recompute): one process's losses, and
+    its loads and drops exactly (each counted once by the stage that routed them)."""
+    common = [*TINY_MOE, *ROUTING, "run.steps=3", "checkpoint.interval=0"]
+    reference = tmp_path / "reference"
+    assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.micro_batch=1",
+                 "data.grad_accum=2", f"run.dir={reference}"]) == 0
+    pipeline = tmp_path / "pipeline"
+    proc = run_cli(["train", *common, "parallel.pp=2", "parallel.dp=1", "parallel.microbatches=2",
+                    "model.activation_checkpointing=full", f"run.dir={pipeline}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(pipeline, reference, names=("loss", "grad_norm", "aux_loss"), rel=1e-5)
+    assert moe_stats(pipeline) == moe_stats(reference)
+
+
+def _compiled_matches_eager(tmp_path, capsys, name: str, overrides: list[str]) -> str:
     """Five steps compiled within 1e-5 of eager (no graph recompiled); the compile report."""
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()  # no graphs from earlier tests
     common = [*TINY_MOE, *overrides, "run.steps=5", "checkpoint.interval=0", "launch.backend=local",
               "parallel.dp=1"]
     eager, compiled = tmp_path / f"{name}_eager", tmp_path / f"{name}_compiled"
     assert main(["train", *common, f"run.dir={eager}"]) == 0
     capsys.readouterr()
-    assert main(["train", *common, "model.compile=true", f"run.dir={compiled}"]) == 0
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the other blocks and steps reuse
+        assert main(["train", *common, "model.compile=true", f"run.dir={compiled}"]) == 0
     assert_same_metrics(compiled, eager, names=("loss", "grad_norm"), rel=1e-5)
     reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compile:")]
     assert len(reports) == 1, reports  # once, for the first block
     return reports[0]
 
 
-def test_compiled_dense_blocks_match_eager_in_one_graph(tmp_path, capsys, monkeypatch):
-    report = _compiled_matches_eager(tmp_path, capsys, monkeypatch, "dense", ["model.moe.num_experts=0"])
+def test_compiled_dense_blocks_match_eager_in_one_graph(tmp_path, capsys):
+    report = _compiled_matches_eager(tmp_path, capsys, "dense", ["model.moe.num_experts=0"])
     assert "into 1 graph(s) with 0 graph break(s)" in report
 
 
-def test_compiled_moe_blocks_with_checkpointing_match_eager(tmp_path, capsys, monkeypatch):
+def test_compiled_moe_blocks_with_checkpointing_match_eager(tmp_path, capsys):
     """MoE blocks, compiled inside activation checkpointing: the experts and the routing
     statistics run eagerly (the graph breaks the report names), counted once."""
-    report = _compiled_matches_eager(tmp_path, capsys, monkeypatch, "moe",
+    report = _compiled_matches_eager(tmp_path, capsys, "moe",
                                      [*ROUTING, "model.activation_checkpointing=full"])
     assert "GroupedExperts.forward" in report and "_record_routing" in report
     eager, compiled = tmp_path / "moe_eager", tmp_path / "moe_compiled"
