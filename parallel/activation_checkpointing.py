@@ -32,19 +32,13 @@ from torch.utils.checkpoint import checkpoint
 
 from atoll.trainer.moe import MoE
 
-MODES = ("none", "full", "selective")
-
-
 def apply_activation_checkpointing(part: nn.Module, model_cfg) -> None:
-    """Checkpoint the blocks of `part` (a Transformer or a pipeline stage of one) in place."""
+    """Checkpoint the blocks of `part` (a Transformer or a pipeline stage of one) in place.
+    The recipe's validation has checked the mode and `ac_every`."""
     mode = model_cfg.activation_checkpointing
-    if mode not in MODES:
-        raise ValueError(f"model.activation_checkpointing={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "none":
         return
     every = model_cfg.ac_every if mode == "selective" else 1
-    if every < 1:
-        raise ValueError(f"model.ac_every={every} must be at least 1")
     for name, block in part.layers.items():
         if (int(name) + 1) % every == 0:
             checkpoint_block(block)
@@ -52,24 +46,20 @@ def apply_activation_checkpointing(part: nn.Module, model_cfg) -> None:
 
 def checkpoint_block(block: nn.Module) -> None:
     """Make `block` recompute its forward in backward (in place, names unchanged)."""
-    if getattr(block, "_atoll_checkpointed", False):
+    if is_checkpointed(block):
         return
-    # What runs under checkpoint: the class's forward (a plain function, given the block as
-    # its first argument); torch.compile replaces it by its compiled version.
+    # What runs under checkpoint: the class's forward, a plain function given the block as its
+    # first argument (torch.compile replaces it by its compiled version). The new forward is
+    # bound to the block, not a closure over it, so a deep copy of the model stays consistent.
     block.checkpointed_body = type(block).forward
-    # Bound to the block (not a closure over it), so a deep copy of the model stays consistent.
     block.forward = types.MethodType(_checkpointed_forward, block)
-    block._atoll_checkpointed = True
-    block._atoll_has_moe = any(isinstance(module, MoE) for module in block.modules())
 
 
 def is_checkpointed(block: nn.Module) -> bool:
-    return getattr(block, "_atoll_checkpointed", False)
+    return "checkpointed_body" in vars(block)
 
 
 def _checkpointed_forward(self, *args, **kwargs):
-    if not self._atoll_has_moe:
-        return checkpoint(self.checkpointed_body, self, *args, use_reentrant=False, **kwargs)
     return checkpoint(self.checkpointed_body, self, *args, use_reentrant=False,
                       context_fn=functools.partial(_routing_paused_in_recompute, self), **kwargs)
 

@@ -1,28 +1,32 @@
 """`model.compile`: torch.compile applied to each transformer block, from outside the model.
 
-Each block's `forward` (already checkpointed when activation checkpointing is
-on: AC first, then compile) is replaced, on the instance, by its compiled
-version; no `_orig_mod` wrapper is inserted, so parameter names stay those of
-the plain model, and hooks registered on the block (FSDP's all-gather and
-reshard) run eagerly around the compiled code. All blocks share one code
-object, so the graphs compiled for the first block serve the others.
+Each block's forward is replaced, on the instance, by its compiled version
+(`dynamic=False`); no `_orig_mod` wrapper is inserted, so parameter names stay
+those of the plain model, and hooks registered on the block (FSDP's
+all-gather and reshard) run eagerly around the compiled code. All blocks
+share one code object, so the graphs compiled for the first block serve the
+others. With activation checkpointing (applied first) what gets compiled is
+the function that runs under `checkpoint`, not the checkpointed forward:
+torch.compile cannot trace a checkpoint region around the eager calls below
+and would otherwise run the whole block eagerly; so the checkpoint itself
+stays eager and the compiled block body serves both the forward and its
+recompute.
 
-Graph breaks, kept few on purpose:
+Graph breaks, kept few on purpose (2 or 3 per MoE block, none in a dense one):
 - the expert computation (`GroupedExperts.forward`, or the expert-parallel
   dispatch that replaces it) runs eagerly under `torch.compiler.disable`: its
   row counts per expert depend on the routing (data-dependent shapes), and
   under expert parallelism it runs all-to-alls with host-side split sizes;
-- MoE routing statistics (`MoE._record_routing`) run eagerly, so the flag that
-  activation checkpointing flips in its recompute never becomes a guard;
-- with activation checkpointing, a block with MoE layers is not traced as one
-  checkpoint region (the two eager calls above cannot live inside one): the
-  `checkpoint` call itself breaks, and the block's own forward is compiled
-  from inside the eager checkpoint, for the forward and its recompute alike.
-Dense blocks compile into one graph, with or without activation checkpointing.
-The number of breaks of the first block is printed once, on the logging rank.
+- the MoE routing statistics (`MoE._record_routing`) run eagerly, so the flag
+  that activation checkpointing flips in its recompute never becomes a guard;
+- with `model.moe.balance: aux_loss`, `torch.bincount` in `load_balancing_loss`
+  (its output shape depends on the data; a count with a fixed size would not
+  break).
+The first block's graphs and breaks are printed once, on the logging rank.
 
-Shapes are compiled static (`dynamic=False`): a step's shapes never change, so
-nothing recompiles from one step to the next.
+Shapes are static: a step's shapes never change, so nothing recompiles from
+one step (or block) to the next; evaluation (module.training is a guard) and
+pipeline shape inference compile their own graphs once.
 
 This module knows the model's blocks and MoE layers, not meshes or ranks.
 """
