@@ -30,10 +30,14 @@ def parallelize(part: nn.Module, mesh: ParallelMesh, model_cfg, precision: Preci
     """
     apply_expert_parallel(part, mesh)
     apply_activation_checkpointing(part, model_cfg)
-    apply_compile(part, model_cfg)
+    apply_compile(part, model_cfg, log=_print if mesh.env.is_logging_rank else None)
     return apply_data_parallel(part if root is None else root, blocks(part), mesh, precision)
 
 
 def blocks(part: nn.Module) -> Iterable[nn.Module]:
     """The transformer blocks of a part, one FSDP unit each."""
     return list(part.layers.values())
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)

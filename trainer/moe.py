@@ -213,6 +213,9 @@ class MoE(nn.Module):
         # Routing statistics since the last `take_load`; not part of the checkpoint.
         self.register_buffer("load_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped", torch.zeros((), dtype=torch.long), persistent=False)
+        # Off while activation checkpointing recomputes this forward in backward: one
+        # forward's routing is counted once.
+        self.record_routing = True
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x_BSD.shape
@@ -222,21 +225,28 @@ class MoE(nn.Module):
         if self.capacity_factor:
             kept_TK = apply_capacity(experts_TK, self.num_experts, self.capacity_factor)
             gates_TK = gates_TK * kept_TK  # a dropped assignment contributes nothing
+        if self.training:  # next to the experts: both run eagerly under torch.compile
+            self._record_routing(experts_TK, kept_TK)
         out_TD = self.experts(x_TD, gates_TK, experts_TK)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
 
-        if self.training and not experts_TK.is_meta:  # meta: a shape-only pass
-            with torch.no_grad():
-                # counted on the device: read only at a log step (no host sync per layer)
-                self.load_E += tokens_per_expert(experts_TK, self.num_experts, kept_TK)
-                if kept_TK is not None:
-                    self.dropped += (~kept_TK).sum()
         if self.balance == "aux_loss":
             aux_loss = self.aux_loss_coef * load_balancing_loss(probs_TE, experts_TK)
         else:
             aux_loss = torch.zeros((), device=x_BSD.device)
         return out_TD.reshape(B, S, D), aux_loss
+
+    @torch.compiler.disable  # eager, so `record_routing` is read at run time (no recompile)
+    @torch.no_grad()
+    def _record_routing(self, experts_TK: torch.Tensor, kept_TK: torch.Tensor | None) -> None:
+        """Add this forward's assignments (kept ones) to `load_E` and its drops to `dropped`."""
+        if not self.record_routing or experts_TK.is_meta:  # meta: a shape-only pass
+            return
+        # counted on the device: read only at a log step (no host sync per layer)
+        self.load_E += tokens_per_expert(experts_TK, self.num_experts, kept_TK)
+        if kept_TK is not None:
+            self.dropped += (~kept_TK).sum()
 
     def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(assignments per expert, dropped assignments) since the last call; resets them."""

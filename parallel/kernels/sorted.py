@@ -126,15 +126,15 @@ class _SortedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD):
-        x_TD = ctx.saved_tensors[0]
-        with torch.autocast(x_TD.device.type, enabled=False):
-            grads = (_backward_grouped if ctx.counts is None else _backward_loop)(ctx, grad_TD)
+        saved = ctx.saved_tensors  # once: under activation checkpointing a second read fails
+        with torch.autocast(saved[0].device.type, enabled=False):
+            grads = (_backward_grouped if ctx.counts is None else _backward_loop)(ctx, saved, grad_TD)
         return (*grads, None)
 
 
-def _backward_loop(ctx, grad_TD):
+def _backward_loop(ctx, saved, grad_TD):
     (x_TD, gates_TK, w1_EDH, w3_EDH, w2_EHD, a_NH, b_NH,
-     token_N, order_N, gate_N1, _) = ctx.saved_tensors
+     token_N, order_N, gate_N1, _) = saved
     need_x, need_gates, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
     counts = ctx.counts
     grad_TD = grad_TD.to(x_TD.dtype)
@@ -180,9 +180,9 @@ def _backward_loop(ctx, grad_TD):
     return dx_TD, dgates, None, dw1, dw3, dw2
 
 
-def _backward_grouped(ctx, grad_TD):
+def _backward_grouped(ctx, saved, grad_TD):
     (x_TD, gates_TK, w1_EDH, w3_EDH, w2_EHD, a_NH, b_NH,
-     token_N, order_N, gate_N1, offs_E) = ctx.saved_tensors
+     token_N, order_N, gate_N1, offs_E) = saved
     need_x, need_gates, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:6]
     gmm = torch._grouped_mm
     dx_TD = dgates = dw1 = dw3 = dw2 = None
