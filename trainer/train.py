@@ -31,6 +31,7 @@ from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync
+from atoll.parallel.materialize import materialize
 from atoll.parallel.parallelize import parallelize
 from atoll.parallel.precision import resolve_precision
 from atoll.parallel.diloco import DiLoCo
@@ -135,8 +136,8 @@ class Trainer:
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
         self.precision = resolve_precision(cfg.model.dtype, self.device)
-        self.model = Transformer(model_config(cfg)).to(self.device)
-        self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
+        with torch.device("meta"):  # storage and values come once the model is sharded
+            self.model = Transformer(model_config(cfg))
         self.flops_per_token = flops_per_token(self.model, cfg)
         self.param_count = count_params(self.model)["total"]
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -224,7 +225,8 @@ class Trainer:
         self.runner: Optional[PipelineRunner] = None
         if self.layout.pp == 1:
             self.parts = [self.model]
-            self.train_module = parallelize(self.model, self.mesh, cfg.model, self.precision)
+            self.train_module = parallelize(self.model, self.mesh, cfg.model, self.precision,
+                                            materialize=self._materialize)
             return
         virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
         num_stages = self.layout.pp * virtual
@@ -236,10 +238,16 @@ class Trainer:
         for part in self.parts:
             wrapper = StageModule(part)
             wrappers.append(wrapper)
-            train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper))
+            train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper,
+                                             materialize=self._materialize))
         self.runner = PipelineRunner(train_modules, wrappers, stage_ids, num_stages, par.pp_schedule,
                                      par.microbatches or self.layout.pp, lm_loss, self.device,
                                      self.mesh.pp_group)
+
+    def _materialize(self, part: torch.nn.Module) -> None:
+        """A part built on the meta device, on this rank's device with its share of the
+        initial values (the same values whatever the layout)."""
+        materialize(part, self.device, self.cfg.run.seed)
 
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
