@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import Checkpointer
@@ -46,6 +45,7 @@ from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, 
                                  MetricsHook, RunControl, StepHook, StopAgreement)
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
                                   island_snapshots, newest_common_snapshot, rejoin, start_islands_from_plain)
+from atoll.trainer.loss import lm_loss
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
@@ -65,10 +65,6 @@ class StepResult:
     aux_loss: float
     grad_norm: float
     skipped: bool = False  # an anomaly: no optimizer step was taken
-
-
-def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
 
 def flops_per_token(model: Transformer, cfg: DictConfig) -> float:
@@ -390,13 +386,20 @@ class Trainer:
         """The last step of this invocation: save whatever the next one resumes from."""
         return self.step == self.last_step or self.step == self.stop.after
 
+    def to_device(self, host_tensor: torch.Tensor) -> torch.Tensor:
+        """`host_tensor` on this rank's device. On CUDA it is copied from pinned memory
+        without the host waiting: the copy is queued on the stream that will read it."""
+        if self.device.type != "cuda":
+            return host_tensor
+        return host_tensor.pin_memory().to(self.device, non_blocking=True)
+
     def train_step(self) -> StepResult:
         """Forward, backward, checks and one optimizer step (skipped on an anomaly)."""
         micro_batches = self.loader.next_step()
         loss_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
-            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
             if self.runner is not None:
                 loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS, len(micro_batches))
             else:
@@ -413,9 +416,10 @@ class Trainer:
         n = len(micro_batches)
         # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
+        stop_flags = self.to_device(torch.tensor(self.stop.offer(), dtype=torch.float64))
         grad_norm, (loss_total, aux_total, *stops) = clip_grad_norm(
             params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, *map(torch.tensor, self.stop.offer())])
+            extra=[loss_sum / n, aux_sum / n, *stop_flags.unbind()])
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
         self.stop.agree(self.step + 1, *stops)
@@ -497,7 +501,7 @@ class Trainer:
             module.eval()
         losses = []
         for inputs_BS, targets_BS in self.val:
-            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
             if self.runner is not None:
                 losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
                 continue
