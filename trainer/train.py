@@ -132,6 +132,7 @@ class Trainer:
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
         self.precision = resolve_precision(cfg.model.dtype, self.device)
+        self.zero = torch.zeros((), device=self.device)  # where a step's sums start, made once
         with torch.device("meta"):  # storage and values come once the model is sharded
             self.model = Transformer(model_config(cfg))
         self.flops_per_token = flops_per_token(self.model, cfg)
@@ -396,8 +397,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """Forward, backward, checks and one optimizer step (skipped on an anomaly)."""
         micro_batches = self.loader.next_step()
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
+        loss_sum = aux_sum = self.zero  # summed out of place: the zero is never written
         for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
             inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
             if self.runner is not None:
@@ -408,8 +408,8 @@ class Trainer:
                         logits_BSV, aux_loss = self.train_module(inputs_BS)
                         loss = lm_loss(logits_BSV, targets_BS)
                     ((loss + aux_loss) / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-            aux_sum += aux_loss.detach()
+            loss_sum = loss_sum + loss.detach()
+            aux_sum = aux_sum + aux_loss.detach()
         params = [p for part in self.parts for p in part.parameters()]
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
