@@ -54,3 +54,29 @@ def test_forward_keeps_no_fp32_copy_of_the_logits():
 
     assert saved_fp32_elements(lambda: F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())) >= B * S * V
     assert saved_fp32_elements(lambda: lm_loss(logits, targets, chunk_bytes=4 * V * 4)) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_below_the_fp32_copy():
+    """On a GPU, bf16 logits of 8192 tokens × 50304: forward and backward of the chunked loss
+    peak at under 60% of what F.cross_entropy on an fp32 copy adds (about 4 vs 10 bytes per
+    logit), with the same loss."""
+    tokens, vocab = 8192, 50304
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(1, tokens, vocab, device="cuda", generator=generator).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (1, tokens), device="cuda", generator=generator)
+
+    def peak_added(loss_fn) -> tuple[int, torch.Tensor]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = loss_fn()
+        loss.backward()
+        logits.grad = None
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, loss.detach()
+
+    old_peak, want = peak_added(lambda: F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()))
+    new_peak, got = peak_added(lambda: lm_loss(logits, targets))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert new_peak < 0.6 * old_peak, (new_peak, old_peak)

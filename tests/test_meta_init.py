@@ -145,3 +145,26 @@ def test_every_layout_starts_from_the_cpu_init(tmp_path):
         assert_bitwise(buffers0, want_buffers, f"{name} buffer")
         if "model.tie_embeddings=true" in layout:
             assert tied0 == tied1 == [True], name
+
+
+@pytest.mark.gpu
+def test_cuda_trainer_materialises_on_the_gpu(tmp_path):
+    """On a GPU: the model built on the meta device lands on CUDA with the CPU init's values,
+    AdamW runs fused, and bf16 steps from pinned non-blocking copies give finite losses."""
+    from atoll.trainer.train import Trainer
+
+    cfg = load_recipe(None, [*BASE, "launch.backend=local", "parallel.dp=1", f"run.dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    try:
+        assert all(p.is_cuda for p in trainer.model.parameters())
+        assert all(b.is_cuda for b in trainer.model.buffers())
+        params, buffers = held_state(trainer.parts)
+        want_params, want_buffers = reference(cfg)
+        assert_bitwise(params, want_params, "parameter")
+        assert_bitwise(buffers, want_buffers, "buffer")
+        assert trainer.optimizers[0].defaults["fused"]
+        assert trainer.to_device(torch.ones(2)).is_cuda
+        losses = [trainer.train_step().loss for _ in range(2)]
+        assert all(torch.isfinite(torch.tensor(losses))), losses
+    finally:
+        trainer.close()
