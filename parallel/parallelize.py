@@ -9,7 +9,7 @@ this one only knows the order.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from torch import nn
 
@@ -22,16 +22,25 @@ from atoll.parallel.precision import Precision
 
 
 def parallelize(part: nn.Module, mesh: ParallelMesh, model_cfg, precision: Precision,
-                root: Optional[nn.Module] = None) -> nn.Module:
+                root: Optional[nn.Module] = None,
+                materialize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """The module to train for `part` (a `Transformer` or a stage of one): sharded, wrapped.
 
     `root` is the module around the part that data parallelism wraps (a pipeline stage's
-    module); by default the part itself.
+    module); by default the part itself. `materialize` gives a part built on the meta
+    device its storage and values: after FSDP has sharded it, but before DDP wraps it
+    (DDP broadcasts the values it wraps).
     """
     apply_expert_parallel(part, mesh)
     apply_activation_checkpointing(part, model_cfg)
     apply_compile(part, model_cfg, log=_print if mesh.env.is_logging_rank else None)
-    return apply_data_parallel(part if root is None else root, blocks(part), mesh, precision)
+    sharded = mesh.layout.dp > 1 and mesh.layout.dp_shard == "fsdp"
+    if materialize is not None and not sharded:
+        materialize(part)
+    module = apply_data_parallel(part if root is None else root, blocks(part), mesh, precision)
+    if materialize is not None and sharded:
+        materialize(part)
+    return module
 
 
 def blocks(part: nn.Module) -> Iterable[nn.Module]:

@@ -10,7 +10,8 @@ that possible:
   takes or returns the hidden state;
 - `init_weights` draws each parameter from a generator keyed by (seed, name),
   so the values never depend on construction order or on which parameters a
-  process holds.
+  process holds: a model built on the meta device, sharded, then materialised
+  gets the same values, each rank copying only its shard.
 
 Shapes: B batch, S sequence, D model dim, H heads, Hd head dim, V vocab.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,12 +182,28 @@ class Transformer(nn.Module):
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int,
+                     copy_value: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
+        """Every parameter to its `initial_value`, every buffer to its value at construction.
+
+        `copy_value(param, full)` writes a parameter's full value into it; parallel
+        code passes one that keeps only its shard. One full value is alive at a time,
+        so a model built on the meta device and materialised with `to_empty` is
+        initialised without ever holding all of it on one device.
+        """
+        copy_value = copy_value or (lambda param, full: param.copy_(full))
         for name, param in self.named_parameters():
-            param.copy_(self.initial_value(name, param.shape, seed))
-        # Cached rope tables may be garbage after meta-device construction + to_empty.
+            copy_value(param, self.initial_value(name, param.shape, seed))
+        # `to_empty` leaves buffers uninitialised; the routing counters and the router's
+        # bias start at zero, the rope tables empty (they grow on first use).
+        for name, buffer in self.named_buffers():
+            if not name.startswith("rope."):
+                buffer.zero_()
         self.rope.cos_SHd = self.rope.cos_SHd.new_empty(0, self.rope.head_dim)
         self.rope.sin_SHd = self.rope.sin_SHd.new_empty(0, self.rope.head_dim)
+        # `to_empty` gives each module its own new parameter: tie the head to the embedding again.
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Optimizer and learning-rate schedule.
 
 AdamW (or SGD, e.g. as DiLoCo's inner optimizer) with weight decay on matrices only (norm gains and other 1-D
-parameters are not decayed), using the fused or foreach implementation where
-the build and the parameter types allow, and a linear-warmup + cosine-decay
+parameters are not decayed), AdamW with the fused implementation (plain
+tensors and DTensors alike), and a linear-warmup + cosine-decay
 schedule. Both objects are `Stateful` (state_dict/load_state_dict) so the
 checkpointer can save them without knowing what they are.
 """
@@ -31,17 +31,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decayed else 0.0}
                     for (decayed, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     if cfg.name == "sgd":
+        # foreach where DTensors are present, as before: SGD's results stay those it always had.
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
-                               foreach=_implementation(list(model.parameters())).get("foreach", False))
+                               foreach=any(isinstance(p, DTensor) for p in model.parameters()))
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             **_implementation(list(model.parameters())))
+                             **_adamw_implementation(list(model.parameters())))
 
 
-def _implementation(params: list[torch.Tensor]) -> dict:
-    """Fused kernels for plain tensors; foreach where DTensors (FSDP/EP shards) are present."""
-    if params and not any(isinstance(p, DTensor) for p in params):
+def _adamw_implementation(params: list[torch.Tensor]) -> dict:
+    """The fused kernel (one launch per parameter group) wherever torch has one.
+
+    torch has fused AdamW for CUDA and (since 2.4) CPU tensors, and DTensor
+    dispatches it to the local shards since 2.4 (FSDP2 and expert shards,
+    also of several meshes in one group, and empty shards of an uneven split).
+    Integer or complex parameters, or a device without the kernel, take foreach.
+    """
+    if params and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params):
         return {"fused": True}
     return {"foreach": True}
+
+
+_FUSED_DEVICES = ("cuda", "cpu")
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import Checkpointer
@@ -33,6 +32,7 @@ from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_f
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync, uses_fsdp
+from atoll.parallel.materialize import materialize
 from atoll.parallel.parallelize import parallelize
 from atoll.parallel.precision import resolve_precision
 from atoll.parallel.diloco import DiLoCo
@@ -48,6 +48,7 @@ from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, 
 from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
                                   island_snapshots, newest_common_snapshot, rejoin, shared_memory_interval,
                                   start_islands_from_plain)
+from atoll.trainer.loss import lm_loss
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
@@ -68,10 +69,6 @@ class StepResult:
     aux_loss: float
     grad_norm: float
     skipped: bool = False  # an anomaly: no optimizer step was taken
-
-
-def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
 
 def flops_per_token(model: Transformer, cfg: DictConfig) -> float:
@@ -142,8 +139,9 @@ class Trainer:
             self.kernel_choice = f"MoE kernel {moe.kernel}" + \
                 (f" -> {chosen} ({self.device.type}, {rows:g} rows of {cfg.model.dim}x{hidden} per expert)"
                  if moe.kernel == "auto" else "")
-        self.model = Transformer(model_config(cfg)).to(self.device)
-        self.model.init_weights(cfg.run.seed)  # the full model everywhere: layout-free values
+        self.zero = torch.zeros((), device=self.device)  # where a step's sums start, made once
+        with torch.device("meta"):  # storage and values come once the model is sharded
+            self.model = Transformer(model_config(cfg))
         self.flops_per_token = flops_per_token(self.model, cfg)
         self.peak_tflops = device_peak_tflops(self.device)  # None: no `mfu` in the metrics
         self.param_count = count_params(self.model)["total"]
@@ -233,7 +231,8 @@ class Trainer:
         self.runner: Optional[PipelineRunner] = None
         if self.layout.pp == 1:
             self.parts = [self.model]
-            self.train_module = parallelize(self.model, self.mesh, cfg.model, self.precision)
+            self.train_module = parallelize(self.model, self.mesh, cfg.model, self.precision,
+                                            materialize=self._materialize)
             return
         virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
         num_stages = self.layout.pp * virtual
@@ -245,10 +244,16 @@ class Trainer:
         for part in self.parts:
             wrapper = StageModule(part, self.precision.forward_context)
             wrappers.append(wrapper)
-            train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper))
+            train_modules.append(parallelize(part, self.mesh, cfg.model, self.precision, root=wrapper,
+                                             materialize=self._materialize))
         self.runner = PipelineRunner(train_modules, wrappers, stage_ids, num_stages, par.pp_schedule,
                                      par.microbatches or self.layout.pp, lm_loss, self.device,
                                      self.mesh.pp_group)
+
+    def _materialize(self, part: torch.nn.Module) -> None:
+        """A part built on the meta device, on this rank's device with its share of the
+        initial values (the same values whatever the layout)."""
+        materialize(part, self.device, self.cfg.run.seed)
 
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
@@ -391,13 +396,19 @@ class Trainer:
         """The last step of this invocation: save whatever the next one resumes from."""
         return self.step == self.last_step or self.step == self.stop.after
 
+    def to_device(self, host_tensor: torch.Tensor) -> torch.Tensor:
+        """`host_tensor` on this rank's device. On CUDA it is copied from pinned memory
+        without the host waiting: the copy is queued on the stream that will read it."""
+        if self.device.type != "cuda":
+            return host_tensor
+        return host_tensor.pin_memory().to(self.device, non_blocking=True)
+
     def train_step(self) -> StepResult:
         """Forward, backward, checks and one optimizer step (skipped on an anomaly)."""
         micro_batches = self.loader.next_step()
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
+        loss_sum = aux_sum = self.zero  # summed out of place: the zero is never written
         for index, (inputs_BS, targets_BS) in enumerate(micro_batches):
-            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
             if self.runner is not None:
                 loss, aux_loss = self.runner.forward_backward(inputs_BS, targets_BS, len(micro_batches))
             else:
@@ -406,17 +417,18 @@ class Trainer:
                         logits_BSV, aux_loss = self.train_module(inputs_BS)
                         loss = lm_loss(logits_BSV, targets_BS)
                     ((loss + aux_loss) / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-            aux_sum += aux_loss.detach()
+            loss_sum = loss_sum + loss.detach()
+            aux_sum = aux_sum + aux_loss.detach()
         params = [p for part in self.parts for p in part.parameters()]
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
         n = len(micro_batches)
         # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
+        stop_flags = self.to_device(torch.tensor(self.stop.offer(), dtype=torch.float64))
         grad_norm, (loss_total, aux_total, *stops) = clip_grad_norm(
             params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, *map(torch.tensor, self.stop.offer())])
+            extra=[loss_sum / n, aux_sum / n, *stop_flags.unbind()])
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
         self.stop.agree(self.step + 1, *stops)
@@ -498,7 +510,7 @@ class Trainer:
             module.eval()
         losses = []
         for inputs_BS, targets_BS in self.val:
-            inputs_BS, targets_BS = inputs_BS.to(self.device), targets_BS.to(self.device)
+            inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
             if self.runner is not None:
                 losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
                 continue
