@@ -32,16 +32,21 @@ from torch.utils.checkpoint import checkpoint
 
 from atoll.trainer.moe import MoE
 
+
 def apply_activation_checkpointing(part: nn.Module, model_cfg) -> None:
     """Checkpoint the blocks of `part` (a Transformer or a pipeline stage of one) in place.
     The recipe's validation has checked the mode and `ac_every`."""
     mode = model_cfg.activation_checkpointing
     if mode == "none":
         return
-    every = model_cfg.ac_every if mode == "selective" else 1
     for name, block in part.layers.items():
-        if (int(name) + 1) % every == 0:
+        if recomputes(int(name), mode, model_cfg.ac_every):
             checkpoint_block(block)
+
+
+def recomputes(index: int, mode: str, every: int) -> bool:
+    """Whether block `index` (its key in `layers`) recomputes its forward in backward."""
+    return mode == "full" or (mode == "selective" and (index + 1) % every == 0)
 
 
 def checkpoint_block(block: nn.Module) -> None:

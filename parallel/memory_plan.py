@@ -213,8 +213,8 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
         edge += tokens * model.dim * r  # the stage output, kept until its backward
     activations, recompute = {}, {}
     for mode in ("none", "full", "selective"):
-        kept = checkpointed_blocks(len(blocks), mode, model.ac_every)
-        saved = sum(tokens * model.dim * r if pos in kept else per_block for pos in range(len(blocks)))
+        kept = checkpointed_blocks(blocks, mode, model.ac_every)
+        saved = sum(tokens * model.dim * r if i in kept else per_block for i in blocks)
         # interleaved_1f1b: a chunk in flight is one of this rank's virtual stages
         activations[mode] = int(in_flight * (saved + edge) / len(stage_layers))
         recompute[mode] = per_block if kept else 0
@@ -222,8 +222,8 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
     logits, logits_grad = 0, 0
     if last:
         V = model.vocab_size
-        logits = logits_in_flight * tokens * V * logits_bytes_per_token_per_vocab(c)
-        logits_grad = tokens * V * (4 + (c if c != 4 else 0))
+        logits = logits_in_flight * tokens * V * c
+        logits_grad = tokens * V * c + loss_chunk_bytes(tokens * V)
 
     state = params + optimizer + outer  # what a snapshot or a checkpoint of this rank holds
     memory_tier = _memory_tier_on(cfg)
@@ -305,14 +305,11 @@ def _in_flight(cfg: DictConfig, pp_rank: int, microbatches: int) -> tuple[float,
     return min(microbatches * v, (v - 1) * par.pp + 2 * (par.pp - 1 - pp_rank) + 1), 1
 
 
-def checkpointed_blocks(num_blocks: int, mode: str, every: int) -> set[int]:
-    """Positions (within a model part) of the blocks that recompute their forward: all (full),
-    every `every`-th one (selective: positions every-1, 2·every-1, ...), or none."""
-    if mode == "full":
-        return set(range(num_blocks))
-    if mode == "selective":
-        return {pos for pos in range(num_blocks) if pos % every == every - 1}
-    return set()
+def checkpointed_blocks(blocks: list[int], mode: str, every: int) -> set[int]:
+    """The blocks (by their index in the whole model) that recompute their forward."""
+    from atoll.parallel.activation_checkpointing import recomputes
+
+    return {i for i in blocks if recomputes(i, mode, every)}
 
 
 def block_activation_bytes(cfg: DictConfig, tokens: int, c: int, r: int) -> int:
@@ -354,15 +351,17 @@ def block_activation_bytes(cfg: DictConfig, tokens: int, c: int, r: int) -> int:
     return tokens * (attention + ffn)
 
 
-def logits_bytes_per_token_per_vocab(c: int) -> int:
-    """What the loss keeps per logit: the logits (c), their fp32 copy when c is not fp32, and
-    the fp32 log-softmax cross-entropy saves (trainer/train.py lm_loss over the full vocab)."""
-    return c + (4 if c != 4 else 0) + 4
+def loss_chunk_bytes(logits_numel: int) -> int:
+    """The loss's working memory at its peak, in backward: one chunk's fp32 logits, their
+    log-softmax and their gradient (trainer/loss.py recomputes them chunk by chunk)."""
+    from atoll.trainer.loss import CHUNK_BYTES
+
+    return 3 * min(4 * logits_numel, CHUNK_BYTES)
 
 
 def _loss_note(dtype: str) -> str:
-    return ("bf16 logits + fp32 copy + fp32 log-softmax, and their fp32 gradient" if dtype == "bf16"
-            else "fp32 logits + fp32 log-softmax, and their gradient")
+    return (f"{dtype} logits kept for the loss; in backward their gradient and one fp32 chunk of the "
+            "chunked cross-entropy (its logits, log-softmax and gradient)")
 
 
 def _memory_tier_on(cfg: DictConfig) -> bool:
