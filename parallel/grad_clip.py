@@ -33,6 +33,21 @@ def _copies(grad: torch.Tensor, stage_world: int) -> int:
     return copies
 
 
+# The copy counts change only with the layout: each distinct list of them is copied to the
+# device once, not every step (a host-to-device copy per step otherwise).
+_COPIES_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
+def _copies_tensor(grads: list[torch.Tensor], stage_world: int, device: torch.device) -> torch.Tensor:
+    counts = tuple(_copies(g, stage_world) for g in grads)
+    key = (counts, str(device))
+    if key not in _COPIES_ON_DEVICE:
+        if len(_COPIES_ON_DEVICE) > 16:  # a process builds few trainers; never grow without bound
+            _COPIES_ON_DEVICE.clear()
+        _COPIES_ON_DEVICE[key] = torch.tensor(counts, dtype=torch.float64, device=device)
+    return _COPIES_ON_DEVICE[key]
+
+
 def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
                    extra: Sequence[torch.Tensor] = ()) -> tuple[float, list[float]]:
     """Scale gradients so their global L2 norm is at most `max_norm` (0: no clipping).
@@ -47,8 +62,7 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
     pieces = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     device = pieces[0].device if pieces else (extra[0].device if extra else torch.device("cpu"))
     if pieces:
-        copies = torch.tensor([_copies(g, stage_world) for g in grads], dtype=torch.float64,
-                              device=device)
+        copies = _copies_tensor(grads, stage_world, device)
         norms = torch.stack(torch._foreach_norm(pieces, 2)).double()  # one fused pass over all pieces
         total = (norms.pow(2) / copies).sum().reshape(1)
     else:
