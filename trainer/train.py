@@ -23,10 +23,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from atoll.checkpoint.checkpointer import Checkpointer
-from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import find_resumable, step_dir_name
 from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
-from atoll.checkpoint.state import MODEL_PREFIX, ModelOptimizerState, ModelWeightsState, ValueState
+from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
 from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
@@ -40,21 +39,21 @@ from atoll.parallel.outer_group import OuterGroup
 from atoll.parallel.pipeline import PipelineRunner, StageModule, split_model, stage_layers, stages_of_rank
 from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, memory_interval,
-                                  memory_tier_on, model_config, model_differences, recipe_from_dict, recipe_sha256, run_dir, to_dict)
+                                  memory_tier_on, model_config, recipe_from_dict, recipe_sha256, run_dir,
+                                  to_dict)
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StepHook, StopAgreement)
-from atoll.trainer.islands import (agree_on_resume, build_diloco, connect_islands, island_saves,
-                                  island_snapshots, newest_common_snapshot, rejoin, shared_memory_interval,
-                                  start_islands_from_plain)
+from atoll.trainer.islands import (build_diloco, connect_islands, island_saves, island_snapshots,
+                                  shared_memory_interval)
 from atoll.trainer.loss import lm_loss
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
-from atoll.trainer.run_dir import (check_run_dir, checkpoints_dir, choose_checkpoint,
-                                   prepare_run_dir, truncate_metrics, write_config)
+from atoll.trainer.resume import rejoin_island, resume
+from atoll.trainer.run_dir import check_run_dir, checkpoints_dir, prepare_run_dir, write_config
 
 
 class TrainingError(RuntimeError):
@@ -174,7 +173,7 @@ class Trainer:
             checkpoints_dir(cfg), is_coordinator=self.env.is_island_lead if self.outer else self.is_logging_rank,
             use_async=ckpt.async_, interval=ckpt.interval,
             keep=ckpt.keep, keep_every=ckpt.keep_every, layout=self.layout.to_dict(),
-            recipe=to_dict(cfg), on_event=self._event, warn=self._warn,
+            recipe=to_dict(cfg), on_event=self._event, warn=self.warn,
             islands=island_saves(self.outer, cfg.fault_tolerance.collective_timeout_s) if self.outer else None,
             clean_partials=self.is_logging_rank and not self.control.rejoin_token)
         store = self.control.snapshot_store
@@ -184,7 +183,7 @@ class Trainer:
         if store is not None and memory_tier_on(cfg):
             self.snapshotter = MemorySnapshotter(store, rank=self.env.rank, world=self.env.world_size,
                                                  is_coordinator=self.env.is_island_lead,
-                                                 interval=memory_interval(cfg), warn=self._warn,
+                                                 interval=memory_interval(cfg), warn=self.warn,
                                                  on_event=self._snapshot_event,
                                                  agree_interval=(partial(shared_memory_interval, self.outer)
                                                                  if self.outer else None))
@@ -202,7 +201,7 @@ class Trainer:
             self.states["diloco"] = self.diloco
         self.resumed_step: Optional[int] = None
         self.resume_source: Optional[str] = None
-        self.resumed_from = self._rejoin() if self.control.rejoin_token else self._resume()
+        self.resumed_from = rejoin_island(self) if self.control.rejoin_token else resume(self)
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
                                     recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
@@ -255,10 +254,10 @@ class Trainer:
         initial values (the same values whatever the layout)."""
         materialize(part, self.device, self.cfg.run.seed)
 
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         print(f"warning: {message}", flush=True)
 
-    def _checkpoint_skipped(self, path: Path, reason: str) -> None:
+    def checkpoint_skipped(self, path: Path, reason: str) -> None:
         self._event("checkpoint_skipped", path=str(path), reason=reason)
 
     def _snapshot_event(self, event: str, /, **fields) -> None:
@@ -276,107 +275,6 @@ class Trainer:
         """An event every island reports for itself (DiLoCo): written by its first rank."""
         if self.env.is_island_lead:
             record_event(run_dir(self.cfg), event, **fields)
-
-    def _rejoin(self) -> Optional[Path]:
-        step = rejoin(self, self.control.rejoin_token)
-        if step is None:  # the other islands finished the run while this island came back
-            self.step = self.last_step
-            return None
-        self.step = step
-        self.resumed_step, self.resume_source = step, "peer"
-        return Path(f"peer:step-{step}")
-
-    def _resume(self) -> Optional[Path]:
-        """Load the newest state: a memory snapshot or the checkpoint `checkpoint.resume` names.
-
-        Rank 0 chooses, all follow. With `checkpoint.resume: auto` a complete
-        memory snapshot wins over a disk checkpoint that is not newer.
-        """
-        choice: tuple = ("none", None)
-        warm_start = None
-        if self.env.is_island_lead:  # each DiLoCo island chooses for itself, then they compare
-            try:
-                choice = self._choose_resume()
-            except CheckpointError as exc:
-                choice = ("error", str(exc))
-        kind, value = self.mesh.broadcast_object(choice)
-        if kind == "error":
-            raise CheckpointError(value)
-        if self.outer is not None:
-            agree_on_resume(self.outer, (kind, value))
-        if kind == "none":
-            if self.outer is not None and self.snapshot_store is not None and self.env.is_island_lead:
-                self.snapshot_store.clear()  # this island's snapshots of a failed start
-            if self.control.attempt > 0 and self.is_logging_rank:
-                truncate_metrics(self.cfg, 0)  # the failed attempt's rows will be logged again
-            return None
-        if kind == "memory":
-            restore_snapshot(self.snapshot_store, int(value), self.states, self.checkpointer.group)
-            path = Path(f"memory:step-{int(value)}")
-        elif kind == "weights":
-            return self._start_from_weights(Path(value))
-        else:
-            path = Path(value)
-            manifest = read_manifest(path)
-            if self.diloco is not None and not manifest.get("islands"):
-                warm_start = start_islands_from_plain(self, path, manifest)
-            else:
-                self.checkpointer.load(path, manifest, self.states)
-        self.step = int(self.progress.values["step"])
-        self.resumed_step, self.resume_source = self.step, ("memory" if kind == "memory" else "disk")
-        if self.outer is not None and self.snapshot_store is not None and self.env.is_island_lead:
-            self.snapshot_store.drop_after(self.step)
-        if self.is_logging_rank:
-            truncate_metrics(self.cfg, self.step)
-            print(warm_start or f"resumed from {path} at step {self.step} "
-                                f"({self.loader.samples_consumed} samples consumed)", flush=True)
-        return path
-
-    def _start_from_weights(self, path: Path) -> Path:
-        """Step 0 with another run's weights (an imported model, fine-tuning): a fresh
-        optimizer, schedule and data stream."""
-        manifest = read_manifest(path)
-        if manifest.get("islands"):
-            raise CheckpointError(f"checkpoint {path} holds DiLoCo islands; export it "
-                                  "(atoll ckpt export) and import that to start from its weights")
-        differences = model_differences(manifest.get("recipe", {}).get("model") or {}, self.cfg)
-        if differences:
-            raise CheckpointError(f"checkpoint {path} holds another model; train it with "
-                                  f"{' '.join(differences)}")
-        self.checkpointer.load(path, manifest, {"model": ModelWeightsState(self.parts)}, only=MODEL_PREFIX)
-        if self.diloco is not None:
-            self.diloco.start_from_model()
-        self.resumed_step, self.resume_source = 0, "weights"
-        if self.is_logging_rank:
-            truncate_metrics(self.cfg, 0)
-            print(f"starting from the weights of {path} (step {manifest['step']} there): "
-                  "fresh optimizer and schedule, step 0", flush=True)
-        return path
-
-    def _weights_only(self, manifest: dict) -> bool:
-        return bool(manifest.get("weights_only")) or not self.cfg.checkpoint.load_optimizer
-
-    def _choose_resume(self) -> tuple:
-        found = choose_checkpoint(self.cfg, self._warn, self._checkpoint_skipped)
-        auto = self.cfg.checkpoint.resume == "auto"
-        if found is not None and not auto and self._weights_only(found[1]):
-            # Fine-tuning from other weights: once this run has saved state of its own
-            # (a restart, a second invocation), that state is where it goes on from.
-            own = find_resumable(checkpoints_dir(self.cfg), self._warn)
-            memory = self.snapshot_store.latest() if self.snapshot_store is not None else None
-            if own is None and memory is None:
-                return "weights", str(found[0])
-            found, auto = own, True
-        disk_step = read_manifest(found[0])["step"] if found else -1
-        store = self.snapshot_store
-        if store is not None and auto:
-            if self.outer is None:
-                memory_step = store.latest()
-            else:  # the newest step every island can resume from together
-                memory_step = newest_common_snapshot(self.outer, store, disk_step)
-            if memory_step is not None and memory_step >= disk_step:
-                return "memory", memory_step
-        return ("disk", str(found[0])) if found else ("none", None)
 
     def snapshot_extra(self) -> dict:
         return {"step": self.step, "samples": self.loader.samples_consumed,
@@ -457,7 +355,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         result.skipped = True
         self._event("anomaly", step=self.step + 1, kind=kind, value=str(value), action=action)
-        self._warn(f"{kind} loss or gradient ({value}) at step {self.step + 1}: {action}")
+        self.warn(f"{kind} loss or gradient ({value}) at step {self.step + 1}: {action}")
         if action == "rollback":
             self._rollback()
 
@@ -476,7 +374,7 @@ class Trainer:
             restore_snapshot(store, memory_step, self.states, self.checkpointer.group)
         else:
             self.checkpointer.wait()
-            found = find_resumable(checkpoints_dir(self.cfg), self._warn)
+            found = find_resumable(checkpoints_dir(self.cfg), self.warn)
             if found is None:
                 raise TrainingError(f"the loss diverged at step {from_step + 1} and there is no "
                                     "snapshot or checkpoint to roll back to; lower optim.lr or "
@@ -486,7 +384,7 @@ class Trainer:
         skipped = position - self.loader.samples_consumed
         self.loader.samples_consumed = position  # skip the offending batches, never replay them
         self._event("rollback", from_step=from_step, to_step=self.step, skipped_samples=skipped)
-        self._warn(f"rolled back from step {from_step} to step {self.step}, "
+        self.warn(f"rolled back from step {from_step} to step {self.step}, "
                    f"skipping {skipped} samples")
 
     def load_metrics(self) -> dict:
