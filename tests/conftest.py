@@ -56,6 +56,25 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_two_ranks(args: list[str], timeout: float = 180) -> list[str]:
+    """Run `python ARGS...` as ranks 0 and 1 of a two-process group on loopback; their
+    outputs. The test fails, with the tail of both outputs, unless both exit 0."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = subprocess_env(MASTER_PORT=str(port))  # it drops RANK and WORLD_SIZE: set them after
+        env.update(RANK=str(rank), WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env=env))
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    return outputs
+
+
 def run_cli(args: list[str], timeout: float = 300, env: dict | None = None,
             torchrun_procs: int = 0) -> subprocess.CompletedProcess:
     """`atoll ...` (or torchrun with N processes) in a subprocess, output captured."""

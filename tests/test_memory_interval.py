@@ -7,8 +7,6 @@ Real torch.distributed (gloo on 127.0.0.1), real /dev/shm-style stores and the r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from atoll.trainer.config import load_recipe
 from atoll.trainer.hooks import RunControl
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.train import Trainer
-from conftest import TINY_MOE, free_port, subprocess_env
+from conftest import TINY_MOE, free_port, run_two_ranks
 from memory_interval_script import TensorState, snapshot_loop
 
 SCRIPT = Path(__file__).with_name("memory_interval_script.py")
@@ -114,19 +112,7 @@ def test_auto_interval_keeps_the_snapshot_cost_within_five_percent(tmp_path, wor
 def test_auto_interval_is_the_same_on_every_rank(tmp_path):
     """Two ranks whose snapshots cost differently (rank 1 holds 32 MB, rank 0 almost nothing)
     choose one interval: the one for the worst cost and the shortest step of the two."""
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = subprocess_env(MASTER_PORT=str(port))
-        env.update(RANK=str(rank), WORLD_SIZE="2")
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "shm"), str(tmp_path)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    try:
-        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    run_two_ranks([str(SCRIPT), str(tmp_path / "shm"), str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["interval"] == ranks[1]["interval"] > 1
     assert ranks[0]["saved"] == ranks[1]["saved"] and ranks[0]["chosen_at"] == ranks[1]["chosen_at"]

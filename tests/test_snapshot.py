@@ -7,8 +7,6 @@ runs in a process group, as the train loop does.
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from atoll.checkpoint.manifest import CheckpointError
 from atoll.checkpoint.snapshot import MemorySnapshotter, ShmSnapshotStore, restore_snapshot, shm_root
 from atoll.checkpoint.snapshot_store import IslandSnapshotStore
 from atoll.checkpoint.state import split_state
-from conftest import free_port, subprocess_env
+from conftest import free_port, run_two_ranks
 from snapshot_script import full_tensors, tiny_states, train
 
 SCRIPT = Path(__file__).with_name("snapshot_script.py")
@@ -31,12 +29,6 @@ def world_of_one():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-def rank_env(rank: int, port: int) -> dict[str, str]:
-    env = subprocess_env(MASTER_PORT=str(port))  # it drops RANK and WORLD_SIZE: set them after
-    env.update(RANK=str(rank), WORLD_SIZE="2")
-    return env
 
 
 def snapshot_of(states: dict, store: ShmSnapshotStore, step: int, extra: dict) -> MemorySnapshotter:
@@ -252,17 +244,7 @@ def test_snapshots_reshard_between_one_process_and_two_fsdp_ranks(tmp_path, worl
     assert snapshotter.wait(), snapshotter.last_error
     expected_one = full_tensors(states)
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "one"), str(tmp_path / "two"),
-                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=rank_env(rank, port))
-             for rank in (0, 1)]
-    try:
-        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    run_two_ranks([str(SCRIPT), str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path)])
 
     on_two = torch.load(tmp_path / "restored.pt", weights_only=True)
     assert on_two["extra"] == {"from": "one"} and on_two["progress"] == {"step": 2}
