@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
@@ -104,8 +104,9 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
 
 def _all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int],
                 group: dist.ProcessGroup) -> torch.Tensor:
-    out = x_ND.new_empty(sum(out_splits), x_ND.shape[1])
-    return dist_fn.all_to_all_single(out, x_ND, out_splits, in_splits, group=group)
+    # torch's functional collective, differentiable (backward exchanges the other way); the
+    # result waits for the exchange where it is first used.
+    return all_to_all_single_autograd(x_ND.contiguous(), out_splits, in_splits, group)
 
 
 def sync_expert_grads(model: nn.Module, mesh: ParallelMesh) -> None:
