@@ -46,7 +46,7 @@ from atoll.parallel.activation_checkpointing import apply_activation_checkpointi
 from atoll.parallel.compile import apply_compile
 from atoll.trainer.config import load_recipe, model_config
 from atoll.trainer.model import Transformer
-from atoll.trainer.train import lm_loss
+from atoll.trainer.loss import lm_loss
 
 
 def build(cfg, device: torch.device, ac: str, compiled: bool):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import load_line, machine_line  # noqa: E402
 
+from atoll.parallel.layout import free_port
 from atoll.parallel.memory_plan import plan_memory
 from atoll.checkpoint.snapshot_store import ShmSnapshotStore, shm_root
 from atoll.trainer.config import load_recipe
@@ -123,9 +123,8 @@ def plan_gib(cfg, device: torch.device) -> float | None:
 
 def run_mode(args, folder: Path, name: str, extra: list[str], control=None) -> dict:
     cfg = recipe(args, folder, name, extra)
-    with socket.socket() as sock:  # each run's own store: the last one's may still be closing
-        sock.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    # each run its own store: the last one's may still be closing
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     trainer = Trainer(cfg, control=control)
     device = trainer.device
     try:
@@ -166,7 +165,7 @@ def main(argv: list[str]) -> int:
     rows = []
     try:
         if not args.smoke:
-            token_file(folder, 50304, 40_000_000)
+            token_file(folder, load_recipe("moe_1b_8gpu").model.vocab_size, 40_000_000)
         print("mode      | tokens/s  | MFU    | peak GiB | plan GiB | host syncs/step | loss first -> last",
               flush=True)
         for name in args.modes.split(","):

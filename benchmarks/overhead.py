@@ -72,7 +72,8 @@ from atoll.trainer.config import DataConfig, as_dataclass, load_recipe, model_co
 from atoll.trainer.data import build_data
 from atoll.trainer.model import Transformer
 from atoll.trainer.optim import lr_multiplier
-from atoll.trainer.train import Trainer, lm_loss
+from atoll.trainer.loss import lm_loss
+from atoll.trainer.train import Trainer
 
 TARGET = 1.05
 

@@ -57,6 +57,7 @@ def checkpoint_block(block: nn.Module) -> None:
     # first argument (torch.compile replaces it by its compiled version). The new forward is
     # bound to the block, not a closure over it, so a deep copy of the model stays consistent.
     block.checkpointed_body = type(block).forward
+    block.checkpointed_moe = [m for m in block.modules() if isinstance(m, MoE)]  # found once
     block.forward = types.MethodType(_checkpointed_forward, block)
 
 
@@ -71,7 +72,7 @@ def _checkpointed_forward(self, *args, **kwargs):
 
 def _routing_paused_in_recompute(block: nn.Module):
     """checkpoint's context_fn: nothing in the forward; routing statistics off in the recompute."""
-    return contextlib.nullcontext(), _routing_paused([m for m in block.modules() if isinstance(m, MoE)])
+    return contextlib.nullcontext(), _routing_paused(block.checkpointed_moe)
 
 
 @contextlib.contextmanager

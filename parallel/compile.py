@@ -12,16 +12,13 @@ and would otherwise run the whole block eagerly; so the checkpoint itself
 stays eager and the compiled block body serves both the forward and its
 recompute.
 
-Graph breaks, kept few on purpose (2 or 3 per MoE block, none in a dense one):
+Graph breaks, kept few on purpose (2 per MoE block, none in a dense one):
 - the expert computation (`GroupedExperts.forward`, or the expert-parallel
   dispatch that replaces it) runs eagerly under `torch.compiler.disable`: its
   row counts per expert depend on the routing (data-dependent shapes), and
   under expert parallelism it runs all-to-alls with host-side split sizes;
 - the MoE routing statistics (`MoE._record_routing`) run eagerly, so the flag
-  that activation checkpointing flips in its recompute never becomes a guard;
-- with `model.moe.balance: aux_loss`, `torch.bincount` in `load_balancing_loss`
-  (its output shape depends on the data; a count with a fixed size would not
-  break).
+  that activation checkpointing flips in its recompute never becomes a guard.
 The first block's graphs and breaks are printed once, on the logging rank.
 
 Shapes are static: a step's shapes never change, so nothing recompiles from
@@ -41,7 +38,6 @@ import torch
 from torch import nn
 
 from atoll.parallel.activation_checkpointing import is_checkpointed
-from atoll.trainer.moe import MoE
 
 
 def apply_compile(part: nn.Module, model_cfg, log: Optional[Callable[[str], None]] = None) -> None:
@@ -49,11 +45,6 @@ def apply_compile(part: nn.Module, model_cfg, log: Optional[Callable[[str], None
     if not model_cfg.compile:
         return
     for name, block in part.layers.items():
-        for moe in (m for m in block.modules() if isinstance(m, MoE)):
-            experts = moe.experts
-            if not getattr(experts, "_atoll_eager", False):
-                experts.forward = torch.compiler.disable(experts.forward)
-                experts._atoll_eager = True
         if is_checkpointed(block):  # compile what runs under checkpoint, which torch.compile skips
             block.checkpointed_body = torch.compile(block.checkpointed_body, dynamic=False)
         else:

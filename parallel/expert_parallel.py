@@ -67,6 +67,7 @@ def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
         experts.ep_group = ep_mesh.get_group()
 
 
+@torch.compiler.disable  # split sizes read on the host: runs eagerly under torch.compile
 def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
                          experts_TK: torch.Tensor) -> torch.Tensor:
     """GroupedExperts.forward under expert parallelism (bound to the module)."""

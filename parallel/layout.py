@@ -118,7 +118,7 @@ class Layout:
                 f"processes ({islands}parallel.pp={self.pp} × parallel.dp={self.dp})")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -189,6 +189,8 @@ def visible_device_index(env: ProcessEnv, visible: int) -> int:
     not a wrap-around.
     """
     named = os.environ.get(LOCAL_DEVICE_ENV)
+    if named and not named.isdigit():
+        raise LayoutError(f"environment variable {LOCAL_DEVICE_ENV}={named!r} is not a GPU index")
     index = int(named) if named else env.local_rank
     if index < visible:
         return index
@@ -230,7 +232,7 @@ class ParallelMesh:
             # plan through it. Training itself uses none.
             if layout.world_size == 1:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                os.environ.setdefault("MASTER_PORT", str(free_port()))
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=timeout_s)
             whole = ProcessEnv(rank=env.island * layout.island_world + env.rank,

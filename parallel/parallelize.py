@@ -15,7 +15,7 @@ from torch import nn
 
 from atoll.parallel.activation_checkpointing import apply_activation_checkpointing
 from atoll.parallel.compile import apply_compile
-from atoll.parallel.data_parallel import apply_data_parallel
+from atoll.parallel.data_parallel import apply_data_parallel, uses_fsdp
 from atoll.parallel.expert_parallel import apply_expert_parallel
 from atoll.parallel.layout import ParallelMesh
 from atoll.parallel.precision import Precision
@@ -34,7 +34,7 @@ def parallelize(part: nn.Module, mesh: ParallelMesh, model_cfg, precision: Preci
     apply_expert_parallel(part, mesh)
     apply_activation_checkpointing(part, model_cfg)
     apply_compile(part, model_cfg, log=_print if mesh.env.is_logging_rank else None)
-    sharded = mesh.layout.dp > 1 and mesh.layout.dp_shard == "fsdp"
+    sharded = uses_fsdp(mesh.layout)
     if materialize is not None and not sharded:
         materialize(part)
     module = apply_data_parallel(part if root is None else root, blocks(part), mesh, precision)

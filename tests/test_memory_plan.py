@@ -22,7 +22,7 @@ from atoll.parallel.memory_plan import (GIB, OBJECT_STORE_FLOOR_MB, checkpointed
 from atoll.trainer.config import OptimConfig, as_dataclass, load_recipe, model_config
 from atoll.trainer.model import Transformer
 from atoll.trainer.optim import build_optimizer
-from atoll.trainer.train import lm_loss
+from atoll.trainer.loss import lm_loss
 from conftest import run_cli
 
 MB = 2**20

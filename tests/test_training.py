@@ -15,7 +15,8 @@ import torch
 from atoll.trainer.config import load_recipe, to_dict
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.optim import lr_multiplier
-from atoll.trainer.train import Trainer, lm_loss, train
+from atoll.trainer.loss import lm_loss
+from atoll.trainer.train import Trainer, train
 from conftest import TINY_MOE, assert_same_metrics, losses, run_cli, subprocess_env
 
 STEPS = 10

@@ -164,6 +164,7 @@ class GroupedExperts(nn.Module):
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, std=0.02)
 
+    @torch.compiler.disable  # data-dependent shapes: the kernels run eagerly under torch.compile
     def forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
                 experts_TK: torch.Tensor) -> torch.Tensor:
         from atoll.parallel.kernels import get_kernel, in_compute_dtype  # single-device code too

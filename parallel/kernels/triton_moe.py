@@ -283,11 +283,16 @@ def _time(launch, config: dict, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    """Part of every tile key; asked of the driver once per device, not per launch."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
 def _run(kernel, key: str, candidates: list[dict], device: torch.device, launch) -> None:
     """`launch(config)` with the config chosen for `key`: once per shape and shared by every
     process on the same tile config file (parallel/kernels/tuning.py)."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
-    full_key = f"{kernel.__name__} {key} on {device_name}"
+    full_key = f"{kernel.__name__} {key} on {_device_name(device)}"
     launch(tuning.table().choose(full_key, candidates, lambda c: _time(launch, c, device)))
 
 
