@@ -124,8 +124,7 @@ class MemorySnapshotHook(StepHook):
         if choice is not None:
             fields = {"interval": choice.interval, "snapshot_s": round(choice.snapshot_s, 6),
                       "step_s": round(choice.step_s, 6)}
-            trainer.island_event("memory_interval", step=trainer.step, **fields,
-                                 **({"island": trainer.env.island} if trainer.outer else {}))
+            trainer.island_event("memory_interval", step=trainer.step, **fields)
             if trainer.is_logging_rank:
                 print(f"memory snapshots every {choice.interval} step{'s' * (choice.interval > 1)} "
                       f"(checkpoint.memory_interval=auto: {choice.snapshot_s * 1e3:.1f} ms per snapshot, "
@@ -151,7 +150,7 @@ class DilocoHook(StepHook):
         for change in trainer.outer.take_changes():
             trainer.island_event("membership", outer_step=diloco.outer_step, **change)
         for fields in events:
-            trainer.island_event("outer_step", island=trainer.env.island, **fields)
+            trainer.island_event("outer_step", **fields)
             if trainer.env.is_island_lead:  # the rank that writes the event says it on the console too
                 # One write with its newline: unbuffered, print() writes the newline apart, and
                 # the islands' lines could run into each other on a shared terminal.

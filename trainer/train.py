@@ -264,7 +264,7 @@ class Trainer:
         # One per step would drown the run's events: only the first failure of a streak.
         failing = event == "snapshot_failed"
         if failing and not self._snapshots_failing:
-            self.island_event(event, **fields, **({"island": self.env.island} if self.outer else {}))
+            self.island_event(event, **fields)
         self._snapshots_failing = failing
 
     def _event(self, event: str, /, **fields) -> None:
@@ -272,7 +272,10 @@ class Trainer:
             record_event(run_dir(self.cfg), event, **fields)
 
     def island_event(self, event: str, /, **fields) -> None:
-        """An event every island reports for itself (DiLoCo): written by its first rank."""
+        """An event every island reports for itself (DiLoCo): written by its first rank, naming
+        the island when there are several."""
+        if self.outer is not None:
+            fields.setdefault("island", self.env.island)
         if self.env.is_island_lead:
             record_event(run_dir(self.cfg), event, **fields)
 
