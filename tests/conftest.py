@@ -53,6 +53,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env[MARKER] = SESSION_ID
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    if "MASTER_PORT" not in extra:  # an in-process run of this session set it, and may still hold it
+        env.pop("MASTER_PORT", None)
     return env
 
 
