@@ -106,7 +106,7 @@ class ParallelConfig:
     dp: int = 1
     ep: int = 1
     pp: int = 1
-    dp_shard: str = "fsdp"  # fsdp | ddp
+    dp_shard: str = "fsdp"  # auto | fsdp | ddp (auto: DDP while replicated state is small against the device)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     microbatches: Optional[int] = None  # pipeline microbatches per data micro-batch; default pp
     pp_virtual_stages: int = 2  # stages per rank with interleaved_1f1b
@@ -147,6 +147,11 @@ class FaultToleranceConfig:
     spike_factor: float = 0.0  # a loss above this × the running median is an anomaly; 0 = off
     max_bad_steps: int = 3  # anomalous steps in a row before rolling back to the last good state
     stop_grace_s: float = 20.0  # SIGINT/SIGTERM: longest wait for the step boundary and its checkpoint
+    straggler: str = "report"  # off | report | evict (a rank computing slower than its peers)
+    straggler_threshold: float = 0.7  # score (fastest rank's compute time / this rank's) below which it straggles
+    straggler_window: int = 20  # steps a rank must stay below the threshold before it is named
+    straggler_evict_after: int = 50  # evict: steps the straggler may cost the run before its node is left out
+    straggler_cooldown_s: float = 600.0  # evict: how long an evicted node is kept out of the run
 
 
 @dataclass
@@ -209,7 +214,8 @@ CHOICES = {
     "diloco.quantize": ("none", "bf16", "int8", "int4"),
     "data.source": ("stdlib", "folder", "tokens", "text"),
     "data.token_dtype": ("uint16", "uint32"),
-    "parallel.dp_shard": ("fsdp", "ddp"),
+    "parallel.dp_shard": ("auto", "fsdp", "ddp"),
+    "fault_tolerance.straggler": ("off", "report", "evict"),
     "parallel.pp_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
     "launch.backend": ("ray", "local", "torchrun"),
     "logging.wandb": ("offline", "online", "disabled"),
@@ -221,7 +227,7 @@ POSITIVE_INTS = (
     "data.max_bytes", "parallel.dp", "parallel.ep", "parallel.pp",
     "model.ac_every", "launch.cpus_per_worker", "logging.log_interval",
     "logging.eval_batches", "diloco.islands", "diloco.inner_steps", "diloco.fragments",
-    "diloco.int4_group",
+    "diloco.int4_group", "fault_tolerance.straggler_window", "fault_tolerance.straggler_evict_after",
 )
 NON_NEGATIVE = (
     "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.bias_update_rate",
@@ -232,6 +238,7 @@ NON_NEGATIVE = (
     "fault_tolerance.max_restarts", "fault_tolerance.restart_backoff_s",
     "fault_tolerance.min_workers", "fault_tolerance.spike_factor", "optim.momentum",
     "diloco.outer_momentum", "diloco.overlap_steps", "diloco.bandwidth_mbit",
+    "fault_tolerance.straggler_cooldown_s",
 )
 POSITIVE = ("fault_tolerance.stop_grace_s", "fault_tolerance.hang_timeout_s",
             "fault_tolerance.placement_timeout_s", "fault_tolerance.collective_timeout_s",
@@ -408,6 +415,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.launch.device_memory_gb is not None and not cfg.launch.device_memory_gb > 0:
         raise RecipeError(f"recipe key 'launch.device_memory_gb' must be positive, "
                           f"got {cfg.launch.device_memory_gb}")
+    if not 0 < cfg.fault_tolerance.straggler_threshold < 1:
+        raise RecipeError("recipe key 'fault_tolerance.straggler_threshold' must be between 0 and 1 "
+                          f"(exclusive), got {cfg.fault_tolerance.straggler_threshold}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
     if not 0 < cfg.data.val_fraction < 0.5:
