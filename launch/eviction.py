@@ -113,11 +113,11 @@ class Evictions:
                            f"would shrink from {world} to {target_world} workers, slower still; "
                            "reporting only until a node is free")
             return None
-        how = (f"{slower:.2f}x the others' median compute time (score {1 / slower:.2f})"
-               if slower else "named by the straggler policy")
+        how = (f"computes {slower:.2f}x the others' median compute time (score {1 / slower:.2f})"
+               if slower else "is named by the straggler policy")
         where = "a free node" if target_world >= self.world_of(self.full) else f"{target_world} workers"
         self.pending = Eviction(rank, info.node, info.pid, step, now,
-                                f"rank {rank} computes {how}; its node leaves the run for "
+                                f"rank {rank} {how}; its node leaves the run for "
                                 f"fault_tolerance.straggler_cooldown_s={self.cooldown_s:g}, "
                                 f"the run moves to {where}")
         return self.pending

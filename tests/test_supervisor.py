@@ -413,14 +413,17 @@ def evict_recipe(**ft) -> dict:
 
 
 def test_an_evicted_straggler_moves_to_a_free_node_and_its_node_returns_after_the_cooldown():
-    factory = FakeFactory([], total_steps=60, nodes=["n0", "n1", "n2"])
+    def beats(group, rank, status):  # the heartbeat's compute seconds of the last steps
+        status.beat["compute_s"] = [[0.1, 0.2][rank]] * 8 if group is factory.groups[0] else [0.1] * 8
+    factory = FakeFactory([beats], total_steps=60, nodes=["n0", "n1", "n2"])
     policy = NamesAStraggler(factory, rank=1)
     sup, events, clock = supervise(factory, evict_recipe(), policy=policy)
     sup.run()
     assert kinds(events) == ["workers", "failure", "workers", "restart"]
     failure, restart = events[1], events[3]
     assert (failure["kind"], failure["rank"], failure["node"], failure["pid"]) == ("straggler", 1, "n1", 1001)
-    assert "computes" in failure["message"] and "straggler_cooldown_s=2" in failure["message"]
+    assert "rank 1 computes 2.00x the others' median compute time (score 0.50)" in failure["message"]
+    assert "straggler_cooldown_s=2" in failure["message"]
     # The group stopped at a step boundary: the new one resumes there, on n0 and the spare n2.
     assert [r["node"] for r in events[2]["ranks"]] == ["n0", "n2"] and events[2]["world"] == 2
     assert restart["lost_steps"] == 0 and restart["resume_step"] == factory.groups[0].polls
