@@ -1,0 +1,96 @@
+"""A straggler evicted from a real three-node Ray cluster on this machine.
+
+Two ranks train on a cluster of three one-CPU nodes (test_elastic's
+`LocalCluster`: head + 2 workers), so one node is free. Rank 1 is slowed
+from outside, as a throttled GPU would be: SIGSTOP/SIGCONT duty-cycling of its
+process (tests/slowdown.py, about 1.6x). With `fault_tolerance.straggler:
+evict` the supervisor names it, stops the group at a step boundary once the
+straggler has cost `straggler_evict_after` steps, keeps its node out and
+restarts on the free node from that step's memory snapshot. The layout is
+unchanged, so the run must end bitwise equal to an undisturbed run, and its
+steps after the move must be as fast as those before the slowdown began.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.trainer.metrics import read_jsonl
+from conftest import TINY_MOE, assert_same_state, ended, events, finish, last_step, run_cli, subprocess_env, wait_for
+from slowdown import duty_cycle, slowdown_fraction
+from test_elastic import LocalCluster
+
+STEPS = 90
+RECIPE = [*TINY_MOE, "parallel.dp=2", f"run.steps={STEPS}", "optim.warmup_steps=0",
+          "optim.min_lr_ratio=1.0", "checkpoint.interval=1000", "checkpoint.memory_interval=1"]
+EVICT = ["fault_tolerance.straggler=evict", "fault_tolerance.straggler_window=5",
+         "fault_tolerance.straggler_evict_after=5", "fault_tolerance.straggler_cooldown_s=600"]
+CLEAN_FROM = 5  # steps before this one warm up (imports, first allocations)
+SLOW_FROM = 25  # the duty cycle starts after this step
+SETTLED_AFTER = 3  # steps after the restart before its step time counts
+# The step time after the move against the clean steps before the slowdown, medians: the
+# issue's bound is 10%, but other jobs on this 2-core machine move a median of twenty steps by
+# more than that, so the test allows 25% (it catches a run still slowed after the move, ~1.6x)
+# and benchmarks/straggler.py measures the 10% on an idle machine.
+STEP_TIME_SLACK = 1.25
+
+
+@pytest.fixture
+def three_nodes(short_tmp):
+    cluster = LocalCluster(2, short_tmp)
+    yield cluster
+    cluster.close()
+
+
+def step_times(run_dir, first: int, last: int) -> list[float]:
+    return [r["step_time_s"] for r in read_jsonl(run_dir / "metrics.jsonl") if first <= r["step"] <= last]
+
+
+@pytest.mark.slow
+def test_a_slow_rank_is_evicted_to_the_free_node_without_losing_a_sample(three_nodes, short_tmp, tmp_path):
+    run_dir = tmp_path / "evict"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atoll.launch", "train", *RECIPE, *EVICT, f"run.dir={run_dir}",
+         f"launch.ray_address={three_nodes.info['address']}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= SLOW_FROM, 240, proc, "training to start")
+        first, = events(run_dir, "workers")
+        slow = first["ranks"][1]
+        slowed_from = last_step(run_dir) + 1
+        with duty_cycle(slow["pid"], slowdown_fraction(1.6)):
+            wait_for(lambda: len(events(run_dir, "workers")) > 1, 240, proc, "the eviction")
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+
+    straggler, = events(run_dir, "straggler")
+    assert straggler["rank"] == 1 and straggler["node"] == slow["node"]
+    failure, = events(run_dir, "failure")
+    assert failure["kind"] == "straggler" and (failure["rank"], failure["pid"]) == (1, slow["pid"])
+    assert failure["node"] == slow["node"] and "straggler_cooldown_s" in failure["message"]
+    moved = events(run_dir, "workers")[1]
+    assert moved["world"] == 2 and slow["node"] not in {r["node"] for r in moved["ranks"]}
+    restart, = events(run_dir, "restart")
+    assert restart["source"] == "memory" and restart["lost_steps"] == 0
+    assert not events(run_dir, "resize")  # a free node: the layout did not change
+
+    # Every step logged once, every sample consumed once, and the state of an undisturbed run.
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert verify(resolve_checkpoint(run_dir))["samples"] == STEPS * 2 * 2  # steps × dp × micro_batch
+    reference = tmp_path / "reference"
+    done = run_cli(["train", *RECIPE, f"run.dir={reference}"], torchrun_procs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(reference / "metrics.jsonl")]
+    assert_same_state(run_dir, reference)
+
+    clean = statistics.median(step_times(run_dir, CLEAN_FROM, slowed_from - 1))
+    after = statistics.median(step_times(run_dir, restart["resume_step"] + SETTLED_AFTER, STEPS))
+    print(f"median step time: clean {clean:.4f}s, after the move {after:.4f}s")
+    assert after <= STEP_TIME_SLACK * clean
