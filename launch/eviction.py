@@ -48,9 +48,15 @@ class Eviction:
 
 
 def slowdown(beats: dict[int, dict], rank: int) -> Optional[float]:
-    """The rank's median compute time over the other ranks' median of theirs (heartbeat
-    `compute_s`), or None while the heartbeats do not carry enough of it."""
-    medians = {r: statistics.median(b["compute_s"]) for r, b in beats.items() if b.get("compute_s")}
+    """The rank's median compute time over the median of its peers' (the ranks of its pipeline
+    stage and island, which do the same work; heartbeat `compute_s`), or None while the
+    heartbeats do not carry enough of it."""
+    def peer_group(beat: dict) -> tuple:
+        return beat.get("island", 0), beat.get("stage", 0)
+
+    mine = peer_group(beats.get(rank, {}))
+    medians = {r: statistics.median(b["compute_s"]) for r, b in beats.items()
+               if b.get("compute_s") and peer_group(b) == mine}
     others = [m for r, m in medians.items() if r != rank]
     if rank not in medians or not others or statistics.median(others) <= 0:
         return None

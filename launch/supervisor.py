@@ -156,7 +156,7 @@ class Supervisor:
                  sleep: Callable[[float], None] = time.sleep,
                  interrupted: Callable[[], Optional[str]] = lambda: None,
                  stop_expired: Callable[[], bool] = lambda: False,
-                 log: Callable[[str], None] = print, straggler_policy: Any = None):
+                 log: Callable[[str], None] = print):
         self.recipe, self.factory, self.emit = recipe, factory, emit
         ft = recipe["fault_tolerance"]
         self.max_restarts, self.backoff_s = ft["max_restarts"], ft["restart_backoff_s"]
@@ -175,7 +175,7 @@ class Supervisor:
         self._restarted: list[int] = []  # ranks of an island restarted alone (DiLoCo)
         self.stop_grace_s = ft["stop_grace_s"]
         self._saving_snapshot = False  # a group only commits the newest memory snapshot to disk
-        self.straggler_policy = straggler_policy
+        self.stragglers = None  # the straggler policy (trainer/stragglers.py), fed in _watch
         self.evictions = Evictions(recipe, factory, fit_layout, world_of, log, clock)
 
     # ------------------------------------------------------------------ main loop
@@ -282,8 +282,6 @@ class Supervisor:
         self.log(f"supervisor: evicting node {eviction.node} at step {stopped}: {eviction.message}; "
                  f"restarting on {world_of(target)} workers (dp={target['parallel']['dp']}, "
                  f"grad_accum={target['data']['grad_accum']})")
-        if self.straggler_policy is not None:
-            self.straggler_policy.forget()
         return self._restart_recipe(target)
 
     def _restart_island(self, group: WorkerGroup, failure: Failure, recipe: dict) -> bool:
@@ -396,7 +394,7 @@ class Supervisor:
                     return self.evictions.pending or "grow"
                 return results
             if not stopping and signalled is None:
-                eviction = self.evictions.due(self.straggler_policy, group.ranks, recipe,
+                eviction = self.evictions.due(self.stragglers, group.ranks, recipe,
                                               {s.rank: s.beat for s in statuses}, top_step(statuses))
                 if eviction is not None:
                     self.emit("failure", attempt=self.attempt, rank=eviction.rank, pid=eviction.pid,

@@ -130,7 +130,9 @@ def supervise(factory, rec, clock=None, policy=None, log=None):
     clock = clock or Clock()
     events = []
     sup = Supervisor(rec, factory, lambda event, /, **f: events.append({"event": event, "at": clock.now, **f}),
-                     clock=clock, sleep=clock.sleep, log=log or (lambda line: None), straggler_policy=policy)
+                     clock=clock, sleep=clock.sleep, log=log or (lambda line: None))
+    if policy is not None:
+        sup.stragglers = policy
     return sup, events, clock
 
 
@@ -390,22 +392,21 @@ def test_a_rank_that_dies_while_stopping_ends_the_run_instead_of_restarting():
 
 
 class NamesAStraggler:
-    """The straggler policy's interface (launch/stragglers.py), scripted: it names `rank` of
-    the first group for eviction from that group's `from_poll`-th poll on, until `forget()`."""
+    """The straggler policy's interface (trainer/stragglers.py), scripted: it names `rank` of
+    the first group for eviction from that group's `from_poll`-th poll on."""
 
     def __init__(self, factory, rank, from_poll=3):
         self.factory, self.rank, self.from_poll = factory, rank, from_poll
-        self.forgotten = 0
 
     def observe(self, beats_by_rank, nodes, now):
         return []
 
     def evict_candidate(self):
         group = self.factory.groups[-1]
-        return self.rank if not self.forgotten and group.polls >= self.from_poll else None
+        return self.rank if len(self.factory.groups) == 1 and group.polls >= self.from_poll else None
 
     def forget(self):
-        self.forgotten += 1
+        pass
 
 
 def evict_recipe(**ft) -> dict:
@@ -427,7 +428,7 @@ def test_an_evicted_straggler_moves_to_a_free_node_and_its_node_returns_after_th
     # The group stopped at a step boundary: the new one resumes there, on n0 and the spare n2.
     assert [r["node"] for r in events[2]["ranks"]] == ["n0", "n2"] and events[2]["world"] == 2
     assert restart["lost_steps"] == 0 and restart["resume_step"] == factory.groups[0].polls
-    assert factory.groups[0].stop_reason == RESIZE and policy.forgotten == 1
+    assert factory.groups[0].stop_reason == RESIZE
     # Not a crash: max_restarts=0 did not end the run; n1 was let back in after 2 s.
     assert sup.state == "finished" and sup.restarts == 0 and factory.excluded == []
     assert clock.now - failure["at"] > 2
