@@ -279,8 +279,8 @@ class Supervisor:
             self.emit("resize", from_world=world_of(current), to_world=world_of(target),
                       layout=layout_of(target), grad_accum=target["data"]["grad_accum"], step=stopped)
             self.state = "resizing"
-        self.log(f"supervisor: evicting node {eviction.node} at step {stopped}: {eviction.message}; "
-                 f"restarting on {world_of(target)} workers (dp={target['parallel']['dp']}, "
+        self.log(f"supervisor: node {eviction.node} left out after step {stopped}; restarting on "
+                 f"{world_of(target)} workers (dp={target['parallel']['dp']}, "
                  f"grad_accum={target['data']['grad_accum']})")
         return self._restart_recipe(target)
 
@@ -393,17 +393,8 @@ class Supervisor:
                 if any(r.get("stopped") for r in results):
                     return self.evictions.pending or "grow"
                 return results
-            if not stopping and signalled is None:
-                eviction = self.evictions.due(self.stragglers, group.ranks, recipe,
-                                              {s.rank: s.beat for s in statuses}, top_step(statuses))
-                if eviction is not None:
-                    self.emit("failure", attempt=self.attempt, rank=eviction.rank, pid=eviction.pid,
-                              node=eviction.node, kind="straggler", step=eviction.step, detected_s=0.0,
-                              message=eviction.message[:500])
-                    self.log(f"supervisor: rank {eviction.rank} straggles: {eviction.message}; "
-                             "stopping the group at the next step boundary")
-                    group.request_stop(RESIZE)
-                    stopping = True
+            if not stopping and signalled is None and self._eviction_due(group, recipe, statuses):
+                stopping = True
             if shrunk and not stopping and now >= next_grow_check:
                 next_grow_check = now + GROW_CHECK_S
                 if self.factory.capacity(group.world) >= world_of(self.recipe):
@@ -412,6 +403,19 @@ class Supervisor:
                     group.request_stop(RESIZE)
                     stopping = True
             self.sleep(self.poll_s)
+
+    def _eviction_due(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus]) -> bool:
+        """Whether a straggler is to be evicted now: then the group is asked to stop at the
+        next step boundary (`_watch` returns the eviction once it has)."""
+        eviction = self.evictions.due(self.stragglers, group.ranks, recipe,
+                                      {s.rank: s.beat for s in statuses}, top_step(statuses))
+        if eviction is None:
+            return False
+        self.emit("failure", attempt=self.attempt, rank=eviction.rank, pid=eviction.pid, node=eviction.node,
+                  kind="straggler", step=eviction.step, detected_s=0.0, message=eviction.message[:500])
+        self.log(f"supervisor: {eviction.message}; stopping the group at the next step boundary")
+        group.request_stop(RESIZE)
+        return True
 
     def _newest_snapshot(self) -> bool:
         store = self.factory.snapshot_store()
