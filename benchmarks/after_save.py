@@ -7,10 +7,12 @@ What it measures
     experts, one process) takes a memory snapshot every step
     (`checkpoint.memory_interval`, default 1, into a /dev/shm store as under
     torchrun) and a disk checkpoint at step SAVE_AT. It prints the median step
-    time of the steps before the save and of the steps after it (the save's own
-    step and the one after it are left out: the first holds a sync save, the
-    second an async save's staging copy) and their ratio, for `checkpoint.async`
-    false and true. Target: after / before <= 1.05 for both.
+    time of the steps before the save and of the steps after it has committed
+    (the save's own step and the one after it are always left out: the first
+    holds a sync save, the second an async save's staging copy; steps that begin
+    while an async save is still being written are counted and shown apart, as
+    they share the cores with the save's own work) and their ratio, for
+    `checkpoint.async` false and true. Target: after / before <= 1.05 for both.
 
     Besides wall time it prints the training thread's CPU time per step and the
     CPU the async writer process used over the window after the save: on a
@@ -92,10 +94,13 @@ def one_run(args: argparse.Namespace) -> None:
         try:
             writer = trainer.checkpointer.writer_process
             while trainer.step < trainer.last_step:
+                trainer.checkpointer.poll()  # as the step's hook would: a finished save is cleared
+                saving = trainer.checkpointer.in_flight is not None
                 wall, cpu = time.perf_counter(), time.thread_time()
                 trainer.one_step()
                 rows.append({"step": trainer.step, "wall_s": time.perf_counter() - wall,
-                             "cpu_s": time.thread_time() - cpu, "writer_cpu_s": _cpu_of(writer)})
+                             "cpu_s": time.thread_time() - cpu, "writer_cpu_s": _cpu_of(writer),
+                             "saving": saving})
             trainer.run()  # nothing left to train: closes the hooks and the checkpointer as a run does
         finally:
             trainer.close(clean=True)
@@ -117,11 +122,12 @@ def _cpu_of(writer) -> float:
 
 # ---------------------------------------------------------------- the comparison
 
-def windows(rows: list[dict], save_at: int) -> tuple[list[dict], list[dict]]:
-    """(steps before the save, from SAVE_AT/2; steps after it, from the second one after it)."""
+def windows(rows: list[dict], save_at: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(steps before the save, from SAVE_AT/2; steps after it, from the second one after it,
+    that began with an async save still in flight; the same once it had committed)."""
     before = [r for r in rows if save_at // 2 <= r["step"] < save_at]
     after = [r for r in rows if save_at + 2 <= r["step"] < rows[-1]["step"]]
-    return before, after
+    return before, [r for r in after if r["saving"]], [r for r in after if not r["saving"]]
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -150,13 +156,19 @@ def main(argv: list[str]) -> None:
                 print("FAIL: a run failed")
                 return
             rows = json.loads(lines[-1])["rows"]
-            before, after = windows(rows, args.save_at)
+            before, writing, after = windows(rows, args.save_at)
+            if len(after) < 3:
+                print(f"FAIL: the {mode} save of step {args.save_at} was still in flight after "
+                      f"{len(writing)} steps: raise --after")
+                return
             result = {"before": median(before, "wall_s"), "after": median(after, "wall_s"),
                       "cpu_before": median(before, "cpu_s"), "cpu_after": median(after, "cpu_s"),
-                      "writer_after": after[-1]["writer_cpu_s"] - before[-1]["writer_cpu_s"]}
+                      "writer_after": rows[-2]["writer_cpu_s"] - before[-1]["writer_cpu_s"]}
             results[mode].append(result)
+            in_flight = (f"; {len(writing)} step(s) began with the save in flight, median "
+                         f"{median(writing, 'wall_s'):.3f} s" if writing else "")
             print(f"round {round_ + 1} {mode:5s}: step {result['before']:.3f} s before, {result['after']:.3f} s "
-                  f"after ({result['after'] / result['before']:.2f}x); training thread CPU "
+                  f"after ({result['after'] / result['before']:.2f}x){in_flight}; training thread CPU "
                   f"{result['cpu_before']:.3f} -> {result['cpu_after']:.3f} s; writer process CPU "
                   f"{result['writer_after']:.2f} s over the steps after", flush=True)
     print()
