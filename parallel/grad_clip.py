@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from atoll.parallel.wait_clock import waiting
+
 
 def _copies(grad: torch.Tensor, stage_world: int) -> int:
     """How many ranks hold an identical copy of this rank's piece of `grad`.
@@ -69,9 +71,10 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
         total = torch.zeros(1, dtype=torch.float64, device=device)
     summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1)
                                   for v in extra])
-    if world > 1:
-        dist.all_reduce(summed)
-    values = summed.tolist()
+    with waiting(device):  # the step's one blocking point: every rank meets here
+        if world > 1:
+            dist.all_reduce(summed)
+        values = summed.tolist()
     norm = math.sqrt(values[0]) if math.isfinite(values[0]) else float("nan")
     if pieces and max_norm > 0 and norm > max_norm:
         torch._foreach_mul_(pieces, max_norm / (norm + 1e-6))

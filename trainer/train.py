@@ -455,7 +455,7 @@ class Trainer:
                   + (f", {self.kernel_choice}" if self.kernel_choice else ""), flush=True)
         for hook in self.hooks:
             if isinstance(hook, HeartbeatHook):
-                hook.beat(self)  # started (and resumed): the launcher may time the next step
+                hook.started(self)  # started (and resumed): the launcher may time the next step
         if self.step >= self.last_step:
             saving = self.resume_source == "memory" and bool(self.checkpointer.interval)
             if saving:
