@@ -165,3 +165,24 @@ def test_a_duty_cycled_rank_is_named_on_ray(short_tmp):
     assert slowed_at < named["since_step"] and named["step"] <= slowed_at + window + 10, (slowed_at, named)
     assert named["compute_s"] / named["median_compute_s"] > 1.3, named
     assert "straggler: rank 1 on node" in out + err
+
+
+def test_peer_report_scores_the_shared_vector_like_the_supervisor():
+    """Without a supervisor (torchrun) each rank fills its own slot of a vector that the
+    step's all-reduce sums, and one rank scores the sums: the supervisor's events."""
+    from atoll.trainer.stragglers import PeerReport
+
+    reports = [PeerReport(StragglerPolicy(THRESHOLD, WINDOW), rank, [0] * 4, NODES) for rank in range(4)]
+    assert reports[2].slots([0.3, 0.5]) == [0.0, 0.0, 0.5, 0.0] and reports[2].slots([]) == [0.0] * 4
+    rng, history = random.Random(1), {r: [] for r in range(4)}
+    supervised = StragglerPolicy(THRESHOLD, WINDOW)
+    by_supervisor, by_peers = [], []
+    for step in range(1, 101):
+        for rank in range(4):
+            history[rank].append(0.1 * slow(1, 1.6, start=30)(rank, step) * rng.lognormvariate(0, 0.05))
+        summed = [sum(column) for column in zip(*(r.slots(history[r.rank]) for r in reports))]
+        by_peers += reports[0].take(step, summed, now=0.0)
+        beats = {r: {"step": step, "compute_s": history[r][-32:], "stage": 0, "island": 0} for r in range(4)}
+        by_supervisor += supervised.observe(beats, NODES, now=0.0)
+    assert [e for e, _ in by_peers] == ["straggler"] and by_peers == by_supervisor
+    assert reports[0].take(100, summed, now=0.0) == []  # a skipped step: nothing new

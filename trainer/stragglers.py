@@ -197,3 +197,53 @@ def describe(event: str, fields: dict, threshold: float) -> str:
                 f"fault_tolerance.straggler_threshold={threshold:g})")
     return (f"straggler cleared: rank {fields['rank']} on node {node} computes like its peers again "
             f"at step {fields['step']} (score {fields['score']:.2f})")
+
+
+class PeerReport:
+    """The same scoring where no supervisor reads heartbeats (torchrun): every rank puts its
+    last step's compute time in its own slot of a world-sized vector that rides on the step's
+    existing all-reduce (`slots`), and one rank scores the sums (`take`). Report only."""
+
+    def __init__(self, policy: StragglerPolicy, rank: int, stages: list[int], nodes: dict[int, str]):
+        self.policy, self.rank, self.stages, self.nodes = policy, rank, stages, nodes
+        self.history: dict[int, list[float]] = {r: [] for r in nodes}
+        self.last_step = -1
+
+    def slots(self, compute_s) -> list[float]:
+        """This rank's share of the vector: its newest step's compute time, zeros elsewhere."""
+        out = [0.0] * len(self.stages)
+        out[self.rank] = compute_s[-1] if compute_s else 0.0
+        return out
+
+    def take(self, step: int, computes: list[float], now: float) -> list[tuple[str, dict]]:
+        """The world's vector for `step`: the events due (on the rank that scores)."""
+        if step == self.last_step:  # a skipped step (anomaly): nothing new
+            return []
+        if step < self.last_step:  # a rollback: the steps come again
+            self.history = {r: [] for r in self.nodes}
+            self.policy.forget()
+        self.last_step = step
+        if any(c <= 0 for c in computes):  # the first step: nobody has a figure yet
+            return []
+        for rank, seconds in enumerate(computes):
+            self.history[rank] = (self.history[rank] + [seconds])[-32:]
+        beats = {rank: {"step": step, "compute_s": times, "stage": self.stages[rank], "island": 0}
+                 for rank, times in self.history.items()}
+        return self.policy.observe(beats, self.nodes, now)
+
+
+def peer_report(ft, watched: bool, rank: int, world: int, local_world: int, mesh) -> Optional[PeerReport]:
+    """A `PeerReport` for every rank when no launcher watches the heartbeats (`watched`
+    False) and `fault_tolerance.straggler` is on, else None. `mesh`: the rank's
+    torch DeviceMesh (pipeline stage of each rank); a torchrun node holds `local_world`
+    consecutive ranks."""
+    if watched or ft.straggler == "off" or world < 2 or mesh is None:
+        return None
+    by_stage = mesh.mesh.movedim(list(mesh.mesh_dim_names).index("pp"), 0)
+    stages = [0] * world
+    for stage, ranks in enumerate(by_stage):
+        for member in ranks.flatten().tolist():
+            stages[member] = stage
+    nodes = {r: str(r // max(local_world, 1)) for r in range(world)}
+    policy = StragglerPolicy(ft.straggler_threshold, ft.straggler_window, "report", ft.straggler_evict_after)
+    return PeerReport(policy, rank, stages, nodes)
