@@ -55,9 +55,10 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
     """Scale gradients so their global L2 norm is at most `max_norm` (0: no clipping).
 
     Returns the norm before clipping and the world sums of the `extra`
-    scalars and vectors (flattened, in order), which ride on the same all-reduce (the train loop's per-step
-    loss and non-finite checks cost no collective of their own). The
-    all-reduce spans every rank, so the norm covers all pipeline stages.
+    scalars and vectors (flattened, in order), which ride on the same
+    all-reduce (the train loop's per-step loss and non-finite checks cost no
+    collective of their own). The all-reduce spans every rank, so the norm
+    covers all pipeline stages.
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
