@@ -152,12 +152,12 @@ def test_a_duty_cycled_rank_is_named_on_ray(short_tmp):
                           "logging.wandb=disabled", "checkpoint.interval=0", "fault_tolerance.straggler=report",
                           f"fault_tolerance.straggler_window={window}", f"run.dir={run_dir}"], short_tmp)
     with ended(proc):
-        wait_for(lambda: last_step(run_dir) >= onset, 180, proc, "the clean phase")
+        wait_for(lambda: last_step(run_dir) >= onset, 300, proc, "the clean phase")
         assert events(run_dir, "straggler") == []
         pid = events(run_dir, "workers")[-1]["ranks"][1]["pid"]
         with duty_cycle(pid, slowdown_fraction(1.6)):
             slowed_at = last_step(run_dir)
-            named = wait_for(lambda: events(run_dir, "straggler"), 120, proc, "a straggler event")[0]
+            named = wait_for(lambda: events(run_dir, "straggler"), 240, proc, "a straggler event")[0]
         out, err = finish(proc, 120)
     assert proc.returncode == 0, err[-3000:]
     found = events(run_dir, "straggler")
