@@ -119,6 +119,10 @@ class Checkpointer:
         self.commits = is_coordinator and (islands is None or islands.island == 0)
         self.group = dist.new_group(backend="gloo")
         self.writer_process = WriterProcess() if use_async else None
+        if self.writer_process is not None and interval > 0:
+            # Now, beside model building and resume: started at the first save, its interpreter
+            # (seconds of CPU importing torch) slowed the ten steps after that save.
+            self.writer_process.start()
         self.copies = SideStreamCopies()  # staging of device tensors: side stream, pinned buffer
         self.in_flight: Optional[_InFlight] = None
         self.blocked_s = 0.0  # time training waited on checkpoints since last read

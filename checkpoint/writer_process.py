@@ -13,7 +13,9 @@ training process, so the writer needs no process group, no store and no
 private torch API: a pipe, one buffer and DCP's public StorageWriter
 interface.
 
-The writer is spawned on the first save. It ends when asked, when its pipe
+The writer is spawned when the checkpointer is created (`start`), so that its
+interpreter's start is paid during setup, not by the steps after the first
+save; a save finding it dead spawns another. It ends when asked, when its pipe
 closes, or when the process that started it is gone (polled: a rank killed
 by SIGKILL cannot stop it). It must not know about models or the train loop.
 """
@@ -155,10 +157,16 @@ class WriterProcess:
         self._conn: Optional[Connection] = None
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        """Spawn the writer now if it is not running. Its start (a new interpreter importing
+        torch: seconds of CPU) then overlaps the trainer's own setup instead of the steps
+        after the first save, where it would take cores from training."""
+        with self._lock:
+            self._ensure_started()
+
     def write(self, path: str, plan: SavePlan, slots: list[ChunkSlot]) -> tuple[list, FileHashes]:
         with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                self._start()
+            self._ensure_started()  # also after a writer died: the next save gets a new one
             try:
                 self._conn.send(("write", path, plan, slots, self.buffer.size))
                 status, payload, hashes = self._conn.recv()
@@ -169,6 +177,10 @@ class WriterProcess:
         if status != "ok":
             raise CheckpointError(f"the checkpoint writer could not write {path}: {payload}")
         return payload, hashes
+
+    def _ensure_started(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            self._start()
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair()

@@ -49,6 +49,7 @@ from typing import Any, Callable, Optional, Protocol
 from atoll.launch.eviction import Eviction, Evictions
 from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
 from atoll.trainer.hooks import RESIZE
+from atoll.trainer.stragglers import StragglerPolicy, describe
 
 BACKOFF_CAP_S = 30.0
 # The outcome of a group that could not reach a signal's step boundary within this share of
@@ -175,7 +176,9 @@ class Supervisor:
         self._restarted: list[int] = []  # ranks of an island restarted alone (DiLoCo)
         self.stop_grace_s = ft["stop_grace_s"]
         self._saving_snapshot = False  # a group only commits the newest memory snapshot to disk
-        self.stragglers = None  # the straggler policy (trainer/stragglers.py), fed in _watch
+        self.straggler_threshold = ft["straggler_threshold"]
+        self.stragglers = None if ft["straggler"] == "off" else StragglerPolicy(
+            ft["straggler_threshold"], ft["straggler_window"], ft["straggler"], ft["straggler_evict_after"])
         self.evictions = Evictions(recipe, factory, fit_layout, world_of, log, clock)
 
     # ------------------------------------------------------------------ main loop
@@ -255,6 +258,8 @@ class Supervisor:
                 raise WorkerFailed(str(exc)) from None
             self.log(f"supervisor: {exc}")
             return None
+        if self.stragglers is not None:
+            self.stragglers.forget()  # new processes: their steps are timed afresh
         self.emit("workers", attempt=self.attempt, world=world, layout=layout_of(recipe),
                   ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node,
                           **({"island": r.rank * _islands(recipe) // world} if _islands(recipe) > 1 else {})}
@@ -386,6 +391,8 @@ class Supervisor:
                 return failure
             if not first_step_seen:
                 first_step_seen = self._note_first_step(group, recipe, statuses, now)
+            if self.stragglers is not None:
+                self._score_stragglers(group, statuses, now)
             if all(s.state == "finished" for s in statuses):
                 results = [s.result or {} for s in sorted(statuses, key=lambda s: s.rank)]
                 if any(r.get("stop") for r in results):
@@ -403,6 +410,12 @@ class Supervisor:
                     group.request_stop(RESIZE)
                     stopping = True
             self.sleep(self.poll_s)
+
+    def _score_stragglers(self, group: WorkerGroup, statuses: list[RankStatus], now: float) -> None:
+        beats = {s.rank: s.beat for s in statuses if s.state == "running" and s.beat}
+        for event, fields in self.stragglers.observe(beats, {r.rank: r.node for r in group.ranks}, now):
+            self.emit(event, **fields)
+            self.log(f"supervisor: {describe(event, fields, self.straggler_threshold)}")
 
     def _eviction_due(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus]) -> bool:
         """Whether a straggler is to be evicted now: then the group is asked to stop at the

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from atoll.parallel.expert_parallel import expert_params, moe_layers
 from atoll.parallel.layout import Layout, ParallelMesh
 from atoll.parallel.precision import FP32_POLICY, Precision
+from atoll.parallel.wait_clock import time_ddp_waits, time_fsdp_waits
 
 
 def uses_fsdp(layout: Layout) -> bool:
@@ -75,6 +76,7 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh,
         if layout.pp > 1:  # microbatches alternate forward and backward: keep blocks gathered
             for block in blocks:
                 block.set_reshard_after_forward(False)
+        time_fsdp_waits(model.modules())  # parameter all-gathers, gradient reduce-scatters
         return model
     if experts:
         names = [name for name, p in model.named_parameters() if p in experts]
@@ -82,9 +84,11 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh,
     # Pipeline stages drive DDP's reducer from torch's stage code, and DDP's
     # bucket rebuild after the first step also counts the schedule's
     # shape-inference backward; find_unused_parameters turns that rebuild off.
-    return DistributedDataParallel(model, process_group=dp_mesh.get_group(),
-                                   device_ids=None if mesh.device.type == "cpu" else [mesh.device],
-                                   find_unused_parameters=layout.pp > 1)
+    ddp = DistributedDataParallel(model, process_group=dp_mesh.get_group(),
+                                  device_ids=None if mesh.device.type == "cpu" else [mesh.device],
+                                  find_unused_parameters=layout.pp > 1)
+    time_ddp_waits(ddp, dp_mesh.get_group())  # the same all-reduce, its tail counted as waiting
+    return ddp
 
 
 def _forward_under(module: nn.Module, context) -> None:

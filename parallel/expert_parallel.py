@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, Shard
 from atoll.parallel.kernels import get_kernel, in_compute_dtype
 from atoll.parallel.kernels.sorted import sort_assignments
 from atoll.parallel.layout import ParallelMesh
+from atoll.parallel.wait_clock import waiting
 from atoll.trainer.moe import MoE
 
 
@@ -82,12 +83,13 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     x_ND = x_TD[token_N]
     # How many rows each rank receives for each of its local experts, from each source.
     recv_counts_E = torch.empty_like(counts_E)
-    dist.all_to_all_single(recv_counts_E, counts_E, group=group)
-    recv_counts_PL = recv_counts_E.view(ep, local_experts)
-    # The one host sync of the layer: all_to_all_single takes its split sizes as Python
-    # ints (so does torchtitan's). Both directions come over in a single read.
-    send_splits, recv_splits = torch.stack([counts_E.view(ep, local_experts).sum(1),
-                                            recv_counts_PL.sum(1)]).tolist()
+    with waiting(x_TD.device):  # where this layer first meets the other ep ranks
+        dist.all_to_all_single(recv_counts_E, counts_E, group=group)
+        recv_counts_PL = recv_counts_E.view(ep, local_experts)
+        # The one host sync of the layer: all_to_all_single takes its split sizes as Python
+        # ints (so does torchtitan's). Both directions come over in a single read.
+        send_splits, recv_splits = torch.stack([counts_E.view(ep, local_experts).sum(1),
+                                                recv_counts_PL.sum(1)]).tolist()
 
     x_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
     # output_size: the length is known on the host, so repeat_interleave needs no sync
@@ -129,7 +131,8 @@ def sync_expert_grads(model: nn.Module, mesh: ParallelMesh) -> None:
             continue
         grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
         if replicas is not None:
-            dist.all_reduce(grad, group=replicas)
+            with waiting(grad.device):
+                dist.all_reduce(grad, group=replicas)
         grad.div_(divisor)
 
 
@@ -142,7 +145,8 @@ def reduce_moe_load(model: nn.Module, mesh: Optional[ParallelMesh]) -> list[tupl
     loads, dropped = zip(*(moe.take_load() for _, moe in layers))
     packed = torch.cat([torch.stack(loads).flatten(), torch.stack(dropped)]).to(torch.float64)
     if mesh is not None and mesh.layout.dp > 1:
-        dist.all_reduce(packed, group=mesh.dp_group)
+        with waiting(packed.device):
+            dist.all_reduce(packed, group=mesh.dp_group)
     num_experts = loads[0].numel()
     per_layer = packed[:len(layers) * num_experts].view(len(layers), num_experts)
     drops = packed[len(layers) * num_experts:]

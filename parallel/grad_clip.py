@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from atoll.parallel.wait_clock import waiting
+
 
 def _copies(grad: torch.Tensor, stage_world: int) -> int:
     """How many ranks hold an identical copy of this rank's piece of `grad`.
@@ -53,9 +55,10 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
     """Scale gradients so their global L2 norm is at most `max_norm` (0: no clipping).
 
     Returns the norm before clipping and the world sums of the `extra`
-    scalars, which ride on the same all-reduce (the train loop's per-step
-    loss and non-finite checks cost no collective of their own). The
-    all-reduce spans every rank, so the norm covers all pipeline stages.
+    scalars and vectors (flattened, in order), which ride on the same
+    all-reduce (the train loop's per-step loss and non-finite checks cost no
+    collective of their own). The all-reduce spans every rank, so the norm
+    covers all pipeline stages.
     """
     grads = [p.grad for p in params if p.grad is not None]
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -67,11 +70,12 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
         total = (norms.pow(2) / copies).sum().reshape(1)
     else:
         total = torch.zeros(1, dtype=torch.float64, device=device)
-    summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1)
+    summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1)
                                   for v in extra])
-    if world > 1:
-        dist.all_reduce(summed)
-    values = summed.tolist()
+    with waiting(device):  # the step's one blocking point: every rank meets here
+        if world > 1:
+            dist.all_reduce(summed)
+        values = summed.tolist()
     norm = math.sqrt(values[0]) if math.isfinite(values[0]) else float("nan")
     if pieces and max_norm > 0 and norm > max_norm:
         torch._foreach_mul_(pieces, max_norm / (norm + 1e-6))

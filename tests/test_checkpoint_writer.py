@@ -92,6 +92,18 @@ def test_async_save_writes_stock_dcp_files_hashed_by_the_writer(trainer, tmp_pat
     assert not psutil.pid_exists(writer_pid) or psutil.Process(writer_pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_writer_runs_before_the_first_save_and_writes_it(trainer, tmp_path):
+    """Spawned at the first save, the writer's interpreter (seconds of CPU importing torch)
+    took cores from the steps after that save; it starts with the checkpointer instead."""
+    writer_pid = trainer.checkpointer.writer_process.pid
+    assert writer_pid is not None and psutil.Process(writer_pid).status() != psutil.STATUS_ZOMBIE
+    for _ in range(2):
+        trainer.one_step()
+    trainer.checkpointer.wait()
+    assert commits(tmp_path / "run") == [2]
+    assert trainer.checkpointer.writer_process.pid == writer_pid
+
+
 def test_writer_killed_mid_save_fails_that_save_and_the_next_one_commits(trainer, tmp_path):
     run_dir = tmp_path / "run"
     for _ in range(2):

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from atoll.parallel.wait_clock import StepTimes
+
 if TYPE_CHECKING:
     from atoll.checkpoint.snapshot_store import SnapshotStore
     from atoll.trainer.train import StepResult, Trainer
@@ -190,16 +192,28 @@ class MetricsHook(StepHook):
 
 
 class HeartbeatHook(StepHook):
-    """Tells the launcher each completed step."""
+    """Tells the launcher each completed step, and how long this rank computed and waited
+    for its peers in each of the last steps (`compute_s`, `wait_s`: oldest first, the last
+    entry is `step`'s), where it sits (`stage`, `island`: ranks that do the same work
+    share both), so that the supervisor can find a straggler without a collective."""
 
     def __init__(self, control: RunControl):
         self.control = control
+        self.times = StepTimes()
 
     def beat(self, trainer: "Trainer") -> None:
         if self.control.heartbeat is not None:
             self.control.heartbeat({"step": trainer.step, "samples": trainer.loader.samples_consumed,
                                     "time": time.time(), "resumed_step": trainer.resumed_step,
-                                    "resume_source": trainer.resume_source})
+                                    "resume_source": trainer.resume_source,
+                                    "compute_s": list(self.times.compute_s), "wait_s": list(self.times.wait_s),
+                                    "stage": trainer.mesh.pp_rank, "island": trainer.env.island})
+
+    def started(self, trainer: "Trainer") -> None:
+        """The loop is about to take its first step: the first step's time starts now."""
+        self.times.start()
+        self.beat(trainer)
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        self.times.lap()
         self.beat(trainer)

@@ -13,6 +13,7 @@ snapshots, metrics, heartbeat) to its step hooks.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,7 @@ from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
 from atoll.trainer.resume import rejoin_island, resume
+from atoll.trainer.stragglers import describe, peer_report
 from atoll.trainer.run_dir import check_run_dir, checkpoints_dir, prepare_run_dir, write_config
 
 
@@ -223,6 +225,10 @@ class Trainer:
         self.hooks = ([DilocoHook()] if self.diloco else []) + [MetricsHook()] + \
             ([MemorySnapshotHook()] if self.snapshotter else []) + \
             [DiskCheckpointHook(), HeartbeatHook(self.control)]
+        self.step_times = next(h.times for h in self.hooks if isinstance(h, HeartbeatHook))
+        # Under torchrun no supervisor reads the heartbeat: the step's all-reduce carries the times.
+        self.peers = peer_report(cfg.fault_tolerance, self.control.heartbeat is not None, self.env.rank,
+                                 self.env.world_size, self.env.local_world_size, self.mesh.mesh)
 
     def _build_parts(self, cfg: DictConfig) -> None:
         """This rank's model parts, parallelised: the whole model, or its pipeline stages."""
@@ -326,13 +332,18 @@ class Trainer:
         n = len(micro_batches)
         # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
-        stop_flags = self.to_device(torch.tensor(self.stop.offer(), dtype=torch.float64))
-        grad_norm, (loss_total, aux_total, *stops) = clip_grad_norm(
+        shared = self.peers.slots(self.step_times.compute_s) if self.peers else []
+        stop_flags = self.to_device(torch.tensor([*self.stop.offer(), *shared], dtype=torch.float64))
+        grad_norm, (loss_total, aux_total, stops, final_stops, *computes) = clip_grad_norm(
             params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, *stop_flags.unbind()])
+            extra=[loss_sum / n, aux_sum / n, stop_flags])
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
-        self.stop.agree(self.step + 1, *stops)
+        self.stop.agree(self.step + 1, stops, final_stops)
+        if self.peers and self.env.is_island_lead:
+            for event, fields in self.peers.take(self.step, computes, time.time()):
+                self.island_event(event, **fields)
+                print(describe(event, fields, self.cfg.fault_tolerance.straggler_threshold), flush=True)
         self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
         anomaly = self.guard.check(result.loss, grad_norm)
         if anomaly is not None:
@@ -455,7 +466,7 @@ class Trainer:
                   + (f", {self.kernel_choice}" if self.kernel_choice else ""), flush=True)
         for hook in self.hooks:
             if isinstance(hook, HeartbeatHook):
-                hook.beat(self)  # started (and resumed): the launcher may time the next step
+                hook.started(self)  # started (and resumed): the launcher may time the next step
         if self.step >= self.last_step:
             saving = self.resume_source == "memory" and bool(self.checkpointer.interval)
             if saving:
