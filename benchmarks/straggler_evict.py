@@ -20,14 +20,14 @@ median step time after the move (from 20 steps after its restart, once the new
 processes have warmed up) is compared with the clean run's over the same steps
 (the issue's bound: within 10%). `--window` and `--evict-after` default to the
 recipe's defaults. Extra `key=value` arguments go to all three runs.
-Importable: `report_vs_evict(tmp, ...)` returns the figures.
+benchmarks/straggler.py runs it after its detection trials
+(`throughput_report_vs_evict`); `report_vs_evict(tmp, ...)` returns the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import statistics
@@ -41,39 +41,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from machine import load_line, machine_line  # noqa: E402
+from recovery import events, last_step, read_jsonl, wait_for  # noqa: E402
 from slowdown import duty_cycle, slowdown_fraction  # noqa: E402
 
 QUIET = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
          "checkpoint.interval=0", "logging.progress=false", "checkpoint.memory_interval=1"]
 SETTLED_AFTER = 20  # steps after the move before its step time counts
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows
-
-
-def events(run_dir: Path, kind: str) -> list[dict]:
-    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == kind]
-
-
-def last_step(run_dir: Path) -> int:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    return rows[-1]["step"] if rows else 0
-
-
-def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the run ended: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            raise RuntimeError("timed out")
-        time.sleep(0.02)
 
 
 class ThreeNodes:
