@@ -1,7 +1,7 @@
 """Straggler detection on the default recipe: latency and false positives per slowdown.
 
     python benchmarks/straggler.py [--trials 10] [--slowdowns 1.1,1.25,1.5,2,4] [--window 20]
-    python benchmarks/straggler.py --trials 2 --slowdowns 1.6 --window 10     # a quick look
+    python benchmarks/straggler.py --trials 2 --slowdowns 1.6 --window 10 --no-evict   # a quick look
 
 For each slowdown one `atoll train` run (the default recipe on its own local
 Ray cluster, `fault_tolerance.straggler=report`, checkpoints off) trains
@@ -18,7 +18,9 @@ began in an "off" phase, is a false positive. A slowdown below 1 / threshold
 should read 0.
 
 Printed: one table row per slowdown (trials named, latency median and max in
-steps and seconds, false positives, steps run). Timings on a loaded machine
+steps and seconds, false positives, steps run), then (unless `--no-evict`) the
+tokens/s of 200 steps with a 1.6x straggler under report and under evict,
+relative to a clean run (benchmarks/straggler_evict.py). Timings on a loaded machine
 stretch the seconds, not the steps.
 """
 
@@ -96,11 +98,18 @@ def detection_trials(tmp: Path, factor: float, trials: int, window: int) -> dict
 
 
 def throughput_report_vs_evict(args) -> Optional[str]:
-    """Throughput lost to a 1.6x straggler over 200 steps, `report` against `evict`.
+    """Throughput lost to a 1.6x straggler over 200 steps, `report` against `evict`, on a
+    three-node cluster with a free node (benchmarks/straggler_evict.py); the summary line."""
+    from straggler_evict import report_vs_evict
 
-    Left to the eviction work (fault_tolerance.straggler=evict): it returns the table's
-    line, or None while eviction does not exist."""
-    return None
+    if args.no_evict:
+        return None
+    with tempfile.TemporaryDirectory(prefix="atoll-evict-", dir="/tmp") as tmp:
+        got = report_vs_evict(Path(tmp), steps=200, factor=1.6,
+                              extra=(f"fault_tolerance.straggler_window={args.window}",))
+    after = got.get("step_time_after_move")
+    return (f"1.6x straggler over 200 steps, tokens/s of a clean run: report {got['report']:.3f}, "
+            f"evict {got['evict']:.3f}" + (f"; step time after the move {after:.3f} of clean" if after else ""))
 
 
 def row(result: dict) -> str:
@@ -121,6 +130,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--slowdowns", default="1.1,1.25,1.5,2,4")
     parser.add_argument("--window", type=int, default=20, help="fault_tolerance.straggler_window")
+    parser.add_argument("--no-evict", action="store_true", help="skip report vs evict throughput")
     args = parser.parse_args()
     print(machine_line())
     print(f"start: {load_line()}")

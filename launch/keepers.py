@@ -118,21 +118,25 @@ def live_keepers(keepers: dict[str, Any], alive_nodes: set[str]) -> dict[str, An
 class RaySnapshotStore(SnapshotStore):
     """The keepers of the nodes alive when the group started, as a SnapshotStore."""
 
-    def __init__(self, keepers: dict[str, Any], replicas: int):
+    def __init__(self, keepers: dict[str, Any], replicas: int, avoid: frozenset = frozenset()):
         self.keepers = dict(sorted(keepers.items()))
         self.replicas = min(replicas, max(0, len(self.keepers) - 1))
+        self.avoid = set(avoid)  # nodes left out of the run: replicas go there last
 
     def _targets(self) -> tuple[Optional[Any], list[Any]]:
-        """(this node's keeper or None, the keepers of the next `replicas` nodes in ring order)."""
+        """(this node's keeper or None, the keepers of the next `replicas` nodes in ring order,
+        nodes to avoid last)."""
         import ray
 
         nodes = list(self.keepers)
         here = ray.get_runtime_context().get_node_id()
         if here not in nodes:  # a node that joined after the group started has no keeper yet
-            return None, [self.keepers[n] for n in nodes[:self.replicas + 1]]
+            ring = sorted(nodes, key=lambda n: n in self.avoid)
+            return None, [self.keepers[n] for n in ring[:self.replicas + 1]]
         start = nodes.index(here)
-        return self.keepers[here], [self.keepers[nodes[(start + i) % len(nodes)]]
-                                    for i in range(1, self.replicas + 1)]
+        ring = sorted((nodes[(start + i) % len(nodes)] for i in range(1, len(nodes))),
+                      key=lambda n: n in self.avoid)
+        return self.keepers[here], [self.keepers[n] for n in ring[:self.replicas]]
 
     def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
         """This node's keeper pulls the shard from the worker (one copy); replicas copy that."""

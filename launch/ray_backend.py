@@ -11,6 +11,11 @@ names is theirs: atoll changes none of its settings.
 Each rank asks Ray for `launch.gpus_per_worker` GPUs of its own (by default
 1 when the cluster has GPUs, else none; launch/worker_group.py).
 
+A node the supervisor leaves out (a straggler's, launch/eviction.py) is held by
+a placement group pinned to it that reserves all its CPUs and GPUs, so no
+bundle of a later group lands there and `capacity()` leaves it out; it is
+removed when the node is released and when the run ends.
+
 Then: one snapshot keeper per node (launch/keepers.py), and the supervisor
 (launch/supervisor.py) drives `RayWorkerGroup`s (launch/worker_group.py)
 until the run finishes, fails for good, or a signal stops it (every rank
@@ -40,6 +45,9 @@ LOG_DRAIN_S = 2.0
 HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
                  "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# How long a node left out may take to be held (the stopped group's resources free up first).
+HOLD_WAIT_S = 30.0
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 
 __all__ = ["run_on_ray", "WorkerFailed", "ray_init_options", "gpus_per_worker"]
 
@@ -114,6 +122,7 @@ class RayGroupFactory:
         self.keepers: dict[str, Any] = {}
         self.pool = ActorPool(self.gpus)
         self.outer_store = None
+        self.held: dict[str, Any] = {}  # node left out -> the placement group holding it
 
     def group(self, recipe: dict, world: int, placement_timeout_s: float) -> RayWorkerGroup:
         islands = recipe["diloco"]["islands"]
@@ -143,6 +152,46 @@ class RayGroupFactory:
             fit = min(fit, (free.get("GPU", 0.0) + running_world * self.gpus) // self.gpus)
         return int(fit)
 
+    def exclude(self, node: str) -> None:
+        """Keep `node` out of later groups: a placement group pinned to it takes all its CPUs
+        and GPUs (a reservation, no process). Waits until it holds them, so that the next
+        group's bundles cannot land there first."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        total = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node and n.get("Alive")), None)
+        if total is None or node in self.held:
+            return
+        bundle = {k: total[k] for k in ("CPU", "GPU") if total.get(k)}
+        if not bundle:
+            return
+        try:
+            hold = placement_group([bundle], strategy="STRICT_PACK", name=f"atoll-left-out-{node[:8]}",
+                                   bundle_label_selector=[{NODE_ID_LABEL: node}])
+            ready = hold.ready()
+        except TypeError:  # Ray before label selectors (< 2.46): an idle actor pinned there holds them
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            hold = ray.remote(_NodeHolder).options(
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
+            ready = hold.ready.remote()
+        self.held[node] = hold
+        if not ray.wait([ready], timeout=HOLD_WAIT_S)[0]:
+            print(f"ray: node {node} is not free to hold within {HOLD_WAIT_S:g}s; it is held once "
+                  "its resources are free", flush=True)
+
+    def release(self, node: str) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup
+
+        hold = self.held.pop(node, None)
+        with contextlib.suppress(Exception):
+            if isinstance(hold, PlacementGroup):
+                ray.util.remove_placement_group(hold)
+            elif hold is not None:
+                ray.kill(hold, no_restart=True)
+
     def snapshot_store(self):
         if not self.memory:
             return None
@@ -150,17 +199,28 @@ class RayGroupFactory:
 
         alive = _alive_nodes()
         self.keepers = start_keepers(alive, live_keepers(self.keepers, set(alive)))
-        return RaySnapshotStore(self.keepers, self.cfg.checkpoint.memory_replicas)
+        # A node left out keeps its keeper (the snapshots it holds stay readable); new replicas
+        # go to it only when no other node can take them.
+        return RaySnapshotStore(self.keepers, self.cfg.checkpoint.memory_replicas, avoid=set(self.held))
 
     def close(self) -> None:
         import ray
 
+        for node in list(self.held):
+            self.release(node)
         self.pool.close()
         self.outer_store = None  # the driver's store server stops with it
         for keeper in self.keepers.values():
             with contextlib.suppress(Exception):
                 ray.kill(keeper, no_restart=True)
         self.keepers = {}
+
+
+class _NodeHolder:
+    """Holds a left-out node's resources where placement groups cannot be pinned to a node."""
+
+    def ready(self) -> bool:
+        return True
 
 
 def _as_user_error(exc: UserError) -> BaseException:

@@ -25,6 +25,11 @@ against the fake group of its unit tests. Decisions:
   capacity is back, the group stops at a step boundary and the full layout
   resumes from that step.
 
+- straggler eviction (`fault_tolerance.straggler: evict`, launch/eviction.py): the
+  group stops at a step boundary, the slow rank's node is kept out for
+  `straggler_cooldown_s`, and the run restarts from that step's memory snapshot on
+  a free node or shrunk at once; it grows back when the node is released.
+
 - stop policy: a signal (`interrupted()`) asks every rank to stop after its
   step in progress with a disk checkpoint. A step still running after a
   third of `stop_grace_s` is given up: a group restored from the newest memory
@@ -41,6 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
+from atoll.launch.eviction import Eviction, Evictions
 from atoll.launch.worker_group import PlacementTimeout, RankInfo, RankStatus
 from atoll.trainer.hooks import RESIZE
 from atoll.trainer.stragglers import StragglerPolicy, describe
@@ -92,12 +98,14 @@ class GroupFactory(Protocol):
     def group(self, recipe: dict, world: int, placement_timeout_s: float) -> WorkerGroup: ...
     def capacity(self, running_world: int) -> int: ...
     def snapshot_store(self) -> Any: ...
+    def exclude(self, node: str) -> None: ...  # keep a node out of every later group
+    def release(self, node: str) -> None: ...
 
 
 @dataclass
 class Failure:
     rank: int
-    kind: str  # died | hang | error | node_lost
+    kind: str  # died | hang | error | node_lost | straggler
     step: int
     detected_s: float
     message: str
@@ -171,6 +179,7 @@ class Supervisor:
         self.straggler_threshold = ft["straggler_threshold"]
         self.stragglers = None if ft["straggler"] == "off" else StragglerPolicy(
             ft["straggler_threshold"], ft["straggler_window"], ft["straggler"], ft["straggler_evict_after"])
+        self.evictions = Evictions(recipe, factory, fit_layout, world_of, log, clock)
 
     # ------------------------------------------------------------------ main loop
 
@@ -188,6 +197,8 @@ class Supervisor:
                 while isinstance(outcome, Failure) and self._restart_island(group, outcome, current):
                     outcome = self._watch(group, current)
                 ranks = group.ranks
+                if not isinstance(outcome, Eviction):
+                    self.evictions.take()  # the group ended otherwise before it stopped for it
                 group.shutdown()  # every process of the group, survivors included
                 self.group = None
                 if isinstance(outcome, Failure) and self.interrupted():
@@ -209,6 +220,9 @@ class Supervisor:
                     self._saving_snapshot = True
                     self.attempt += 1  # a new group that continues this run
                     current = self._snapshot_to_disk_recipe(self.recipe)
+                    continue
+                if isinstance(outcome, Eviction):
+                    current = self._evict(outcome, current)
                     continue
                 if outcome == "grow":
                     step = max(s.beat.get("step", 0) for s in self._last_statuses)
@@ -253,6 +267,27 @@ class Supervisor:
         group.start(recipe, self.factory.snapshot_store(), self.attempt)
         self.state = "running"
         return group
+
+    def _evict(self, eviction: Eviction, current: dict) -> dict:
+        """The group stopped at a step boundary for a straggler: restart without its node, on a
+        free node or shrunk; not counted against max_restarts (see launch/eviction.py)."""
+        self.evictions.take()
+        stopped = top_step(self._last_statuses) or eviction.step
+        target = self.evictions.leave_out(eviction)
+        self.attempt += 1  # a new group that continues this run
+        self.state = "restarting"
+        if target is None:  # the node is back in: carry on as before
+            return self._restart_recipe(current)
+        failure = Failure(eviction.rank, "straggler", eviction.step, 0.0, eviction.message)
+        self._failure = (failure, eviction.decided_at, stopped)
+        if world_of(target) != world_of(current):
+            self.emit("resize", from_world=world_of(current), to_world=world_of(target),
+                      layout=layout_of(target), grad_accum=target["data"]["grad_accum"], step=stopped)
+            self.state = "resizing"
+        self.log(f"supervisor: node {eviction.node} left out after step {stopped}; restarting on "
+                 f"{world_of(target)} workers (dp={target['parallel']['dp']}, "
+                 f"grad_accum={target['data']['grad_accum']})")
+        return self._restart_recipe(target)
 
     def _restart_island(self, group: WorkerGroup, failure: Failure, recipe: dict) -> bool:
         """DiLoCo: a failure inside one island restarts that island only; the others keep
@@ -342,6 +377,7 @@ class Supervisor:
             statuses = group.poll(self.poll_s)
             now = self.clock()
             self._last_statuses = statuses
+            self.evictions.tick()
             for status in statuses:
                 if status.state not in ("running", "finished"):
                     continue
@@ -362,8 +398,10 @@ class Supervisor:
                 if any(r.get("stop") for r in results):
                     return results  # a signal's stop: the run ends here
                 if any(r.get("stopped") for r in results):
-                    return "grow"
+                    return self.evictions.pending or "grow"
                 return results
+            if not stopping and signalled is None and self._eviction_due(group, recipe, statuses):
+                stopping = True
             if shrunk and not stopping and now >= next_grow_check:
                 next_grow_check = now + GROW_CHECK_S
                 if self.factory.capacity(group.world) >= world_of(self.recipe):
@@ -378,6 +416,19 @@ class Supervisor:
         for event, fields in self.stragglers.observe(beats, {r.rank: r.node for r in group.ranks}, now):
             self.emit(event, **fields)
             self.log(f"supervisor: {describe(event, fields, self.straggler_threshold)}")
+
+    def _eviction_due(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus]) -> bool:
+        """Whether a straggler is to be evicted now: then the group is asked to stop at the
+        next step boundary (`_watch` returns the eviction once it has)."""
+        eviction = self.evictions.due(self.stragglers, group.ranks, recipe,
+                                      {s.rank: s.beat for s in statuses}, top_step(statuses))
+        if eviction is None:
+            return False
+        self.emit("failure", attempt=self.attempt, rank=eviction.rank, pid=eviction.pid, node=eviction.node,
+                  kind="straggler", step=eviction.step, detected_s=0.0, message=eviction.message[:500])
+        self.log(f"supervisor: {eviction.message}; stopping the group at the next step boundary")
+        group.request_stop(RESIZE)
+        return True
 
     def _newest_snapshot(self) -> bool:
         store = self.factory.snapshot_store()
@@ -479,5 +530,10 @@ class Supervisor:
             self.sleep(min(BACKOFF_CAP_S, self.backoff_s * 2 ** (self.restarts - 1)))
 
 
+def top_step(statuses: list[RankStatus]) -> int:
+    return max((s.beat.get("step") or 0 for s in statuses), default=0)
+
+
 def _verb(kind: str) -> str:
-    return {"died": "died", "hang": "hung", "error": "failed", "node_lost": "was lost with its node"}[kind]
+    return {"died": "died", "hang": "hung", "error": "failed", "node_lost": "was lost with its node",
+            "straggler": "was evicted as a straggler"}[kind]

@@ -42,11 +42,12 @@ class FakeGroup:
         self.resumed = factory.resume_step
 
     def create(self):
-        if self.world > self.factory.capacity_now:
+        if self.world > self.factory.capacity(0):
             raise PlacementTimeout(f"cannot place {self.world} workers")
         scripts = self.factory.scripts
         self.script = scripts.pop(0) if scripts else (lambda g, r, s: None)
-        self.ranks = [RankInfo(r, 1000 * (len(self.factory.groups)) + r, f"node{r % 2}", "127.0.0.1")
+        nodes = self.factory.free_nodes() or [f"node{r % 2}" for r in range(self.world)]
+        self.ranks = [RankInfo(r, 1000 * (len(self.factory.groups)) + r, nodes[r], "127.0.0.1")
                       for r in range(self.world)]
         return self.ranks
 
@@ -89,7 +90,10 @@ class FakeGroup:
 
 
 class FakeFactory:
-    def __init__(self, scripts, capacity=2, total_steps=10):
+    """`nodes`: one worker slot per named node, which `exclude` keeps out until `release`."""
+
+    def __init__(self, scripts, capacity=2, total_steps=10, nodes=()):
+        self.nodes, self.excluded = list(nodes), []
         self.scripts = list(scripts)
         self.capacity_now = capacity
         self.capacities: list[int] = []  # capacity after each group start, if given
@@ -99,23 +103,36 @@ class FakeFactory:
         self.last_step = 0
 
     def group(self, recipe, world, placement_timeout_s):
-        self.resume_step = self.last_step - 1 if self.groups else 0  # one step lost to each failure
+        # One step lost to each failure, none to a stop at a step boundary.
+        clean = self.groups and self.groups[-1].stop_requested_at is not None
+        self.resume_step = self.last_step - (0 if clean else 1) if self.groups else 0
         group = FakeGroup(self, recipe, world)
         self.groups.append(group)
         return group
 
     def capacity(self, running_world):
-        return self.capacity_now
+        return len(self.free_nodes()) if self.nodes else self.capacity_now
+
+    def free_nodes(self):
+        return [n for n in self.nodes if n not in self.excluded]
+
+    def exclude(self, node):
+        self.excluded.append(node)
+
+    def release(self, node):
+        self.excluded.remove(node)
 
     def snapshot_store(self):
         return None
 
 
-def supervise(factory, rec, clock=None):
+def supervise(factory, rec, clock=None, policy=None, log=None):
     clock = clock or Clock()
     events = []
     sup = Supervisor(rec, factory, lambda event, /, **f: events.append({"event": event, "at": clock.now, **f}),
-                     clock=clock, sleep=clock.sleep, log=lambda line: None)
+                     clock=clock, sleep=clock.sleep, log=log or (lambda line: None))
+    if policy is not None:
+        sup.stragglers = policy
     return sup, events, clock
 
 
@@ -372,3 +389,81 @@ def test_a_rank_that_dies_while_stopping_ends_the_run_instead_of_restarting():
     with pytest.raises(StopIncomplete, match="rank 1 died while stopping"):
         sup.run()
     assert len(factory.groups) == 1 and "restart" not in kinds(events)
+
+
+class NamesAStraggler:
+    """The straggler policy's interface (trainer/stragglers.py), scripted: it names `rank` of
+    the first group for eviction from that group's `from_poll`-th poll on."""
+
+    def __init__(self, factory, rank, from_poll=3):
+        self.factory, self.rank, self.from_poll = factory, rank, from_poll
+
+    def observe(self, beats_by_rank, nodes, now):
+        return []
+
+    def evict_candidate(self):
+        group = self.factory.groups[-1]
+        return self.rank if len(self.factory.groups) == 1 and group.polls >= self.from_poll else None
+
+    def forget(self):
+        pass
+
+
+def evict_recipe(**ft) -> dict:
+    return recipe(straggler="evict", straggler_cooldown_s=2, max_restarts=0, **ft)
+
+
+def test_an_evicted_straggler_moves_to_a_free_node_and_its_node_returns_after_the_cooldown():
+    def beats(group, rank, status):  # the heartbeat's compute seconds of the last steps
+        status.beat["compute_s"] = [[0.1, 0.2][rank]] * 8 if group is factory.groups[0] else [0.1] * 8
+    factory = FakeFactory([beats], total_steps=60, nodes=["n0", "n1", "n2"])
+    policy = NamesAStraggler(factory, rank=1)
+    sup, events, clock = supervise(factory, evict_recipe(), policy=policy)
+    sup.run()
+    assert kinds(events) == ["workers", "failure", "workers", "restart"]
+    failure, restart = events[1], events[3]
+    assert (failure["kind"], failure["rank"], failure["node"], failure["pid"]) == ("straggler", 1, "n1", 1001)
+    assert "rank 1 computes 2.00x the others' median compute time (score 0.50)" in failure["message"]
+    assert "straggler_cooldown_s=2" in failure["message"]
+    # The group stopped at a step boundary: the new one resumes there, on n0 and the spare n2.
+    assert [r["node"] for r in events[2]["ranks"]] == ["n0", "n2"] and events[2]["world"] == 2
+    assert restart["lost_steps"] == 0 and restart["resume_step"] == factory.groups[0].polls
+    assert factory.groups[0].stop_reason == RESIZE
+    # Not a crash: max_restarts=0 did not end the run; n1 was let back in after 2 s.
+    assert sup.state == "finished" and sup.restarts == 0 and factory.excluded == []
+    assert clock.now - failure["at"] > 2
+
+
+def test_without_a_free_node_an_eviction_shrinks_at_once_and_grows_back_after_the_cooldown():
+    factory = FakeFactory([], total_steps=200, nodes=["n0", "n1"])
+    sup, events, clock = supervise(factory, evict_recipe(min_workers=1, placement_timeout_s=30),
+                                   policy=NamesAStraggler(factory, rank=0))
+    sup.run()
+    assert kinds(events) == ["workers", "failure", "resize", "workers", "restart", "resize", "workers"]
+    failure, shrink, small, grow, back = (events[i] for i in (1, 2, 3, 5, 6))
+    assert failure["kind"] == "straggler" and failure["node"] == "n0"
+    assert (shrink["from_world"], shrink["to_world"], shrink["grad_accum"]) == (2, 1, 2)
+    assert [r["node"] for r in small["ranks"]] == ["n1"]
+    # No wait for the placement timeout: the capacity without n0 was known to be short.
+    assert small["at"] - failure["at"] < 1 and all(g.ranks for g in factory.groups)
+    assert (grow["from_world"], grow["to_world"], grow["grad_accum"]) == (1, 2, 1)
+    assert 2 <= grow["at"] - shrink["at"] <= 2 + 2 * 1.0  # cooldown, then the next capacity check
+    assert sorted(r["node"] for r in back["ranks"]) == ["n0", "n1"]
+    assert factory.groups[1].started_recipe["data"]["grad_accum"] == 2 and sup.restarts == 0
+
+
+@pytest.mark.parametrize("min_workers, compute_s, why", [
+    (0, None, "min_workers=0 forbids shrinking"),  # no free node, shrinking not allowed
+    (1, {0: [0.16] * 8, 1: [0.1] * 8}, "slower still"),  # 2 -> 1 workers costs more than 1.6x
+])
+def test_an_eviction_that_cannot_help_is_only_reported_once(min_workers, compute_s, why):
+    def beats(group, rank, status):
+        if compute_s:
+            status.beat["compute_s"] = compute_s[rank]
+    factory = FakeFactory([beats], total_steps=60, nodes=["n0", "n1"])
+    said = []
+    sup, events, _ = supervise(factory, evict_recipe(min_workers=min_workers),
+                               policy=NamesAStraggler(factory, rank=0), log=said.append)
+    sup.run()
+    assert kinds(events) == ["workers"] and len(factory.groups) == 1 and factory.excluded == []
+    assert len([line for line in said if why in line]) == 1, said

@@ -1,0 +1,105 @@
+"""A straggler evicted from a real three-node Ray cluster on this machine.
+
+Two ranks train on a cluster of three one-CPU nodes (test_elastic's
+`LocalCluster`: head + 2 workers), so one node is free. Rank 1 is slowed
+from outside, as a throttled GPU would be: SIGSTOP/SIGCONT duty-cycling of its
+process (tests/slowdown.py, about 1.6x). With `fault_tolerance.straggler:
+evict` the supervisor names it, stops the group at a step boundary once the
+straggler has cost `straggler_evict_after` steps, keeps its node out and
+restarts on the free node from that step's memory snapshot. The layout is
+unchanged, so the run must end bitwise equal to an undisturbed run.
+
+The step time after the move against a clean run is measured by
+benchmarks/straggler_evict.py, not asserted here: on this 2-core machine shared
+with other jobs (load average 20-38 while this was written) the median of twenty
+clean steps moved by 30% from one minute to the next, the 1.6x duty cycle
+stretched the median step by only ~1.3x (the slow rank's compute time, which the
+policy scores, shows it fully), and right after a restart the next spare actors
+import torch beside the training for tens of seconds; a bound loose enough not to
+fail here (2.5x) would assert nothing. The test prints the medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from atoll.checkpoint.manifest import verify
+from atoll.checkpoint.store import resolve_checkpoint
+from atoll.trainer.metrics import read_jsonl
+from conftest import TINY_MOE, assert_same_state, ended, events, finish, last_step, run_cli, subprocess_env, wait_for
+from slowdown import duty_cycle, slowdown_fraction
+from test_elastic import LocalCluster
+
+STEPS = 100
+# The tiny model on longer sequences: a step computes for a few of the duty cycle's 100 ms
+# periods, so that each step is slowed alike (with TINY_MOE's ~50 ms steps it is all or nothing).
+MICRO_BATCH = 4
+RECIPE = [*TINY_MOE, "data.seq_len=128", f"data.micro_batch={MICRO_BATCH}", "parallel.dp=2",
+          f"run.steps={STEPS}", "optim.warmup_steps=0",
+          "optim.min_lr_ratio=1.0", "checkpoint.interval=1000", "checkpoint.memory_interval=1"]
+# A short window and eviction threshold keep the test short.
+EVICT = ["fault_tolerance.straggler=evict", "fault_tolerance.straggler_window=10",
+         "fault_tolerance.straggler_evict_after=4", "fault_tolerance.straggler_cooldown_s=600"]
+CLEAN_FROM = 5  # steps before this one warm up (imports, first allocations)
+SLOW_FROM = 25  # the duty cycle starts after this step
+SETTLED_AFTER = 10  # steps after the restart before its step time counts (a new process warms up)
+
+
+@pytest.fixture
+def three_nodes(short_tmp):
+    cluster = LocalCluster(2, short_tmp)
+    yield cluster
+    cluster.close()
+
+
+def step_times(run_dir, first: int, last: int) -> list[float]:
+    return [r["step_time_s"] for r in read_jsonl(run_dir / "metrics.jsonl") if first <= r["step"] <= last]
+
+
+@pytest.mark.slow
+def test_a_slow_rank_is_evicted_to_the_free_node_without_losing_a_sample(three_nodes, short_tmp, tmp_path):
+    run_dir = tmp_path / "evict"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atoll.launch", "train", *RECIPE, *EVICT, f"run.dir={run_dir}",
+         f"launch.ray_address={three_nodes.info['address']}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= SLOW_FROM, 240, proc, "training to start")
+        first, = events(run_dir, "workers")
+        slow = first["ranks"][1]
+        slowed_from = last_step(run_dir) + 1
+        with duty_cycle(slow["pid"], slowdown_fraction(1.6)):
+            wait_for(lambda: len(events(run_dir, "workers")) > 1, 240, proc, "the eviction")
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+
+    named = [e for e in events(run_dir, "straggler") if e["rank"] == 1]
+    assert named and named[-1]["node"] == slow["node"]
+    failure, = events(run_dir, "failure")
+    assert failure["kind"] == "straggler" and (failure["rank"], failure["pid"]) == (1, slow["pid"])
+    assert failure["step"] >= slowed_from
+    assert failure["node"] == slow["node"] and "straggler_cooldown_s" in failure["message"]
+    moved = events(run_dir, "workers")[1]
+    assert moved["world"] == 2 and slow["node"] not in {r["node"] for r in moved["ranks"]}
+    restart, = events(run_dir, "restart")
+    assert restart["source"] == "memory" and restart["lost_steps"] == 0
+    assert not events(run_dir, "resize")  # a free node: the layout did not change
+
+    # Every step logged once, every sample consumed once, and the state of an undisturbed run.
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert verify(resolve_checkpoint(run_dir))["samples"] == STEPS * 2 * MICRO_BATCH  # steps × dp × micro_batch
+    reference = tmp_path / "reference"
+    done = run_cli(["train", *RECIPE, f"run.dir={reference}"], torchrun_procs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(reference / "metrics.jsonl")]
+    assert_same_state(run_dir, reference)
+
+    clean = step_times(run_dir, CLEAN_FROM, slowed_from - 1)
+    after = step_times(run_dir, restart["resume_step"] + SETTLED_AFTER, STEPS) or [float("nan")]
+    print(f"median step time: clean {statistics.median(clean):.4f}s, after the move "
+          f"{statistics.median(after):.4f}s (not asserted: see above)")
