@@ -104,13 +104,14 @@ class Trainer:
     def _build(self, cfg: DictConfig, env: Optional[ProcessEnv]) -> None:
         self.cfg = cfg
         self.env = env or ProcessEnv.from_environ()
-        self.layout = Layout.from_recipe(cfg)
+        self.device = device_for(self.env)
+        self.layout = Layout.from_recipe(cfg, self.device, self.env.local_world_size)
         self.layout.check_world(self.env)
         check_run_dir(cfg, restarting=self.control.attempt > 0)
         set_threads(cfg, self.env)
-        self.device = device_for(self.env)
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
+        self.layout = self.mesh.layout  # dp_shard: auto as every rank resolved it
         self.env = self.mesh.env  # ranks inside this rank's island
         if self.layout.islands > 1:
             self.outer = connect_islands(cfg, self.mesh, joining=self.control.rejoin_token is not None)
