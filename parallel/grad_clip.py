@@ -53,7 +53,7 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
     """Scale gradients so their global L2 norm is at most `max_norm` (0: no clipping).
 
     Returns the norm before clipping and the world sums of the `extra`
-    scalars, which ride on the same all-reduce (the train loop's per-step
+    scalars and vectors (flattened, in order), which ride on the same all-reduce (the train loop's per-step
     loss and non-finite checks cost no collective of their own). The
     all-reduce spans every rank, so the norm covers all pipeline stages.
     """
@@ -67,7 +67,7 @@ def clip_grad_norm(params, max_norm: float, stage_world: int = 1,
         total = (norms.pow(2) / copies).sum().reshape(1)
     else:
         total = torch.zeros(1, dtype=torch.float64, device=device)
-    summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1)
+    summed = torch.cat([total] + [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1)
                                   for v in extra])
     if world > 1:
         dist.all_reduce(summed)

@@ -42,7 +42,7 @@ OBJECT_STORE_HEADROOM = 1.25
 OBJECT_STORE_FLOOR_MB = 256
 OBJECT_STORE_MAX_FRACTION = 0.4  # of the machine's memory (Ray's own default is 0.3)
 # parallel.dp_shard: auto replicates (DDP) while the state DDP replicates on every rank (fp32
-# weights, gradients and DDP's flat copy of them, optimizer and DiLoCo state) takes at most
+# weights and gradients, optimizer and DiLoCo state) takes at most
 # this share of a rank's memory. DDP reduces once per step where FSDP gathers every unit twice
 # and reduce-scatters: on small models that per-unit work, not memory, bounds the step. 1/8
 # leaves 7/8 for activations, logits and the runtime on a GPU, and on a CPU room beside the
@@ -197,14 +197,11 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
             or (n.startswith(("norm", "output")) and last)}
     mine = {n: s for n, s in shapes.items() if n in root or _layer_of(n) in layers}
     fsdp = par.dp > 1 and par.dp_shard == "fsdp"
-    ddp = par.dp > 1 and par.dp_shard == "ddp"
     mixed = dtype == "bf16"
 
     local = {n: local_numel(n, s, cfg) for n, s in mine.items()}
     params = 4 * sum(local.values())
-    grads = params
-    if ddp:  # DDP's buckets hold a flat copy of the gradients it reduces (experts under ep: not)
-        grads += 4 * sum(v for n, v in local.items() if not (par.ep > 1 and is_expert(n)))
+    grads = params  # under DDP they are views into its buckets (gradient_as_bucket_view)
     optimizer = optimizer_states(cfg) * params
     outer = diloco_copies(cfg) * params
 
@@ -423,9 +420,8 @@ def rank_memory_bytes(cfg: DictConfig, local_device_gb: Optional[float], local_r
 
 
 def replicated_state_bytes(cfg: DictConfig) -> int:
-    """What the busiest rank holds under DDP: fp32 weights, gradients (with DDP's flat bucket
-    copy), optimizer state and DiLoCo state, as the layout splits them (pipeline stages,
-    experts over ep)."""
+    """What the busiest rank holds under DDP: fp32 weights, gradients, optimizer state and
+    DiLoCo state, as the layout splits them (pipeline stages, experts over ep)."""
     plan = plan_memory(with_dp_shard(cfg, "ddp"), suggest=False)
     return max(r.params + r.grads + r.optimizer + r.outer for r in plan.ranks)
 

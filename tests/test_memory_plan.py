@@ -96,7 +96,7 @@ def test_state_parts_are_exact_on_one_device(recipe):
     ["parallel.dp=4", "parallel.ep=2", "model.dim=90", "model.heads=5",  # experts: E/ep, then /2; uneven rows
      "parallel.dp_shard=fsdp"],
     ["parallel.dp=2", "parallel.ep=2", "parallel.dp_shard=fsdp"],  # experts split by ep only, the rest by FSDP
-    ["parallel.dp=2", "parallel.dp_shard=ddp"],  # replicas, and DDP's gradient buckets
+    ["parallel.dp=2", "parallel.dp_shard=ddp"],  # replicas (gradients are views of DDP's buckets)
 ])
 def test_sharded_state_follows_fsdp_chunks(overrides):
     cfg = load_recipe("default", overrides)
@@ -112,7 +112,7 @@ def test_sharded_state_follows_fsdp_chunks(overrides):
         expected += 4 * torch.chunk(param, shards, dim=0)[0].numel()  # the first (largest) chunk
     assert plan.params == expected
     assert plan.optimizer == 2 * expected
-    assert plan.grads == (2 * expected if par.dp_shard == "ddp" else expected)
+    assert plan.grads == expected
 
 
 @pytest.mark.parametrize("recipe,overrides", [
@@ -203,14 +203,14 @@ def test_object_store_auto_is_sized_from_the_snapshot_state():
 
 
 def test_dp_shard_auto_replicates_while_the_state_is_an_eighth_of_the_memory():
-    """auto: DDP while fp32 weights, gradients (with DDP's bucket copy) and AdamW's moments,
+    """auto: DDP while fp32 weights, gradients and AdamW's moments,
     replicated, take at most 1/8 of a rank's memory; FSDP past it. The plan, the layout and
     the run see the chosen mode."""
     cfg = load_recipe("default", [])
     assert cfg.parallel.dp_shard == "auto" and cfg.parallel.dp == 2
     weights = 4 * sum(p.numel() for p in build(cfg).parameters())
     state = replicated_state_bytes(cfg)
-    assert state == weights * (1 + 2 + 2)
+    assert state == weights * (1 + 1 + 2)
     assert choose_dp_shard(cfg, 8 * state, "here").mode == "ddp"
     assert choose_dp_shard(cfg, 8 * state - 1, "here").mode == "fsdp"
     assert "replicated state" in choose_dp_shard(cfg, 8 * state, "here").why
