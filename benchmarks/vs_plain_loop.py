@@ -15,9 +15,14 @@ What it measures
       uses; the recipe's lr, betas and weight decay) under a LambdaLR warm-up + cosine,
       cross-entropy + the model's aux loss, `clip_grad_norm_(1.0)`, random token
       batches of the same shape (8 sequences of 128 per rank), one thread per process
-      (as torchrun and Ray give each worker of a 2-core machine); rank 0 times each step.
+      (as torchrun and Ray give each worker of a 2-core machine), gloo on the loopback
+      interface; rank 0 times each step.
     The two alternate (the side that goes first switches every round), ≥ 2 rounds; the
     last line is atoll / plain (median over rounds of each side's median). Target ≥ 1.1.
+    On a loaded machine wall time favours the side with more runnable threads (Ray's
+    processes, atoll's snapshot threads), so it also prints tokens per CPU-second of the
+    two ranks' processes over the same window (read with psutil from outside for atoll,
+    process_time inside the plain loop), which load disturbs far less.
 
 The other figures it is read against (ANCHORS.md, "Measured side by side on this machine";
 they cannot be rerun here: they need packages from the network)
@@ -65,18 +70,62 @@ def median_window(rates_by_step: dict[int, float]) -> float:
 # --------------------------------------------------------------------------- atoll
 
 
-def run_atoll(steps: int, tmp: Path, overrides: list[str]) -> float:
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return rows
+
+
+def _ranks_cpu_s(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def run_atoll(steps: int, tmp: Path, overrides: list[str]) -> tuple[float, float]:
+    """(median tokens/s, tokens per CPU-second of the ranks' processes over the window)."""
     run_dir = tmp / f"atoll-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "atoll.launch", "train", f"run.steps={steps}", "logging.log_interval=1",
            f"run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = (tmp / f"{run_dir.name}.log").open("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # The ranks' CPU time at the start and the end of the window, read from outside while it runs
+    # (on a loaded machine, CPU time is what the two sides compare fairly).
+    cpu, pids = {}, []
+    while proc.poll() is None and len(cpu) < 2:
+        if not pids:
+            workers = [e for e in _jsonl(run_dir / "events.jsonl") if e.get("event") == "workers"]
+            pids = [r["pid"] for r in workers[-1]["ranks"]] if workers else []
+        done = max((r["step"] for r in _jsonl(run_dir / "metrics.jsonl")), default=0)
+        mark = WINDOW[0] - 1 if not cpu else WINDOW[1]
+        if pids and done >= mark and mark not in cpu:
+            try:
+                cpu[mark] = _ranks_cpu_s(pids)
+            except Exception:  # a rank gone: no CPU figure
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=900)
+    log.seek(0)
+    output = log.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"atoll train failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    first = next((line for line in (proc.stdout + proc.stderr).splitlines() if "training " in line), "")
+        raise RuntimeError(f"atoll train failed ({proc.returncode}): {output[-2000:]}")
+    first = next((line for line in output.splitlines() if "training " in line), "")
     if first:  # the layout, dp_shard auto's choice included
         print(f"    {first.strip()}", flush=True)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return median_window({r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r})
+    rows = _jsonl(run_dir / "metrics.jsonl")
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows if WINDOW[0] <= r["step"] <= WINDOW[1])
+    per_cpu = tokens / (cpu[WINDOW[1]] - cpu[WINDOW[0] - 1]) if len(cpu) == 2 else float("nan")
+    return median_window({r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}), per_cpu
 
 
 # --------------------------------------------------------------------------- the plain loop
@@ -91,7 +140,9 @@ def plain_worker(rank: int, port: int, steps: int, out: str) -> None:
     from atoll.trainer.model import Transformer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // PROCS))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # gloo on the loopback interface, as atoll keeps it on one machine (else it may pick the
+    # hostname's interface, much slower in some sandboxes: not what a plain loop is about)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=PROCS)
     cfg = load_recipe("default", [])
     model = Transformer(model_config(cfg))
@@ -109,7 +160,7 @@ def plain_worker(rank: int, port: int, steps: int, out: str) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(rank)
     batch, seq, vocab = cfg.data.micro_batch, cfg.data.seq_len, cfg.model.vocab_size
-    rates = {}
+    rates, cpu = {}, {}
     last = time.perf_counter()
     for step in range(1, steps + 1):
         tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
@@ -125,20 +176,26 @@ def plain_worker(rank: int, port: int, steps: int, out: str) -> None:
         now = time.perf_counter()
         rates[step] = PROCS * batch * seq / (now - last)
         last = now
-    if rank == 0:
-        Path(out).write_text(json.dumps({"rates": rates, "loss": loss_value}))
+        if step in (WINDOW[0] - 1, WINDOW[1]):
+            cpu[step] = time.process_time()  # this process, all its threads
+    Path(f"{out}.{rank}").write_text(json.dumps({"rates": rates, "loss": loss_value,
+                                                 "tokens_per_step": PROCS * batch * seq,
+                                                 "cpu_s": cpu[WINDOW[1]] - cpu[WINDOW[0] - 1]}))
     dist.destroy_process_group()
 
 
-def run_plain(steps: int, tmp: Path) -> float:
+def run_plain(steps: int, tmp: Path) -> tuple[float, float]:
+    """(median tokens/s, tokens per CPU-second of the ranks' processes over the window)."""
     import torch.multiprocessing as mp
 
     from atoll.parallel.layout import free_port
 
     out = tmp / f"plain-{time.monotonic_ns()}.json"
     mp.spawn(plain_worker, args=(free_port(), steps, str(out)), nprocs=PROCS, join=True)
-    rates = json.loads(out.read_text())["rates"]
-    return median_window({int(step): rate for step, rate in rates.items()})
+    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(PROCS)]
+    rates = {int(step): rate for step, rate in ranks[0]["rates"].items()}
+    tokens = ranks[0]["tokens_per_step"] * (WINDOW[1] - WINDOW[0] + 1)
+    return median_window(rates), tokens / sum(r["cpu_s"] for r in ranks)
 
 
 # --------------------------------------------------------------------------- main
@@ -154,23 +211,26 @@ def main(argv: list[str]) -> int:
         parser.error(f"--steps must reach step {WINDOW[1]}")
     print(machine_line(), flush=True)
     print(load_line(), flush=True)
-    atoll, plain = [], []
+    atoll, plain, atoll_cpu, plain_cpu = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="vs_plain_") as tmp_name:
         tmp = Path(tmp_name)
         for round_index in range(args.rounds):
             order = ("atoll", "plain") if round_index % 2 == 0 else ("plain", "atoll")
             for side in order:
-                if side == "atoll":
-                    atoll.append(run_atoll(args.steps, tmp, args.overrides))
-                else:
-                    plain.append(run_plain(args.steps, tmp))
-                print(f"  round {round_index + 1} {side:5s}: {(atoll if side == 'atoll' else plain)[-1]:8,.0f} "
-                      f"tokens/s", flush=True)
+                rate, per_cpu = run_atoll(args.steps, tmp, args.overrides) if side == "atoll" else \
+                    run_plain(args.steps, tmp)
+                (atoll if side == "atoll" else plain).append(rate)
+                (atoll_cpu if side == "atoll" else plain_cpu).append(per_cpu)
+                print(f"  round {round_index + 1} {side:5s}: {rate:8,.0f} tokens/s, {per_cpu:8,.0f} tokens per "
+                      f"CPU-second of its ranks", flush=True)
     print(load_line(), flush=True)
     a, p = statistics.median(atoll), statistics.median(plain)
     paired = statistics.median(x / y for x, y in zip(atoll, plain))
     print(f"atoll default {a:,.0f} tokens/s, plain DDP loop {p:,.0f} tokens/s "
           f"(medians of steps {WINDOW[0]}-{WINDOW[1]} over {args.rounds} rounds; paired ratio {paired:.3f})")
+    cpu_ratio = statistics.median(atoll_cpu) / statistics.median(plain_cpu)
+    print(f"tokens per CPU-second of the ranks (steady on a loaded machine, where wall time favours the "
+          f"side with more runnable threads): atoll / plain = {cpu_ratio:.3f}")
     ratio = a / p
     print(f"atoll / plain = {ratio:.3f} (target >= {TARGET}): {'PASS' if ratio >= TARGET else 'FAIL'}")
     return 0
