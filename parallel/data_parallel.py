@@ -84,9 +84,13 @@ def apply_data_parallel(model: nn.Module, blocks, mesh: ParallelMesh,
     # Pipeline stages drive DDP's reducer from torch's stage code, and DDP's
     # bucket rebuild after the first step also counts the schedule's
     # shape-inference backward; find_unused_parameters turns that rebuild off.
+    # Gradients live in DDP's buckets (no copy in and out each step), and buffers are
+    # not broadcast before every forward: each rank's are already rank 0's (rotary
+    # tables, the aux-free bias updated from all-reduced loads, load counters at zero).
     ddp = DistributedDataParallel(model, process_group=dp_mesh.get_group(),
                                   device_ids=None if mesh.device.type == "cpu" else [mesh.device],
-                                  find_unused_parameters=layout.pp > 1)
+                                  find_unused_parameters=layout.pp > 1,
+                                  broadcast_buffers=False, gradient_as_bucket_view=True)
     time_ddp_waits(ddp, dp_mesh.get_group())  # the same all-reduce, its tail counted as waiting
     return ddp
 

@@ -142,12 +142,24 @@ def reduce_moe_load(model: nn.Module, mesh: Optional[ParallelMesh]) -> list[tupl
     layers = moe_layers(model)
     if not layers:
         return []
-    loads, dropped = zip(*(moe.take_load() for _, moe in layers))
-    packed = torch.cat([torch.stack(loads).flatten(), torch.stack(dropped)]).to(torch.float64)
+    packed = take_moe_load(layers)
     if mesh is not None and mesh.layout.dp > 1:
         with waiting(packed.device):
             dist.all_reduce(packed, group=mesh.dp_group)
-    num_experts = loads[0].numel()
+    return unpack_moe_load(layers, packed)
+
+
+def take_moe_load(layers: list[tuple[str, MoE]]) -> torch.Tensor:
+    """This rank's routing counts of `layers` since the last call, in one float64 vector
+    (every layer's load per expert, then every layer's drops); resets the counters. The
+    counts are integers: summed over ranks in any order, they are exact."""
+    loads, dropped = zip(*(moe.take_load() for _, moe in layers))
+    return torch.cat([torch.stack(loads).flatten(), torch.stack(dropped)]).to(torch.float64)
+
+
+def unpack_moe_load(layers: list[tuple[str, MoE]], packed: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """`take_moe_load`'s vector (or its sum over ranks) as (layer name, load per expert, dropped)."""
+    num_experts = layers[0][1].num_experts
     per_layer = packed[:len(layers) * num_experts].view(len(layers), num_experts)
     drops = packed[len(layers) * num_experts:]
     return [(name, per_layer[i], drops[i]) for i, (name, _) in enumerate(layers)]

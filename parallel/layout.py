@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -82,13 +83,29 @@ class Layout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
-    dp_shard: str = "fsdp"
+    dp_shard: str = "fsdp"  # as the run uses it: fsdp or ddp (a recipe's auto is resolved)
     islands: int = 1
+    dp_shard_why: str = field(default="", compare=False)  # how auto chose; "" when the recipe did
 
     @classmethod
-    def from_recipe(cls, cfg) -> "Layout":
+    def from_recipe(cls, cfg, device: Optional[torch.device] = None,
+                    local_ranks: Optional[int] = None) -> "Layout":
+        """The recipe's layout, with `parallel.dp_shard: auto` resolved (memory_plan's
+        choose_dp_shard) against the memory of one rank: `launch.device_memory_gb`, else that
+        of `device` if it is a GPU (default: this machine's first GPU, if any), else this
+        machine's memory shared by `local_ranks` processes (default: the whole world)."""
+        from atoll.parallel.memory_plan import GIB, choose_dp_shard, rank_memory_bytes
+
         par = cfg.parallel
-        return cls(pp=par.pp, dp=par.dp, ep=par.ep, dp_shard=par.dp_shard, islands=cfg.diloco.islands)
+        layout = cls(pp=par.pp, dp=par.dp, ep=par.ep, dp_shard=par.dp_shard, islands=cfg.diloco.islands)
+        if par.dp_shard != "auto":
+            return layout
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", 0)
+        gpu_gb = (torch.cuda.get_device_properties(device).total_memory / GIB
+                  if device is not None and device.type == "cuda" else None)
+        choice = choose_dp_shard(cfg, *rank_memory_bytes(cfg, gpu_gb, local_ranks or layout.world_size))
+        return replace(layout, dp_shard=choice.mode, dp_shard_why=choice.why)
 
     @property
     def island_world(self) -> int:
@@ -100,8 +117,9 @@ class Layout:
 
     def describe(self) -> str:
         islands = f"{self.islands} islands × " if self.islands > 1 else ""
+        why = f" ({self.dp_shard_why})" if self.dp_shard_why else ""
         return (f"world={self.world_size} ({islands}pp={self.pp} × dp={self.dp}, ep={self.ep}), "
-                f"dp_shard={self.dp_shard}")
+                f"dp_shard={self.dp_shard}{why}")
 
     def to_dict(self) -> dict:
         out = {"pp": self.pp, "dp": self.dp, "ep": self.ep, "dp_shard": self.dp_shard,
@@ -116,6 +134,20 @@ class Layout:
             raise LayoutError(
                 f"WORLD_SIZE={env.world_size} but the recipe's layout needs {self.world_size} "
                 f"processes ({islands}parallel.pp={self.pp} × parallel.dp={self.dp})")
+
+
+def agree_dp_shard(layout: Layout, store: dist.Store) -> Layout:
+    """The first rank's resolution of `parallel.dp_shard: auto`, for every rank of the run.
+
+    Ranks on machines with less memory could resolve it otherwise, and a restarted DiLoCo
+    island must shard like its peers (the run's store outlives it), so the first choice
+    written to the store holds; the key names the degrees, so that a resized layout
+    chooses anew.
+    """
+    key = f"atoll/dp_shard/pp{layout.pp}-dp{layout.dp}-ep{layout.ep}"
+    mine = json.dumps([layout.dp_shard, layout.dp_shard_why])
+    mode, why = json.loads(store.compare_set(key, "", mine).decode())
+    return replace(layout, dp_shard=mode, dp_shard_why=why)
 
 
 def free_port() -> int:
@@ -252,6 +284,8 @@ class ParallelMesh:
             bound = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend=backend, store=store, rank=env.rank,
                                     world_size=env.world_size, timeout=timeout, **bound)
+        if layout.dp_shard_why and self.store is not None:
+            self.layout = agree_dp_shard(layout, self.store)
         if env.world_size == 1:
             return
         shape = (layout.pp, layout.dp // layout.ep, layout.ep)

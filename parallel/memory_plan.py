@@ -7,8 +7,9 @@ state, activations of the micro-batches in flight (with each activation
 checkpointing mode), the logits, and on the host the memory-tier snapshot and
 the checkpoint staging buffer; then the total against the device's memory,
 and which recipe key to change when it does not fit. `atoll train --dry-run`
-prints it, and `object_store_bytes` sizes the Ray object store of a cluster
-atoll starts (`launch.ray_object_store_mb: auto`).
+prints it, `object_store_bytes` sizes the Ray object store of a cluster
+atoll starts (`launch.ray_object_store_mb: auto`), and `choose_dp_shard`
+resolves `parallel.dp_shard: auto` from the replicated state it sizes.
 
 Parameter shapes come from the model itself, built on the meta device (no
 memory, no values); everything else is arithmetic on the recipe, following
@@ -22,6 +23,7 @@ the caller reports).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -39,6 +41,14 @@ OBJECT_STORE_GENERATIONS = 2
 OBJECT_STORE_HEADROOM = 1.25
 OBJECT_STORE_FLOOR_MB = 256
 OBJECT_STORE_MAX_FRACTION = 0.4  # of the machine's memory (Ray's own default is 0.3)
+# parallel.dp_shard: auto replicates (DDP) while the state DDP replicates on every rank (fp32
+# weights and gradients, optimizer and DiLoCo state) takes at most
+# this share of a rank's memory. DDP reduces once per step where FSDP gathers every unit twice
+# and reduce-scatters: on small models that per-unit work, not memory, bounds the step. 1/8
+# leaves 7/8 for activations, logits and the runtime on a GPU, and on a CPU room beside the
+# state for the memory snapshot and the checkpoint staging copy (a copy of weights and
+# optimizer state each); past it, sharding's memory saving is worth its collectives.
+DDP_MAX_STATE_SHARE = 8
 
 
 @dataclass
@@ -99,6 +109,9 @@ def plan_memory(cfg: DictConfig, local_device_gb: Optional[float] = None,
     without one for the CPU this runs on (and carries no verdict)."""
     gb = cfg.launch.device_memory_gb or local_device_gb
     device = "cuda" if gb else "cpu"
+    if cfg.parallel.dp_shard == "auto":
+        world = cfg.diloco.islands * cfg.parallel.pp * cfg.parallel.dp  # on this machine, as planned
+        cfg = with_dp_shard(cfg, choose_dp_shard(cfg, *rank_memory_bytes(cfg, local_device_gb, world)).mode)
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     shapes = _param_shapes(cfg)
     layers_per_stage, stages_of = _stages(cfg)
@@ -184,14 +197,11 @@ def _rank_plan(cfg: DictConfig, device: str, dtype: str, shapes: dict, stage_lay
             or (n.startswith(("norm", "output")) and last)}
     mine = {n: s for n, s in shapes.items() if n in root or _layer_of(n) in layers}
     fsdp = par.dp > 1 and par.dp_shard == "fsdp"
-    ddp = par.dp > 1 and par.dp_shard == "ddp"
     mixed = dtype == "bf16"
 
     local = {n: local_numel(n, s, cfg) for n, s in mine.items()}
     params = 4 * sum(local.values())
-    grads = params
-    if ddp:  # DDP's buckets hold a flat copy of the gradients it reduces (experts under ep: not)
-        grads += 4 * sum(v for n, v in local.items() if not (par.ep > 1 and is_expert(n)))
+    grads = params  # under DDP they are views into its buckets (gradient_as_bucket_view)
     optimizer = optimizer_states(cfg) * params
     outer = diloco_copies(cfg) * params
 
@@ -389,6 +399,54 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
+# --------------------------------------------------------------------------- dp_shard: auto
+
+
+@dataclass(frozen=True)
+class DpShardChoice:
+    mode: str  # "fsdp" or "ddp"
+    why: str  # for the run's first line and the dry run
+
+
+def rank_memory_bytes(cfg: DictConfig, local_device_gb: Optional[float], local_ranks: int) -> tuple[int, str]:
+    """(bytes one rank trains in, what they are): `launch.device_memory_gb`, else the GPU's
+    own (`local_device_gb`, the caller's), else this machine's memory shared by the
+    `local_ranks` processes on it."""
+    if cfg.launch.device_memory_gb:
+        return int(cfg.launch.device_memory_gb * GIB), "per device (launch.device_memory_gb)"
+    if local_device_gb:
+        return int(local_device_gb * GIB), "per GPU"
+    return machine_memory_bytes() // max(1, local_ranks), f"host memory / {local_ranks} ranks"
+
+
+def replicated_state_bytes(cfg: DictConfig) -> int:
+    """What the busiest rank holds under DDP: fp32 weights, gradients, optimizer state and
+    DiLoCo state, as the layout splits them (pipeline stages, experts over ep)."""
+    plan = plan_memory(with_dp_shard(cfg, "ddp"), suggest=False)
+    return max(r.params + r.grads + r.optimizer + r.outer for r in plan.ranks)
+
+
+def choose_dp_shard(cfg: DictConfig, memory_bytes: int, where: str) -> DpShardChoice:
+    """`parallel.dp_shard` as the run uses it: the recipe's fsdp or ddp, or for auto DDP
+    while the replicated state is at most 1/DDP_MAX_STATE_SHARE of `memory_bytes`, else FSDP."""
+    par = cfg.parallel
+    if par.dp_shard != "auto":
+        return DpShardChoice(par.dp_shard, "")
+    if par.dp == 1:
+        return DpShardChoice("ddp", "auto: dp=1, nothing to shard")
+    state = replicated_state_bytes(cfg)
+    small = state * DDP_MAX_STATE_SHARE <= memory_bytes
+    return DpShardChoice("ddp" if small else "fsdp",
+                         f"auto: replicated state {human(state)} {'≤' if small else '>'} 1/{DDP_MAX_STATE_SHARE} "
+                         f"of {human(memory_bytes)} {where}")
+
+
+def with_dp_shard(cfg: DictConfig, mode: str) -> DictConfig:
+    changed = copy.deepcopy(cfg)
+    changed.parallel.dp_shard = mode
+    return changed
+
+
 # --------------------------------------------------------------------------- object store
 
 
@@ -440,7 +498,7 @@ def _suggestions(cfg: DictConfig, plan: MemoryPlan, gb: float) -> list[tuple[str
         candidates.append(["model.dtype=bf16"])
     if data.micro_batch > 1:
         candidates.append([f"data.micro_batch={data.micro_batch // 2}", f"data.grad_accum={data.grad_accum * 2}"])
-    if par.dp > 1 and par.dp_shard == "ddp":
+    if par.dp > 1 and par.dp_shard == "ddp":  # the recipe's, or what auto chose
         candidates.append(["parallel.dp_shard=fsdp"])
     candidates.append([f"parallel.dp={par.dp * 2}", f"data.grad_accum={max(1, data.grad_accum // 2)}"]
                       if data.grad_accum > 1 else [f"parallel.dp={par.dp * 2}"])

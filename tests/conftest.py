@@ -34,6 +34,9 @@ TINY_MOE = [
     "model.moe.top_k=2", "data.seq_len=32", "data.micro_batch=2", "data.max_bytes=400000",
     "logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
     "launch.threads_per_worker=1",
+    # The tests written for FSDP keep it (auto would pick DDP for so small a model); those
+    # that test DDP or auto say so after these.
+    "parallel.dp_shard=fsdp",
 ]
 
 # Every subprocess a test starts carries this marker in its environment, so

@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
 from atoll.launch.ray_backend import ray_init_options
-from atoll.parallel.memory_plan import (GIB, OBJECT_STORE_FLOOR_MB, checkpointed_blocks, describe,
-                                        object_store_bytes, plan_memory)
+from atoll.parallel.layout import Layout
+from atoll.parallel.memory_plan import (GIB, OBJECT_STORE_FLOOR_MB, checkpointed_blocks, choose_dp_shard, describe,
+                                        object_store_bytes, plan_memory, replicated_state_bytes)
 from atoll.trainer.config import OptimConfig, as_dataclass, load_recipe, model_config
 from atoll.trainer.model import Transformer
 from atoll.trainer.optim import build_optimizer
@@ -91,10 +92,11 @@ def test_state_parts_are_exact_on_one_device(recipe):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["parallel.dp=2"],  # FSDP: every parameter's dim 0 in 2 chunks
-    ["parallel.dp=4", "parallel.ep=2", "model.dim=90", "model.heads=5"],  # experts: E/ep, then /2; uneven rows
-    ["parallel.dp=2", "parallel.ep=2"],  # experts split by ep only, the rest by FSDP
-    ["parallel.dp=2", "parallel.dp_shard=ddp"],  # replicas, and DDP's gradient buckets
+    ["parallel.dp=2", "parallel.dp_shard=fsdp"],  # FSDP: every parameter's dim 0 in 2 chunks
+    ["parallel.dp=4", "parallel.ep=2", "model.dim=90", "model.heads=5",  # experts: E/ep, then /2; uneven rows
+     "parallel.dp_shard=fsdp"],
+    ["parallel.dp=2", "parallel.ep=2", "parallel.dp_shard=fsdp"],  # experts split by ep only, the rest by FSDP
+    ["parallel.dp=2", "parallel.dp_shard=ddp"],  # replicas (gradients are views of DDP's buckets)
 ])
 def test_sharded_state_follows_fsdp_chunks(overrides):
     cfg = load_recipe("default", overrides)
@@ -110,7 +112,7 @@ def test_sharded_state_follows_fsdp_chunks(overrides):
         expected += 4 * torch.chunk(param, shards, dim=0)[0].numel()  # the first (largest) chunk
     assert plan.params == expected
     assert plan.optimizer == 2 * expected
-    assert plan.grads == (2 * expected if par.dp_shard == "ddp" else expected)
+    assert plan.grads == expected
 
 
 @pytest.mark.parametrize("recipe,overrides", [
@@ -198,6 +200,37 @@ def test_object_store_auto_is_sized_from_the_snapshot_state():
     assert ray_init_options(off)["object_store_memory"] == OBJECT_STORE_FLOOR_MB * MB
     big = load_recipe("moe_1b_8gpu", [])
     assert object_store_bytes(big, machine_bytes=64 * GIB) == int(0.4 * 64 * GIB)  # capped
+
+
+def test_dp_shard_auto_replicates_while_the_state_is_an_eighth_of_the_memory():
+    """auto: DDP while fp32 weights, gradients and AdamW's moments,
+    replicated, take at most 1/8 of a rank's memory; FSDP past it. The plan, the layout and
+    the run see the chosen mode."""
+    cfg = load_recipe("default", [])
+    assert cfg.parallel.dp_shard == "auto" and cfg.parallel.dp == 2
+    weights = 4 * sum(p.numel() for p in build(cfg).parameters())
+    state = replicated_state_bytes(cfg)
+    assert state == weights * (1 + 1 + 2)
+    assert choose_dp_shard(cfg, 8 * state, "here").mode == "ddp"
+    assert choose_dp_shard(cfg, 8 * state - 1, "here").mode == "fsdp"
+    assert "replicated state" in choose_dp_shard(cfg, 8 * state, "here").why
+    # Expert parallelism splits the experts before anything is replicated.
+    ep = load_recipe("default", ["parallel.ep=2"])
+    assert replicated_state_bytes(ep) < state
+    assert choose_dp_shard(load_recipe("default", ["parallel.dp_shard=fsdp"]), 10**15, "").mode == "fsdp"
+    assert choose_dp_shard(load_recipe("default", ["parallel.dp=1"]), 1, "").mode == "ddp"  # nothing to shard
+    # The plan of auto is the plan of what auto chose (a GPU's budget from device_memory_gb).
+    gb = 8 * state / GIB
+    for budget, mode in ((gb, "ddp"), (gb * 0.99, "fsdp")):
+        auto = load_recipe("default", [f"launch.device_memory_gb={budget}"])
+        chosen = load_recipe("default", [f"launch.device_memory_gb={budget}", f"parallel.dp_shard={mode}"])
+        assert plan_memory(auto).ranks == plan_memory(chosen).ranks
+        layout = Layout.from_recipe(auto)
+        assert layout.dp_shard == mode and f"dp_shard={mode} (auto: " in layout.describe()
+        assert layout.to_dict()["dp_shard"] == mode
+    # The 1B recipe's state does not fit 1/8 of an 80 GB GPU: it shards.
+    assert Layout.from_recipe(load_recipe("moe_1b_8gpu", ["parallel.dp_shard=auto",
+                                                          "launch.device_memory_gb=80"])).dp_shard == "fsdp"
 
 
 def test_verdict_lines():

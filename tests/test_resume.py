@@ -88,6 +88,41 @@ def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
             read_jsonl(reference / "metrics.jsonl")[-1]["samples"] == 40
 
 
+@pytest.mark.slow
+def test_checkpoints_cross_between_what_dp_shard_auto_chose_and_fsdp(tmp_path):
+    """auto (DDP for this small model) saves at step 3; FSDP resumes it to step 6 and saves;
+    auto resumes that to step 8: every resumed step has the loss and gradient norm of the
+    uninterrupted auto run, and each checkpoint names the mode that wrote it."""
+    common = [*TINY_MOE, "run.steps=8", "checkpoint.interval=3", "checkpoint.keep=3", "parallel.dp=2"]
+    auto = [*common, "parallel.dp_shard=auto"]  # after TINY_MOE's fsdp: the last one holds
+    whole = tmp_path / "auto"
+    proc = run_cli(["train", *auto, f"run.dir={whole}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp=2, ep=1), dp_shard=ddp (auto: replicated state" in proc.stdout
+    saved_by_auto = whole / "checkpoints" / "step-00000003"
+    assert verify(saved_by_auto)["layout"]["dp_shard"] == "ddp"
+
+    fsdp = tmp_path / "fsdp"
+    proc = run_cli(["train", *common, "parallel.dp_shard=fsdp", "run.stop_at=6",
+                    f"checkpoint.resume={saved_by_auto}", f"run.dir={fsdp}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved_by_fsdp = fsdp / "checkpoints" / "step-00000006"
+    assert verify(saved_by_fsdp)["layout"]["dp_shard"] == "fsdp"
+    back = tmp_path / "auto_again"
+    proc = run_cli(["train", *auto, f"checkpoint.resume={saved_by_fsdp}", f"run.dir={back}"],
+                   torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    reference = read_jsonl(whole / "metrics.jsonl")
+    for run, steps in ((fsdp, [4, 5, 6]), (back, [7, 8])):
+        rows = read_jsonl(run / "metrics.jsonl")
+        want = [r for r in reference if r["step"] in steps]
+        assert [r["step"] for r in rows] == steps
+        assert [r["samples"] for r in rows] == [r["samples"] for r in want]
+        for name in ("loss", "grad_norm"):
+            assert [r[name] for r in rows] == pytest.approx([r[name] for r in want], rel=1e-5), (run, name)
+
+
 def test_rerun_with_nothing_to_do_leaves_config_yaml_untouched(tmp_path, capsys):
     """A rerun of a finished run says `nothing to do` and leaves the recipe it ran with as it
     was, even when the rerun's recipe differs (bytes and mtime)."""

@@ -106,7 +106,7 @@ class ParallelConfig:
     dp: int = 1
     ep: int = 1
     pp: int = 1
-    dp_shard: str = "fsdp"  # auto | fsdp | ddp (auto: DDP while replicated state is small against the device)
+    dp_shard: str = "auto"  # auto | fsdp | ddp (auto: DDP while replicated state is small against the device)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     microbatches: Optional[int] = None  # pipeline microbatches per data micro-batch; default pp
     pp_virtual_stages: int = 2  # stages per rank with interleaved_1f1b

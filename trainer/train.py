@@ -29,7 +29,8 @@ from atoll.checkpoint.snapshot import MemorySnapshotter, restore_snapshot
 from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
-from atoll.parallel.expert_parallel import moe_layers, reduce_moe_load, sync_expert_grads
+from atoll.parallel.expert_parallel import (moe_layers, reduce_moe_load, sync_expert_grads, take_moe_load,
+                                           unpack_moe_load)
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync, uses_fsdp
 from atoll.parallel.materialize import materialize
@@ -106,13 +107,14 @@ class Trainer:
     def _build(self, cfg: DictConfig, env: Optional[ProcessEnv]) -> None:
         self.cfg = cfg
         self.env = env or ProcessEnv.from_environ()
-        self.layout = Layout.from_recipe(cfg)
+        self.device = device_for(self.env)
+        self.layout = Layout.from_recipe(cfg, self.device, self.env.local_world_size)
         self.layout.check_world(self.env)
         check_run_dir(cfg, restarting=self.control.attempt > 0)
         set_threads(cfg, self.env)
-        self.device = device_for(self.env)
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
+        self.layout = self.mesh.layout  # dp_shard: auto as every rank resolved it
         self.env = self.mesh.env  # ranks inside this rank's island
         if self.layout.islands > 1:
             self.outer = connect_islands(cfg, self.mesh, joining=self.control.rejoin_token is not None)
@@ -149,7 +151,9 @@ class Trainer:
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._build_parts(cfg)
         # reduce_moe_load's float64 buffer: every layer's load per expert and its drop count
-        stats_bytes = sum(8 * (moe.num_experts + 1) for part in self.parts for _, moe in moe_layers(part))
+        self.moe_modules = [(name, moe) for part in self.parts for name, moe in moe_layers(part)]
+        self.params = [p for part in self.parts for p in part.parameters()]
+        stats_bytes = sum(8 * (moe.num_experts + 1) for _, moe in self.moe_modules)
         self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout, stats_bytes, self.precision)
         self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
@@ -326,33 +330,39 @@ class Trainer:
                     ((loss + aux_loss) / len(micro_batches)).backward()
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum + aux_loss.detach()
-        params = [p for part in self.parts for p in part.parameters()]
         for part in self.parts:
             sync_expert_grads(part, self.mesh)
         n = len(micro_batches)
         # Loss, aux loss and the stop requests ride on the gradient norm's all-reduce: every
         # rank gets the same global values, so every rank takes the same decision below.
+        # Without pipeline stages that all-reduce spans the dp group, so the routing counts
+        # ride on it too; stages hold different layers and reduce theirs over dp apart.
         shared = self.peers.slots(self.step_times.compute_s) if self.peers else []
-        stop_flags = self.to_device(torch.tensor([*self.stop.offer(), *shared], dtype=torch.float64))
-        grad_norm, (loss_total, aux_total, stops, final_stops, *computes) = clip_grad_norm(
-            params, self.optim_cfg.grad_clip, self.mesh.stage_world_size,
-            extra=[loss_sum / n, aux_sum / n, stop_flags])
+        flags = self.to_device(torch.tensor([*self.stop.offer(), *shared], dtype=torch.float64))
+        loads_ride = self.layout.pp == 1 and bool(self.moe_modules)
+        extra = [loss_sum / n, aux_sum / n, flags] + ([take_moe_load(self.moe_modules)] if loads_ride else [])
+        grad_norm, (loss_total, aux_total, stop, final_stop, *rest) = clip_grad_norm(
+            self.params, self.optim_cfg.grad_clip, self.mesh.stage_world_size, extra=extra)
+        computes, load_sums = rest[:len(shared)], rest[len(shared):]
         result = StepResult(loss=loss_total / self.layout.dp, aux_loss=aux_total / self.layout.dp,
                             grad_norm=grad_norm)
-        self.stop.agree(self.step + 1, stops, final_stops)
+        self.stop.agree(self.step + 1, stop, final_stop)
         if self.peers and self.env.is_island_lead:
             for event, fields in self.peers.take(self.step, computes, time.time()):
                 self.island_event(event, **fields)
                 print(describe(event, fields, self.cfg.fault_tolerance.straggler_threshold), flush=True)
-        self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
+        if loads_ride:
+            self.moe_load = unpack_moe_load(self.moe_modules, torch.tensor(load_sums, dtype=torch.float64,
+                                                                           device=self.device))
+        else:
+            self.moe_load = [load for part in self.parts for load in reduce_moe_load(part, self.mesh)]
         anomaly = self.guard.check(result.loss, grad_norm)
         if anomaly is not None:
             self._anomaly(*anomaly, result)
             return result
         for hook in self.hooks:  # e.g. a snapshot still copying what the step below mutates
             hook.before_optimizer_step(self)
-        for (_, load_E, _), (_, moe) in zip(self.moe_load,
-                                            [m for part in self.parts for m in moe_layers(part)]):
+        for (_, load_E, _), (_, moe) in zip(self.moe_load, self.moe_modules):
             if moe.balance == "aux_free":
                 moe.router.update_bias(load_E, moe.bias_update_rate)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
