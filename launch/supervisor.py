@@ -167,6 +167,10 @@ class Supervisor:
         self._restarted: list[int] = []  # ranks of an island restarted alone (DiLoCo)
         self.stop_grace_s = ft["stop_grace_s"]
         self._saving_snapshot = False  # a group only commits the newest memory snapshot to disk
+        # Seconds per phase of the recovery in progress (the `restart` event's breakdown).
+        self._breakdown: dict[str, float] = {}
+        self._kill_s = 0.0  # how long the last group's shutdown took
+        self._placed_at: Optional[float] = None  # wall time the last group was placed
 
     # ------------------------------------------------------------------ main loop
 
@@ -184,7 +188,9 @@ class Supervisor:
                 while isinstance(outcome, Failure) and self._restart_island(group, outcome, current):
                     outcome = self._watch(group, current)
                 ranks = group.ranks
+                ending = self.clock()
                 group.shutdown()  # every process of the group, survivors included
+                self._kill_s = self.clock() - ending
                 self.group = None
                 if isinstance(outcome, Failure) and self.interrupted():
                     raise StopIncomplete(f"rank {outcome.rank} {_verb(outcome.kind)} while stopping "
@@ -231,15 +237,19 @@ class Supervisor:
         timeout = self.placement_timeout_s
         group = self.factory.group(recipe, world, timeout)
         self.group = group
+        placing = self.clock()
         try:
             ranks = group.create()
         except PlacementTimeout as exc:
             group.shutdown()
             self.group = None
+            self._add_phase("place", self.clock() - placing)
             if not self.min_workers or world <= self.min_workers:
                 raise WorkerFailed(str(exc)) from None
             self.log(f"supervisor: {exc}")
             return None
+        self._add_phase("place", self.clock() - placing)
+        self._placed_at = time.time()
         self.emit("workers", attempt=self.attempt, world=world, layout=layout_of(recipe),
                   ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node,
                           **({"island": r.rank * _islands(recipe) // world} if _islands(recipe) > 1 else {})}
@@ -260,13 +270,17 @@ class Supervisor:
                   if s.state in ("failed", "dead", "node_lost")}
         if broken - {island}:
             return False
+        self._kill_s = 0.0  # the island's actors are killed while it is placed again
         self._handle_failure(failure, group.ranks)
+        placing = self.clock()
         try:
             ranks = group.restart_island(island, self._restart_recipe(recipe),
                                          self.factory.snapshot_store(), self.attempt)
         except PlacementTimeout as exc:
             self.log(f"supervisor: cannot restart island {island} alone ({exc}); restarting all")
             return False
+        self._add_phase("place", self.clock() - placing)
+        self._placed_at = time.time()
         self._restarted = [r.rank for r in ranks if r.rank // island_world == island]
         self.emit("workers", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
                   ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node, "island": r.rank // island_world}
@@ -383,9 +397,30 @@ class Supervisor:
             self.emit("restart", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
                       resume_step=resumed or 0, source=beats[0].get("resume_source") or "none",
                       recovery_s=round(now - detected_at + failure.detected_s, 3),
-                      lost_steps=max(0, failed_step - (resumed or 0)))
+                      lost_steps=max(0, failed_step - (resumed or 0)),
+                      breakdown=self._recovery_breakdown(beats))
             self._failure = None
         return True
+
+    def _add_phase(self, phase: str, seconds: float) -> None:
+        if self._failure is not None:  # only a recovery is broken down
+            self._breakdown[phase] = self._breakdown.get(phase, 0.0) + seconds
+
+    def _recovery_breakdown(self, beats: list[dict]) -> dict:
+        """Seconds per phase: the supervisor's own (detect, kill, place, start until the
+        ranks entered training) and, for the ranks' (rendezvous, build, restore,
+        first_step), the slowest rank's, which the others waited for."""
+        out = dict(self._breakdown)
+        startups = [b["startup"] for b in beats if isinstance(b.get("startup"), dict)]
+        entered = [s["entered_at"] for s in startups if "entered_at" in s]
+        if entered and self._placed_at is not None:
+            out["start"] = max(0.0, max(entered) - self._placed_at)
+        for phase in ("rendezvous", "build", "restore", "first_step"):
+            values = [s[phase] for s in startups if phase in s]
+            if values:
+                out[phase] = max(values)
+        order = ("detect", "kill", "place", "start", "rendezvous", "build", "restore", "first_step")
+        return {phase: round(out[phase], 3) for phase in order if phase in out}
 
     def _failure_in(self, group: WorkerGroup, statuses: list[RankStatus], now: float,
                     last_change: dict[int, float], last_answer: dict[int, float],
@@ -458,7 +493,9 @@ class Supervisor:
         self.restarts += 1
         self.attempt += 1
         self.state = "restarting"
-        self._failure = (failure, self.clock(), failure.step)
+        # Recovery runs from the detection: the group's shutdown counts.
+        self._failure = (failure, self.clock() - self._kill_s, failure.step)
+        self._breakdown = {"detect": failure.detected_s, "kill": self._kill_s}
         self.log(f"supervisor: rank {failure.rank} {_verb(failure.kind)} at step {failure.step} "
                  f"({failure.message[:200]}); restart {self.restarts}/{self.max_restarts}")
         if self.backoff_s:

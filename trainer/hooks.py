@@ -189,8 +189,29 @@ class MetricsHook(StepHook):
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
 
+class StartupTimes:
+    """How long this process took to start training, phase by phase, for the launcher's
+    `restart` breakdown: rendezvous (process group), build (model, optimizer, data),
+    restore (snapshot or checkpoint) and first_step (until the first step completed).
+    `entered_at` is the wall-clock time the process began building its trainer."""
+
+    def __init__(self) -> None:
+        self.entered_at = time.time()
+        self._mark = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap counts towards `phase`."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._mark
+        self._mark = now
+
+    def as_beat(self) -> dict:
+        return {"entered_at": self.entered_at, **{k: round(v, 4) for k, v in self.phases.items()}}
+
+
 class HeartbeatHook(StepHook):
-    """Tells the launcher each completed step."""
+    """Tells the launcher each completed step (and, once, how the start went)."""
 
     def __init__(self, control: RunControl):
         self.control = control
@@ -199,7 +220,10 @@ class HeartbeatHook(StepHook):
         if self.control.heartbeat is not None:
             self.control.heartbeat({"step": trainer.step, "samples": trainer.loader.samples_consumed,
                                     "time": time.time(), "resumed_step": trainer.resumed_step,
-                                    "resume_source": trainer.resume_source})
+                                    "resume_source": trainer.resume_source,
+                                    "startup": trainer.startup.as_beat()})
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
+        if "first_step" not in trainer.startup.phases:
+            trainer.startup.lap("first_step")
         self.beat(trainer)
