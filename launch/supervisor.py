@@ -51,7 +51,7 @@ SNAPSHOT_AFTER = 1 / 3
 SNAPSHOT_TO_DISK = "snapshot_to_disk"
 STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a group
 GROW_CHECK_S = 1.0  # how often a shrunk run looks for its missing capacity
-# A rank that raised usually did so because a peer died: wait this long for the death to show.
+# A rank that raised usually did so because a peer died: wait up to this long for the death to show.
 SETTLE_S = 0.5
 # ... and while a peer does not answer (its node may be gone: Ray declares a
 # node dead after its health checks fail, about 2.5 s), up to this long.
@@ -456,18 +456,19 @@ class Supervisor:
         return None
 
     def _settle(self, group: WorkerGroup, since: float) -> tuple[list, list, float]:
-        """After a rank raised: (dead ranks, user errors, when seen) once the others have
-        answered or died, or NODE_SETTLE_S has passed."""
-        self.sleep(SETTLE_S)
+        """After a rank raised: (dead ranks, user errors, when seen) as soon as a death or a
+        user error shows, else once SETTLE_S has passed with every rank answering, or
+        NODE_SETTLE_S has passed."""
         while True:
+            self.sleep(self.poll_s)
             later = group.poll(self.poll_s)
             now = self.clock()
             dead = [s for s in later if s.state in ("dead", "node_lost")]
             user = [s for s in later if s.state == "failed" and (s.error or {}).get("user")]
             silent = [s for s in later if s.state == "unanswered"]
-            if dead or user or not silent or now - since >= NODE_SETTLE_S:
+            waited = now - since
+            if dead or user or waited >= NODE_SETTLE_S or (not silent and waited >= SETTLE_S):
                 return dead, user, now
-            self.sleep(self.poll_s)
 
     def _failure_of(self, status: RankStatus, kind: str, step: int, detected_s: float) -> Failure:
         error = status.error or {}

@@ -72,6 +72,7 @@ class TrainWorker:
         self.result: Optional[dict] = None
         self.stop: Any = False
         self.thread: Optional[threading.Thread] = None
+        self.runs = 0  # how many runs this process started (a survivor serves several groups)
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
         return f"rank{self.rank}" if self.rank >= 0 else "worker"
@@ -96,40 +97,48 @@ class TrainWorker:
 
     def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,
               rejoin_token: Optional[str] = None) -> None:
-        if self.thread is not None:  # a survivor of a failed group, maybe still closing its last run
-            self.thread.join(PREVIOUS_RUN_END_S)
-            if self.thread.is_alive():
-                self.state, self.result = "failed", None
-                self.error = {"type": "RuntimeError", "user": False, "traceback": "",
-                              "message": f"its previous run did not end within {PREVIOUS_RUN_END_S:g}s"}
-                return
-        os.environ.update(env)
+        # A survivor of a failed group may still be closing its last run: the new run's thread
+        # waits for it, so that this actor keeps answering (status, a keeper's export_shard).
+        previous = self.thread
+        self.runs += 1
         # Nothing of a survivor's last run stays: error, result, stop request.
         self.error, self.result, self.stop = None, None, False
         self.state, self.beat = "running", {"time": time.time()}
-        self.thread = threading.Thread(target=self._train, args=(recipe, store, attempt, rejoin_token),
+        self.thread = threading.Thread(target=self._train,
+                                       args=(self.runs, previous, env, recipe, store, attempt, rejoin_token),
                                        daemon=True, name=f"atoll-train-rank{self.rank}")
         self.thread.start()
 
-    def _train(self, recipe: dict, store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
+    def _train(self, run: int, previous: Optional[threading.Thread], env: dict[str, str], recipe: dict,
+               store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
         from atoll.launch.cli import user_errors
         from atoll.parallel.outer_group import StateDiverged
         from atoll.trainer.hooks import RunControl
         from atoll.trainer.train import TrainingError, train
 
-        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=self._heartbeat,
+        def report(**fields) -> None:  # a run that a newer one replaced reports nothing
+            if self.runs == run:
+                for name, value in fields.items():
+                    setattr(self, name, value)
+
+        if previous is not None:
+            previous.join(PREVIOUS_RUN_END_S)
+            if previous.is_alive():
+                report(error={"type": "RuntimeError", "user": False, "traceback": "",
+                              "message": f"its previous run did not end within {PREVIOUS_RUN_END_S:g}s"},
+                       state="failed")
+                return
+        os.environ.update(env)
+        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=lambda info: report(beat=dict(info)),
                              stop_request=lambda: self.stop, rejoin_token=rejoin_token)
         try:
-            self.result = train(recipe, control)
-            self.state = "finished"
+            result = train(recipe, control)
+            report(result=result, state="finished")
         except BaseException as exc:  # reported to the driver, which decides
-            self.error = {"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
+            report(error={"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
                           "user": isinstance(exc, user_errors() + (TrainingError, StateDiverged)),
-                          "traceback": traceback.format_exc()[-4000:]}
-            self.state = "failed"
-
-    def _heartbeat(self, info: dict) -> None:
-        self.beat = dict(info)
+                          "traceback": traceback.format_exc()[-4000:]},
+                   state="failed")
 
     def status(self) -> dict:
         return {"state": self.state, "beat": self.beat, "error": self.error, "result": self.result}
