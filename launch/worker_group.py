@@ -35,6 +35,9 @@ from atoll.parallel.layout import LOCAL_DEVICE_ENV, OUTER_STORE_ENV
 # A survivor of a failed group may still be leaving its last run (its next collective fails
 # with the dead peer, then it closes): a new start waits this long for that, else fails.
 PREVIOUS_RUN_END_S = 20.0
+# After a rank died, how long a shutdown waits for the others' training to end with an error
+# (their next collective fails with the dead peer): those idle by then serve the next group.
+SURVIVOR_WAIT_S = 0.5
 
 
 class PlacementTimeout(RuntimeError):
@@ -490,17 +493,20 @@ class RayWorkerGroup:
             self.pg = None
 
     def _survivors(self) -> set[int]:
-        """Ranks that may serve the next group: where a rank's process died (its node lives, so
-        its sockets are closed), the others whose training ended with an error, and, once the
-        group has stepped, those still running: their next collective fails with the dead
-        peer and they end (`TrainWorker.start` waits for that). Not with GPUs (an actor holds
-        its bundle's GPU) nor after a hang, a lost node or a rank's own error (it may be what
-        failed, or a peer's collective may wait out its timeout)."""
+        """Ranks that may serve the next group: once the group has stepped and a rank's process
+        died (its node lives, so its sockets are closed), the others whose training has ended
+        with an error within SURVIVOR_WAIT_S: their process is idle and intact. Not with GPUs
+        (an actor holds its bundle's GPU), nor after a hang, a lost node or a rank's own error
+        (it may be what failed, or a peer's collective may wait out its timeout), nor during
+        a group's start (a rank may be half way through its rendezvous)."""
         states = self._states
-        if self.gpus or "dead" not in states.values() or "node_lost" in states.values():
+        if self.gpus or not self._stepped or "dead" not in states.values() \
+                or "node_lost" in states.values():
             return set()
-        keep = ("failed", "running") if self._stepped else ("failed",)
-        return {rank for rank, state in states.items() if state in keep}
+        deadline = time.monotonic() + SURVIVOR_WAIT_S
+        while "running" in states.values() and time.monotonic() < deadline:
+            self.poll(0.05)  # updates self._states
+        return {rank for rank, state in states.items() if state == "failed"}
 
 
 def _first_line(exc: BaseException) -> str:
