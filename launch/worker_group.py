@@ -180,8 +180,8 @@ class ActorPool:
     the new group restores. A group placed on warm actors tops the pool up
     only once it has trained a step (`replenish` from `RayWorkerGroup.poll`),
     so new processes importing torch do not compete with its start for the
-    CPU. The placement group of a group that ended is kept too (`park`) and
-    handed to the next group of the same shape, as long as its nodes live.
+    CPU. The placement group of a group that lost a rank is kept too (`park`)
+    and handed to the next group if it has the same shape and its nodes live.
 
     With GPUs there are no spares. Ray hands an actor its GPUs (and sets
     CUDA_VISIBLE_DEVICES in its process) only when it creates it, so a rank's
@@ -474,7 +474,8 @@ class RayWorkerGroup:
     def shutdown(self) -> None:
         import ray
 
-        survivors = self._survivors()
+        restarting = self._a_rank_died()  # the supervisor restarts the same shape at once
+        survivors = self._survivors() if restarting else set()
         for rank, actor in enumerate(self.actors):
             if rank in survivors:
                 self.pool.keep(self.ranks[rank].node, actor)
@@ -486,11 +487,17 @@ class RayWorkerGroup:
         self.actors, self._pending = [], {}
         self._replenish_now()  # a group that ended before its first step still leaves spares
         if self.pg is not None:
-            if self.ranks and len(self.ranks) == self.world:
+            if restarting:
                 self.pool.park(self.pg, self._bundles)
-            else:  # never placed (a placement timeout)
+            else:
                 _remove_placement_group(self.pg)
             self.pg = None
+
+    def _a_rank_died(self) -> bool:
+        """A group that had stepped lost a rank's process on a live node (not a hang, not a
+        lost node, not during its start): what the next group, of the same shape, recovers."""
+        states = self._states.values()
+        return self._stepped and "dead" in states and "node_lost" not in states
 
     def _survivors(self) -> set[int]:
         """Ranks that may serve the next group: once the group has stepped and a rank's process
@@ -500,8 +507,7 @@ class RayWorkerGroup:
         (it may be what failed, or a peer's collective may wait out its timeout), nor during
         a group's start (a rank may be half way through its rendezvous)."""
         states = self._states
-        if self.gpus or not self._stepped or "dead" not in states.values() \
-                or "node_lost" in states.values():
+        if self.gpus:
             return set()
         deadline = time.monotonic() + SURVIVOR_WAIT_S
         while "running" in states.values() and time.monotonic() < deadline:
