@@ -115,10 +115,11 @@ def inject(tmp: Path, name: str, kind: str, injections: int, extra: list[str], r
             found.append({"detection_s": failure["time"] - injected,
                           "recovery_s": restart["time"] - injected,
                           "reported_recovery_s": restart["recovery_s"],
-                          "lost_steps": restart["lost_steps"], "source": restart["source"]})
+                          "lost_steps": restart["lost_steps"], "source": restart["source"],
+                          "breakdown": restart.get("breakdown", {})})
             print(f"  {name} #{i + 1}: detected {found[-1]['detection_s']:.2f}s, recovered "
                   f"{found[-1]['recovery_s']:.2f}s, lost {restart['lost_steps']} steps "
-                  f"({restart['source']})", flush=True)
+                  f"({restart['source']}) | {breakdown_line(found[-1]['breakdown'])}", flush=True)
             start_step = last_step(run_dir)
             wait_for(lambda: last_step(run_dir) >= start_step + 3, 180, proc)
     finally:
@@ -170,10 +171,12 @@ def inject_node_losses(tmp: Path, name: str, injections: int) -> list[dict]:
             failure, restart = events(run_dir, "failure")[-1], events(run_dir, "restart")[-1]
             found.append({"detection_s": failure["time"] - injected, "recovery_s": restart["time"] - injected,
                           "lost_steps": restart["lost_steps"], "source": restart["source"],
-                          "kind": failure["kind"], "world": restart["world"]})
+                          "kind": failure["kind"], "world": restart["world"],
+                          "breakdown": restart.get("breakdown", {})})
             print(f"  {name} #{i + 1}: {failure['kind']} detected {found[-1]['detection_s']:.2f}s, "
                   f"recovered on {restart['world']} worker(s) {found[-1]['recovery_s']:.2f}s, "
-                  f"lost {restart['lost_steps']} steps ({restart['source']})", flush=True)
+                  f"lost {restart['lost_steps']} steps ({restart['source']}) | "
+                  f"{breakdown_line(found[-1]['breakdown'])}", flush=True)
             nodes.add_worker()
             wait_for(lambda: len(events(run_dir, "resize")) >= resizes + 2
                      and events(run_dir, "workers")[-1]["world"] == 2, 180, proc)
@@ -193,6 +196,19 @@ def throughput(tmp: Path, name: str, extra: list[str], steps: int) -> float:
         raise RuntimeError(proc.stderr.read()[-2000:])
     rates = sorted(r["tokens_per_s"] for r in read_jsonl(run_dir / "metrics.jsonl")[10:])
     return rates[len(rates) // 2]
+
+
+PHASES = ("detect", "kill", "place", "start", "rendezvous", "build", "restore", "first_step")
+
+
+def breakdown_line(breakdown: dict) -> str:
+    return " ".join(f"{phase} {breakdown[phase]:.2f}" for phase in PHASES if phase in breakdown)
+
+
+def median_breakdown(rows: list[dict]) -> dict:
+    """Per phase of the `restart` event's breakdown, the median over the injections."""
+    phases = [p for p in PHASES if any(p in r["breakdown"] for r in rows)]
+    return {p: percentile([r["breakdown"][p] for r in rows if p in r["breakdown"]], 0.5) for p in phases}
 
 
 def summary(rows: list[dict], key: str) -> str:
@@ -245,6 +261,13 @@ def main() -> int:
         sources = sorted({r["source"] for r in rows})
         print(f"| {label} | {len(rows)} | {summary(rows, 'detection_s')} | {summary(rows, 'recovery_s')} "
               f"| {summary(rows, 'lost_steps')} | {', '.join(sources)} |")
+    print("\nrecovery breakdown, median seconds per phase (the `restart` event's breakdown):\n")
+    print("| failure | " + " | ".join(PHASES) + " | sum |")
+    print("|---|" + "---|" * (len(PHASES) + 1))
+    for label, rows in results.items():
+        medians = median_breakdown(rows)
+        print(f"| {label} | " + " | ".join(f"{medians[p]:.2f}" if p in medians else "-" for p in PHASES)
+              + f" | {sum(medians.values()):.2f} |")
     if not args.no_throughput:
         print(f"\nmemory tier throughput: {with_tier:,.0f} tok/s with memory_interval=1, "
               f"{without:,.0f} without: ratio {with_tier / without:.3f}")

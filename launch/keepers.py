@@ -107,7 +107,8 @@ def start_keepers(nodes: list[str], existing: Optional[dict[str, Any]] = None) -
             keepers[node] = actor_cls.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             ).remote(node)
-    ray.get([k.holdings.remote() for k in keepers.values()], timeout=60)
+    # Only new keepers are waited for: a restart must not queue behind one busy holding a shard.
+    ray.get([k.holdings.remote() for node, k in keepers.items() if node not in (existing or {})], timeout=60)
     return keepers
 
 

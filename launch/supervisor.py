@@ -58,7 +58,7 @@ SNAPSHOT_AFTER = 1 / 3
 SNAPSHOT_TO_DISK = "snapshot_to_disk"
 STARTUP_GRACE_S = 60.0  # on top of hang_timeout_s before the first step of a group
 GROW_CHECK_S = 1.0  # how often a shrunk run looks for its missing capacity
-# A rank that raised usually did so because a peer died: wait this long for the death to show.
+# A rank that raised usually did so because a peer died: wait up to this long for the death to show.
 SETTLE_S = 0.5
 # ... and while a peer does not answer (its node may be gone: Ray declares a
 # node dead after its health checks fail, about 2.5 s), up to this long.
@@ -180,6 +180,10 @@ class Supervisor:
         self.stragglers = None if ft["straggler"] == "off" else StragglerPolicy(
             ft["straggler_threshold"], ft["straggler_window"], ft["straggler"], ft["straggler_evict_after"])
         self.evictions = Evictions(recipe, factory, fit_layout, world_of, log, clock)
+        # Seconds per phase of the recovery in progress (the `restart` event's breakdown).
+        self._breakdown: dict[str, float] = {}
+        self._kill_s = 0.0  # how long the last group's shutdown took
+        self._placed_at: Optional[float] = None  # wall time the last group was placed
 
     # ------------------------------------------------------------------ main loop
 
@@ -199,7 +203,9 @@ class Supervisor:
                 ranks = group.ranks
                 if not isinstance(outcome, Eviction):
                     self.evictions.take()  # the group ended otherwise before it stopped for it
+                ending = self.clock()
                 group.shutdown()  # every process of the group, survivors included
+                self._kill_s = self.clock() - ending
                 self.group = None
                 if isinstance(outcome, Failure) and self.interrupted():
                     raise StopIncomplete(f"rank {outcome.rank} {_verb(outcome.kind)} while stopping "
@@ -249,17 +255,21 @@ class Supervisor:
         timeout = self.placement_timeout_s
         group = self.factory.group(recipe, world, timeout)
         self.group = group
+        placing = self.clock()
         try:
             ranks = group.create()
         except PlacementTimeout as exc:
             group.shutdown()
             self.group = None
+            self._add_phase("place", self.clock() - placing)
             if not self.min_workers or world <= self.min_workers:
                 raise WorkerFailed(str(exc)) from None
             self.log(f"supervisor: {exc}")
             return None
         if self.stragglers is not None:
             self.stragglers.forget()  # new processes: their steps are timed afresh
+        self._add_phase("place", self.clock() - placing)
+        self._placed_at = time.time()
         self.emit("workers", attempt=self.attempt, world=world, layout=layout_of(recipe),
                   ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node,
                           **({"island": r.rank * _islands(recipe) // world} if _islands(recipe) > 1 else {})}
@@ -301,13 +311,17 @@ class Supervisor:
                   if s.state in ("failed", "dead", "node_lost")}
         if broken - {island}:
             return False
+        self._kill_s = 0.0  # the island's actors are killed while it is placed again
         self._handle_failure(failure, group.ranks)
+        placing = self.clock()
         try:
             ranks = group.restart_island(island, self._restart_recipe(recipe),
                                          self.factory.snapshot_store(), self.attempt)
         except PlacementTimeout as exc:
             self.log(f"supervisor: cannot restart island {island} alone ({exc}); restarting all")
             return False
+        self._add_phase("place", self.clock() - placing)
+        self._placed_at = time.time()
         self._restarted = [r.rank for r in ranks if r.rank // island_world == island]
         self.emit("workers", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
                   ranks=[{"rank": r.rank, "pid": r.pid, "node": r.node, "island": r.rank // island_world}
@@ -448,9 +462,30 @@ class Supervisor:
             self.emit("restart", attempt=self.attempt, world=group.world, layout=layout_of(recipe),
                       resume_step=resumed or 0, source=beats[0].get("resume_source") or "none",
                       recovery_s=round(now - detected_at + failure.detected_s, 3),
-                      lost_steps=max(0, failed_step - (resumed or 0)))
+                      lost_steps=max(0, failed_step - (resumed or 0)),
+                      breakdown=self._recovery_breakdown(beats))
             self._failure = None
         return True
+
+    def _add_phase(self, phase: str, seconds: float) -> None:
+        if self._failure is not None:  # only a recovery is broken down
+            self._breakdown[phase] = self._breakdown.get(phase, 0.0) + seconds
+
+    def _recovery_breakdown(self, beats: list[dict]) -> dict:
+        """Seconds per phase: the supervisor's own (detect, kill, place, start until the
+        ranks entered training) and, for the ranks' (rendezvous, build, restore,
+        first_step), the slowest rank's, which the others waited for."""
+        out = dict(self._breakdown)
+        startups = [b["startup"] for b in beats if isinstance(b.get("startup"), dict)]
+        entered = [s["entered_at"] for s in startups if "entered_at" in s]
+        if entered and self._placed_at is not None:
+            out["start"] = max(0.0, max(entered) - self._placed_at)
+        for phase in ("rendezvous", "build", "restore", "first_step"):
+            values = [s[phase] for s in startups if phase in s]
+            if values:
+                out[phase] = max(values)
+        order = ("detect", "kill", "place", "start", "rendezvous", "build", "restore", "first_step")
+        return {phase: round(out[phase], 3) for phase in order if phase in out}
 
     def _failure_in(self, group: WorkerGroup, statuses: list[RankStatus], now: float,
                     last_change: dict[int, float], last_answer: dict[int, float],
@@ -486,18 +521,19 @@ class Supervisor:
         return None
 
     def _settle(self, group: WorkerGroup, since: float) -> tuple[list, list, float]:
-        """After a rank raised: (dead ranks, user errors, when seen) once the others have
-        answered or died, or NODE_SETTLE_S has passed."""
-        self.sleep(SETTLE_S)
+        """After a rank raised: (dead ranks, user errors, when seen) as soon as a death or a
+        user error shows, else once SETTLE_S has passed with every rank answering, or
+        NODE_SETTLE_S has passed."""
         while True:
+            self.sleep(self.poll_s)
             later = group.poll(self.poll_s)
             now = self.clock()
             dead = [s for s in later if s.state in ("dead", "node_lost")]
             user = [s for s in later if s.state == "failed" and (s.error or {}).get("user")]
             silent = [s for s in later if s.state == "unanswered"]
-            if dead or user or not silent or now - since >= NODE_SETTLE_S:
+            waited = now - since
+            if dead or user or waited >= NODE_SETTLE_S or (not silent and waited >= SETTLE_S):
                 return dead, user, now
-            self.sleep(self.poll_s)
 
     def _failure_of(self, status: RankStatus, kind: str, step: int, detected_s: float) -> Failure:
         error = status.error or {}
@@ -523,7 +559,9 @@ class Supervisor:
         self.restarts += 1
         self.attempt += 1
         self.state = "restarting"
-        self._failure = (failure, self.clock(), failure.step)
+        # Recovery runs from the detection: the group's shutdown counts.
+        self._failure = (failure, self.clock() - self._kill_s, failure.step)
+        self._breakdown = {"detect": failure.detected_s, "kill": self._kill_s}
         self.log(f"supervisor: rank {failure.rank} {_verb(failure.kind)} at step {failure.step} "
                  f"({failure.message[:200]}); restart {self.restarts}/{self.max_restarts}")
         if self.backoff_s:

@@ -32,6 +32,13 @@ from typing import Any, Callable, Optional
 
 from atoll.parallel.layout import LOCAL_DEVICE_ENV, OUTER_STORE_ENV
 
+# A survivor of a failed group may still be leaving its last run (its next collective fails
+# with the dead peer, then it closes): a new start waits this long for that, else fails.
+PREVIOUS_RUN_END_S = 20.0
+# After a rank died, how long a shutdown waits for the others' training to end with an error
+# (their next collective fails with the dead peer): those idle by then serve the next group.
+SURVIVOR_WAIT_S = 0.5
+
 
 class PlacementTimeout(RuntimeError):
     """The cluster cannot hold the requested workers within the placement timeout."""
@@ -68,6 +75,7 @@ class TrainWorker:
         self.result: Optional[dict] = None
         self.stop: Any = False
         self.thread: Optional[threading.Thread] = None
+        self.runs = 0  # how many runs this process started (a survivor serves several groups)
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
         return f"rank{self.rank}" if self.rank >= 0 else "worker"
@@ -92,31 +100,48 @@ class TrainWorker:
 
     def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,
               rejoin_token: Optional[str] = None) -> None:
-        os.environ.update(env)
+        # A survivor of a failed group may still be closing its last run: the new run's thread
+        # waits for it, so that this actor keeps answering (status, a keeper's export_shard).
+        previous = self.thread
+        self.runs += 1
+        # Nothing of a survivor's last run stays: error, result, stop request.
+        self.error, self.result, self.stop = None, None, False
         self.state, self.beat = "running", {"time": time.time()}
-        self.thread = threading.Thread(target=self._train, args=(recipe, store, attempt, rejoin_token),
+        self.thread = threading.Thread(target=self._train,
+                                       args=(self.runs, previous, env, recipe, store, attempt, rejoin_token),
                                        daemon=True, name=f"atoll-train-rank{self.rank}")
         self.thread.start()
 
-    def _train(self, recipe: dict, store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
+    def _train(self, run: int, previous: Optional[threading.Thread], env: dict[str, str], recipe: dict,
+               store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
         from atoll.launch.cli import user_errors
         from atoll.parallel.outer_group import StateDiverged
         from atoll.trainer.hooks import RunControl
         from atoll.trainer.train import TrainingError, train
 
-        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=self._heartbeat,
+        def report(**fields) -> None:  # a run that a newer one replaced reports nothing
+            if self.runs == run:
+                for name, value in fields.items():
+                    setattr(self, name, value)
+
+        if previous is not None:
+            previous.join(PREVIOUS_RUN_END_S)
+            if previous.is_alive():
+                report(error={"type": "RuntimeError", "user": False, "traceback": "",
+                              "message": f"its previous run did not end within {PREVIOUS_RUN_END_S:g}s"},
+                       state="failed")
+                return
+        os.environ.update(env)
+        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=lambda info: report(beat=dict(info)),
                              stop_request=lambda: self.stop, rejoin_token=rejoin_token)
         try:
-            self.result = train(recipe, control)
-            self.state = "finished"
+            result = train(recipe, control)
+            report(result=result, state="finished")
         except BaseException as exc:  # reported to the driver, which decides
-            self.error = {"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
+            report(error={"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
                           "user": isinstance(exc, user_errors() + (TrainingError, StateDiverged)),
-                          "traceback": traceback.format_exc()[-4000:]}
-            self.state = "failed"
-
-    def _heartbeat(self, info: dict) -> None:
-        self.beat = dict(info)
+                          "traceback": traceback.format_exc()[-4000:]},
+                   state="failed")
 
     def status(self) -> dict:
         return {"state": self.state, "beat": self.beat, "error": self.error, "result": self.result}
@@ -148,6 +173,16 @@ class ActorPool:
     group's placement group reserves the CPUs, and its actors run on the
     bundles' nodes.
 
+    After a rank died, the ranks whose training ended with an error (their
+    collective failed with the dead peer) come back here as spares: their
+    process is intact and warmer than a new one (its first training paid
+    for lazy imports), and each one kept is one process less to start while
+    the new group restores. A group placed on warm actors tops the pool up
+    only once it has trained a step (`replenish` from `RayWorkerGroup.poll`),
+    so new processes importing torch do not compete with its start for the
+    CPU. The placement group of a group that lost a rank is kept too (`park`)
+    and handed to the next group if it has the same shape and its nodes live.
+
     With GPUs there are no spares. Ray hands an actor its GPUs (and sets
     CUDA_VISIBLE_DEVICES in its process) only when it creates it, so a rank's
     actor is created inside its bundle, holding the bundle's GPUs; a spare
@@ -159,6 +194,7 @@ class ActorPool:
     def __init__(self, gpus_per_worker: int = 0, log: Callable[[str], None] = print) -> None:
         self.gpus = gpus_per_worker
         self.spares: list[tuple[str, Any]] = []  # (node, actor)
+        self._parked: Optional[tuple[Any, list]] = None  # (placement group, its bundles)
         self._actor_cls = None
         self._log, self._said_no_spares = log, False
 
@@ -178,6 +214,48 @@ class ActorPool:
         actor = self._actor_cls.options(**options).remote(rank)
         actor.warm_up.remote()  # starts importing now; later calls queue behind it
         return actor
+
+    def has_spares(self, nodes: list[str], alive: set[str]) -> bool:
+        """Whether a spare waits on every entry of `nodes` (no rank would start cold)."""
+        have = [n for n, _ in self.spares if n in alive]
+        for node in nodes:
+            if node not in have:
+                return False
+            have.remove(node)
+        return not self.gpus
+
+    def keep(self, node: str, actor) -> None:
+        """A survivor of a failed group, idle again: the next group takes it first."""
+        self.spares.insert(0, (node, actor))
+
+    def park(self, group, bundles: list) -> None:
+        """Keep a group's placement group for the next group (one at a time)."""
+        self.drop_parked()
+        self._parked = (group, bundles)
+
+    def placement(self, bundles: list, alive: set[str]):
+        """The parked placement group if it has these bundles, is placed and its nodes
+        live; else None (and it is removed)."""
+        if self._parked is None:
+            return None
+        from ray.util.placement_group import placement_group_table
+
+        group, parked_bundles = self._parked
+        self._parked = None
+        try:
+            table = placement_group_table(group)
+            if parked_bundles == bundles and table.get("state") == "CREATED" \
+                    and set(table["bundles_to_node_id"].values()) <= alive:
+                return group
+        except Exception:
+            pass
+        _remove_placement_group(group)
+        return None
+
+    def drop_parked(self) -> None:
+        if self._parked is not None:
+            _remove_placement_group(self._parked[0])
+            self._parked = None
 
     def take(self, nodes: list[str], alive: set[str], bundles: list[tuple[Any, int]]) -> list:
         """One actor per entry of `nodes`: a spare of that node if there is one, else a new one.
@@ -217,6 +295,14 @@ class ActorPool:
             except Exception:
                 pass
         self.spares = []
+        self.drop_parked()
+
+
+def _remove_placement_group(group) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.util.remove_placement_group(group)
 
 
 class RayWorkerGroup:
@@ -238,6 +324,9 @@ class RayWorkerGroup:
         self.pg = None
         self.ranks: list[RankInfo] = []
         self._pending: dict[int, Any] = {}  # rank -> status call not answered yet
+        self._states: dict[int, str] = {}  # rank -> its state at the last poll
+        self._replenish: Optional[list[str]] = None  # nodes to top the pool up for, after a step
+        self._stepped = False  # some rank completed a step since the group started
 
     def create(self) -> list[RankInfo]:
         """Reserve the resources and take warm actors on them; raises PlacementTimeout."""
@@ -251,7 +340,10 @@ class RayWorkerGroup:
                 raise PlacementTimeout(f"cannot place {self.world} workers × {gpus} GPU: the Ray "
                                        f"cluster has {total:g} GPUs (launch.gpus_per_worker={gpus})")
         bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
-        self.pg = placement_group([bundle] * self.world, strategy="PACK")
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        self.pg = self.pool.placement([bundle] * self.world, alive)
+        if self.pg is None:
+            self.pg = placement_group([bundle] * self.world, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=self.placement_timeout_s)
         if not ready:
             have = ray.available_resources()
@@ -264,14 +356,26 @@ class RayWorkerGroup:
         bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         nodes = [bundle_nodes[rank] for rank in range(self.world)]
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        self._bundles = [bundle] * self.world
+        warm = self.pool.has_spares(nodes, alive)
         self.actors = self.pool.take(nodes, alive, [(self.pg, rank) for rank in range(self.world)])
         infos = ray.get([actor.info.remote(rank) for rank, actor in enumerate(self.actors)])
         ray.get([actor.warm_up.remote() for actor in self.actors])
         self.ranks = [RankInfo(rank, info["pid"], info["node"], info["ip"], tuple(info["gpus"]))
                       for rank, info in enumerate(infos)]
         self._infos = list(infos)
-        self.pool.replenish(nodes)  # the next group's actors warm up while this one trains
+        self._states, self._stepped = {}, False
+        # The next group's actors warm up while this one trains: a group that started cold
+        # has nothing to protect, one on warm actors waits for its first step.
+        self._replenish = nodes
+        if not warm:
+            self._replenish_now()
         return self.ranks
+
+    def _replenish_now(self) -> None:
+        if self._replenish is not None:
+            self.pool.replenish(self._replenish)
+            self._replenish = None
 
     def start(self, recipe: dict, store: Any = None, attempt: int = 0) -> None:
         if self.islands > 1:  # every start of the whole group meets under a prefix of its own
@@ -347,6 +451,12 @@ class RayWorkerGroup:
                 continue
             statuses.append(RankStatus(rank, answer["state"], answer["beat"] or {},
                                        answer["error"], answer["result"]))
+        self._states.update({s.rank: s.state for s in statuses if s.state != "unanswered"})
+        self._stepped = self._stepped or any(
+            s.beat.get("step") is not None and s.beat["step"] > (s.beat.get("resumed_step") or 0)
+            for s in statuses)
+        if self._stepped:
+            self._replenish_now()
         return statuses
 
     def _death_kind(self, rank: int) -> str:
@@ -364,18 +474,45 @@ class RayWorkerGroup:
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
+        restarting = self._a_rank_died()  # the supervisor restarts the same shape at once
+        survivors = self._survivors() if restarting else set()
+        for rank, actor in enumerate(self.actors):
+            if rank in survivors:
+                self.pool.keep(self.ranks[rank].node, actor)
+                continue
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone with its node
                 pass
         self.actors, self._pending = [], {}
+        self._replenish_now()  # a group that ended before its first step still leaves spares
         if self.pg is not None:
-            try:
-                ray.util.remove_placement_group(self.pg)
-            except Exception:
-                pass
+            if restarting:
+                self.pool.park(self.pg, self._bundles)
+            else:
+                _remove_placement_group(self.pg)
             self.pg = None
+
+    def _a_rank_died(self) -> bool:
+        """A group that had stepped lost a rank's process on a live node (not a hang, not a
+        lost node, not during its start): what the next group, of the same shape, recovers."""
+        states = self._states.values()
+        return self._stepped and "dead" in states and "node_lost" not in states
+
+    def _survivors(self) -> set[int]:
+        """Ranks that may serve the next group: once the group has stepped and a rank's process
+        died (its node lives, so its sockets are closed), the others whose training has ended
+        with an error within SURVIVOR_WAIT_S: their process is idle and intact. Not with GPUs
+        (an actor holds its bundle's GPU), nor after a hang, a lost node or a rank's own error
+        (it may be what failed, or a peer's collective may wait out its timeout), nor during
+        a group's start (a rank may be half way through its rendezvous)."""
+        states = self._states
+        if self.gpus:
+            return set()
+        deadline = time.monotonic() + SURVIVOR_WAIT_S
+        while "running" in states.values() and time.monotonic() < deadline:
+            self.poll(0.05)  # updates self._states
+        return {rank for rank, state in states.items() if state == "failed"}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -210,6 +210,32 @@ def test_a_dead_rank_restarts_the_whole_group_and_reports_recovery():
     assert factory.groups[0].shut and len(factory.groups) == 2
 
 
+def test_the_restart_event_breaks_the_recovery_down_by_phase():
+    """The supervisor's phases come from its own clock, the ranks' from their heartbeat: of
+    each rank phase the slowest rank's (the others waited for it)."""
+    import time
+
+    startups = {0: {"rendezvous": 0.2, "build": 0.5, "restore": 0.3, "first_step": 0.4},
+                1: {"rendezvous": 0.25, "build": 0.4, "restore": 0.35, "first_step": 0.1}}
+
+    def with_startup(group, rank, status):
+        if group is factory.groups[-1] and len(factory.groups) == 2 and "step" in status.beat:
+            status.beat["startup"] = {"entered_at": time.time(), **startups[rank]}
+        return dies_at(4, 1)(group, rank, status) if len(factory.groups) == 1 else None
+
+    factory = FakeFactory([with_startup, with_startup])
+    sup, events, _ = supervise(factory, recipe())
+    sup.run()
+    restart = next(e for e in events if e["event"] == "restart")
+    breakdown = restart["breakdown"]
+    assert list(breakdown) == ["detect", "kill", "place", "start", "rendezvous", "build", "restore", "first_step"]
+    assert breakdown["detect"] == next(e for e in events if e["event"] == "failure")["detected_s"]
+    assert (breakdown["rendezvous"], breakdown["build"], breakdown["restore"], breakdown["first_step"]) == \
+        (0.25, 0.5, 0.35, 0.4)
+    assert breakdown["kill"] == breakdown["place"] == 0  # the fake clock stands still in both
+    assert 0 <= breakdown["start"] < 5
+
+
 def test_a_peer_error_waits_for_the_death_that_caused_it():
     def script(group, rank, status):
         if group.polls == 3 and rank == 0:

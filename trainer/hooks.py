@@ -191,11 +191,33 @@ class MetricsHook(StepHook):
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
 
+class StartupTimes:
+    """How long this process took to start training, phase by phase, for the launcher's
+    `restart` breakdown: rendezvous (process group), build (model, optimizer, data),
+    restore (snapshot or checkpoint) and first_step (until the first step completed).
+    `entered_at` is the wall-clock time the process began building its trainer."""
+
+    def __init__(self) -> None:
+        self.entered_at = time.time()
+        self._mark = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap counts towards `phase`."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._mark
+        self._mark = now
+
+    def as_beat(self) -> dict:
+        return {"entered_at": self.entered_at, **{k: round(v, 4) for k, v in self.phases.items()}}
+
+
 class HeartbeatHook(StepHook):
     """Tells the launcher each completed step, and how long this rank computed and waited
     for its peers in each of the last steps (`compute_s`, `wait_s`: oldest first, the last
     entry is `step`'s), where it sits (`stage`, `island`: ranks that do the same work
-    share both), so that the supervisor can find a straggler without a collective."""
+    share both), so that the supervisor can find a straggler without a collective; and
+    how the start went (`startup`, phase by phase)."""
 
     def __init__(self, control: RunControl):
         self.control = control
@@ -207,7 +229,8 @@ class HeartbeatHook(StepHook):
                                     "time": time.time(), "resumed_step": trainer.resumed_step,
                                     "resume_source": trainer.resume_source,
                                     "compute_s": list(self.times.compute_s), "wait_s": list(self.times.wait_s),
-                                    "stage": trainer.mesh.pp_rank, "island": trainer.env.island})
+                                    "stage": trainer.mesh.pp_rank, "island": trainer.env.island,
+                                    "startup": trainer.startup.as_beat()})
 
     def started(self, trainer: "Trainer") -> None:
         """The loop is about to take its first step: the first step's time starts now."""
@@ -216,4 +239,6 @@ class HeartbeatHook(StepHook):
 
     def after_step(self, trainer: "Trainer", result: "StepResult") -> None:
         self.times.lap()
+        if "first_step" not in trainer.startup.phases:
+            trainer.startup.lap("first_step")
         self.beat(trainer)

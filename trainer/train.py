@@ -46,7 +46,7 @@ from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hid
 from atoll.trainer.data import build_data, val_batches
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
-                                 MetricsHook, RunControl, StepHook, StopAgreement)
+                                 MetricsHook, RunControl, StartupTimes, StepHook, StopAgreement)
 from atoll.trainer.islands import (build_diloco, connect_islands, island_saves, island_snapshots,
                                   shared_memory_interval)
 from atoll.trainer.loss import lm_loss
@@ -98,6 +98,7 @@ class Trainer:
         self._snapshots_failing = False
         self.hooks: list[StepHook] = []
         self.control = control or RunControl()
+        self.startup = StartupTimes()
         try:
             self._build(cfg, env)
         except BaseException:
@@ -112,9 +113,11 @@ class Trainer:
         self.layout.check_world(self.env)
         check_run_dir(cfg, restarting=self.control.attempt > 0)
         set_threads(cfg, self.env)
+        self.startup.lap("build")
         self.mesh = ParallelMesh(self.layout, self.env, self.device,
                                  timeout_s=cfg.fault_tolerance.collective_timeout_s)
         self.layout = self.mesh.layout  # dp_shard: auto as every rank resolved it
+        self.startup.lap("rendezvous")
         self.env = self.mesh.env  # ranks inside this rank's island
         if self.layout.islands > 1:
             self.outer = connect_islands(cfg, self.mesh, joining=self.control.rejoin_token is not None)
@@ -207,7 +210,9 @@ class Trainer:
             self.states["diloco"] = self.diloco
         self.resumed_step: Optional[int] = None
         self.resume_source: Optional[str] = None
+        self.startup.lap("build")
         self.resumed_from = rejoin_island(self) if self.control.rejoin_token else resume(self)
+        self.startup.lap("restore")
         self.logger = MetricsLogger(run_dir(cfg), cfg.run.steps, start_step=self.step,
                                     enabled=self.is_logging_rank, wandb_mode=cfg.logging.wandb,
                                     recipe=to_dict(cfg), progress_bar=cfg.logging.progress,
@@ -233,6 +238,7 @@ class Trainer:
         # Under torchrun no supervisor reads the heartbeat: the step's all-reduce carries the times.
         self.peers = peer_report(cfg.fault_tolerance, self.control.heartbeat is not None, self.env.rank,
                                  self.env.world_size, self.env.local_world_size, self.mesh.mesh)
+        self.startup.lap("build")
 
     def _build_parts(self, cfg: DictConfig) -> None:
         """This rank's model parts, parallelised: the whole model, or its pipeline stages."""
