@@ -5,9 +5,13 @@ of the step time, checkpoint/snapshot_interval.py) each rank hands its shard
 of the training state to a `SnapshotStore` (checkpoint/snapshot_store.py)
 that outlives the worker processes: files in /dev/shm under torchrun, keeper
 actors under Ray. A restarted group then resumes from state seconds old
-instead of from the last disk checkpoint. Host tensors go as views of the
-live tensors; GPU tensors are copied on a side stream into one pinned host
-buffer, allocated once and reused (checkpoint/device_copy.py).
+instead of from the last disk checkpoint. Every tensor is copied into one
+staging buffer, allocated once and reused (pinned, on a side stream, when the
+state is on a GPU: checkpoint/device_copy.py); the loop goes on as soon as
+the copies are done or queued, and the store copies that one buffer beside
+the next step. What to copy from where is planned at the first snapshot and
+reused while the state's tensors stay in the same memory, so a snapshot
+costs one copy call on the host and no per-tensor Python.
 
 - `MemoryWriter` / `MemoryReader`: DCP storage plugins that keep DCP's own
   format (its Metadata plus raw chunk bytes) in a store, so a restore
