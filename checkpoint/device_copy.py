@@ -25,7 +25,7 @@ class SideStreamCopies:
     """The copies of one state at a time, in four moves:
 
     1. `begin(tensors)` on the train loop's thread once the state is final;
-    2. on the copying thread, `enter_thread()` first, then `copy(...)` inside `copying()`;
+    2. on the copying thread, `enter_thread()` first, then `copy(...)` or `copy_all(...)` inside `copying()`;
     3. `wait_on_loop()` on the train loop's thread before the state changes (GPU-side wait);
     4. `wait_done()` on the copying thread before anything reads the host buffers.
 
@@ -85,6 +85,16 @@ class SideStreamCopies:
             target.copy_(source, non_blocking=True)
         else:
             target.copy_(source)
+
+    def copy_all(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        """`copy` of every pair. On the host one call copies them all: no Python per tensor,
+        and the GIL is released for the whole copy, so the train loop's thread runs meanwhile."""
+        if self.device is None:  # `begin` saw no tensor on a GPU
+            if targets:
+                torch._foreach_copy_(targets, sources)
+            return
+        for target, source in zip(targets, sources):
+            self.copy(target, source)
 
     def wait_on_loop(self) -> None:
         """On the train loop's thread: what it queues from now on runs after the copies."""

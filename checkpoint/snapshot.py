@@ -5,9 +5,13 @@ of the step time, checkpoint/snapshot_interval.py) each rank hands its shard
 of the training state to a `SnapshotStore` (checkpoint/snapshot_store.py)
 that outlives the worker processes: files in /dev/shm under torchrun, keeper
 actors under Ray. A restarted group then resumes from state seconds old
-instead of from the last disk checkpoint. Host tensors go as views of the
-live tensors; GPU tensors are copied on a side stream into one pinned host
-buffer, allocated once and reused (checkpoint/device_copy.py).
+instead of from the last disk checkpoint. Every tensor is copied into one
+staging buffer, allocated once and reused (pinned, on a side stream, when the
+state is on a GPU: checkpoint/device_copy.py); the loop goes on as soon as
+the copies are done or queued, and the store copies that one buffer beside
+the next step. What to copy from where is planned at the first snapshot and
+reused while the state's tensors stay in the same memory, so a snapshot
+costs one copy call on the host and no per-tensor Python.
 
 - `MemoryWriter` / `MemoryReader`: DCP storage plugins that keep DCP's own
   format (its Metadata plus raw chunk bytes) in a store, so a restore
@@ -63,9 +67,10 @@ class MemoryWriter(StorageWriter):
     """Writes one snapshot into a store: per rank one shard of raw chunk bytes, then DCP's Metadata.
 
     Each chunk's storage data is `(rank, offset, nbytes)` into that rank's
-    shard. `copied` is set once the live tensors may change again: when the
-    store holds the shard, or as soon as every chunk is in the staging buffer
-    (on CUDA: queued on the side stream, which the loop's stream then waits for).
+    shard. Every chunk is copied into one staging buffer (a copy plan resolved
+    once), and `copied` is set as soon as they are all there (on CUDA: queued
+    on the side stream, which the loop's stream then waits for): the live
+    tensors may change again while the store takes its copy of that buffer.
     `copy_s` is how long the copies took, for `checkpoint.memory_interval: auto`.
     """
 
@@ -85,6 +90,7 @@ class MemoryWriter(StorageWriter):
         self.total = 0
         self.metadata: Optional[Metadata] = None
         self.world = 0
+        self.copy_plan: Optional[CopyPlan] = None
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -102,42 +108,39 @@ class MemoryWriter(StorageWriter):
         slots, total = chunk_slots(plan.items, "memory snapshots")
         layout = [(item, slot.offset, slot.nbytes) for item, slot in zip(plan.items, slots)]
         self.layout, self.total = layout, total
-        self.write_shard(layout, total, planner)
+        self.write_shard(self.plan_copies(layout, total, planner))
         results = [WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=(self.rank, offset, nbytes))
                    for item, offset, nbytes in layout]
         done: Future = Future()
         done.set_result(results)
         return done
 
-    def write_shard(self, layout: list, total: int, planner: SavePlanner) -> None:
-        """Put each planned chunk at its offset. On the host, a contiguous tensor goes as it is
-        (the store's copy is the only one) and any other through the staging buffer; a state on
-        a GPU goes through the staging buffer whole (pinned, filled on the side stream), so the
-        loop may go on as soon as the copies are queued."""
+    def plan_copies(self, layout: list, total: int, planner: SavePlanner) -> "CopyPlan":
+        """Resolve each planned chunk once: the live tensor it is read from and its place in the
+        staging buffer (pinned when the state is on a GPU)."""
+        staging = self.buffer.ensure(total, pin=self.copies.on_device)
+        sources, targets = [], []
+        for item, offset, nbytes in layout:
+            tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
+            if tensor.shape != item.tensor_data.chunk.sizes:
+                raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
+                                      f"{tuple(item.tensor_data.chunk.sizes)}")
+            sources.append(tensor)
+            targets.append(staging[offset:offset + nbytes].view(item.tensor_data.properties.dtype).view(tensor.shape))
+        self.copy_plan = CopyPlan(sources, targets, staging[:total], total)
+        return self.copy_plan
+
+    def write_shard(self, copy_plan: "CopyPlan") -> None:
+        """Copy every chunk into the staging buffer (on a GPU: queued on the side stream), let
+        the loop go on, then hand the store that one contiguous buffer."""
         copies, started = self.copies, time.perf_counter()
-        pieces, staging, live_views = [], None, False
         with copies.copying():
-            for item, offset, nbytes in layout:
-                tensor = planner.resolve_data(item).detach()  # lazily: it may allocate
-                if tensor.shape != item.tensor_data.chunk.sizes:
-                    raise CheckpointError(f"{item.index.fqn}: chunk {tuple(tensor.shape)} is not the planned "
-                                          f"{tuple(item.tensor_data.chunk.sizes)}")
-                if not copies.on_device and tensor.device.type == "cpu" and tensor.is_contiguous():
-                    pieces.append((offset, tensor.reshape(-1).view(torch.uint8).numpy()))
-                    live_views = True
-                    continue
-                if staging is None:
-                    staging = self.buffer.ensure(total, pin=copies.on_device)
-                region = staging[offset:offset + nbytes]
-                copies.copy(region.view(item.tensor_data.properties.dtype).view(tensor.shape), tensor)
-                pieces.append((offset, region.numpy()))
+            copies.copy_all(copy_plan.targets, copy_plan.sources)
         queued = time.perf_counter()
-        if not live_views:
-            self.copied.set()  # every chunk is in the buffer (or queued, and the loop's stream waits)
+        self.copied.set()  # every chunk is in the buffer (or queued, and the loop's stream waits)
         copies.wait_done()
         copied = time.perf_counter()
-        self.store.put_shard(self.step, self.rank, Shard(total, pieces))
-        self.copied.set()  # the store holds its copy: the live tensors may change again
+        self.store.put_shard(self.step, self.rank, Shard(copy_plan.total, [(0, copy_plan.staging.numpy())]))
         # Host time without the wait for the stream, plus the stream's own copy time.
         self.copy_s = (queued - started) + copies.device_seconds() + (time.perf_counter() - copied)
 
@@ -238,6 +241,30 @@ def _structure(flat: dict[str, Any]) -> tuple:
     return tuple(key)
 
 
+def storage_key(tensors: dict[str, torch.Tensor]) -> tuple:
+    """Where the state's tensors live: names, kinds, global shapes and each local tensor's
+    memory (address, shape, strides, dtype). While it holds, a copy plan resolved from
+    these tensors reads exactly them; a restore that replaces a tensor, or moves one into
+    new memory, changes it. Cheap enough for every step (no DTensor calls)."""
+    key = []
+    for name, value in tensors.items():
+        local = getattr(value, "_local_tensor", value)  # a DTensor's shard, without to_local()
+        key.append((name, type(value), tuple(value.shape), local.data_ptr(), tuple(local.shape),
+                    local.stride(), local.storage_offset(), local.dtype, local.device))
+    return tuple(key)
+
+
+@dataclass
+class CopyPlan:
+    """One rank's snapshot copies: each chunk's live source tensor and its view in the
+    staging buffer, resolved once and reused while the state keeps its storage."""
+
+    sources: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    staging: torch.Tensor  # the `total` bytes the targets lie in, handed to the store as one piece
+    total: int
+
+
 @dataclass
 class SavedLayout:
     """One rank's plan from a full `dcp.save`: reused while the state keeps its structure.
@@ -247,7 +274,9 @@ class SavedLayout:
     step. A snapshot of a state with the same names, shapes and dtypes gets
     the same plan, so after the first one each rank copies its chunks to the
     offsets it used then; the coordinator stores the same Metadata with the
-    new JSON state.
+    new JSON state. While the tensors also stay where they are (`storage`),
+    the copy plan is reused too, and a snapshot is one copy into the staging
+    buffer and one piece for the store, with no per-tensor Python work.
     """
 
     structure: tuple
@@ -255,6 +284,8 @@ class SavedLayout:
     total: int
     metadata: Optional[Metadata]  # the coordinator's; None elsewhere
     world: int
+    storage: tuple = ()  # storage_key of the tensors `copies` reads
+    copies: Optional[CopyPlan] = None
 
 
 class MemorySnapshotter:
@@ -311,12 +342,13 @@ class MemorySnapshotter:
         start = time.perf_counter()
         json.dumps(extra)  # a TypeError now, rather than an unreadable snapshot at restore
         tensors, json_state = split_state(states)
+        storage = storage_key(tensors)
         self.copies.begin(tensors.values())  # after the optimizer step: what the copies must see
         self._copied = threading.Event()
         writer = MemoryWriter(self.store, step, rank=self.rank, buffer=self.buffer, copied=self._copied,
                               extra={"state": json_state, "extra": extra}, copies=self.copies)
         # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
-        self._thread = threading.Thread(target=self._run, args=(step, writer, nest_by_prefix(tensors), number),
+        self._thread = threading.Thread(target=self._run, args=(step, writer, tensors, storage, number),
                                         name=f"atoll-snapshot-{step}", daemon=True)
         self._thread.start()
         self._waited(time.perf_counter() - start)
@@ -372,17 +404,14 @@ class MemorySnapshotter:
         value, self.blocked_s = self.blocked_s, 0.0
         return value
 
-    def _run(self, step: int, writer: MemoryWriter, tensors: dict, number: int) -> None:
+    def _run(self, step: int, writer: MemoryWriter, tensors: dict, storage: tuple, number: int) -> None:
         started = time.perf_counter()
         try:
             self.copies.enter_thread()
-            planner = DefaultSavePlanner()
-            planner.set_up_planner(tensors, is_coordinator=self.is_coordinator)
-            structure = _structure(planner.state_dict)
-            if not self._save_as_before(writer, planner, structure):
-                dcp.save(tensors, storage_writer=writer, process_group=self.group)
-                self._saved = SavedLayout(structure, writer.layout, writer.total, writer.metadata,
-                                          dist.get_world_size(self.group))
+            if not self._save_as_before(writer, tensors, storage):
+                dcp.save(nest_by_prefix(tensors), storage_writer=writer, process_group=self.group)
+                self._saved = SavedLayout(_structure(tensors), writer.layout, writer.total, writer.metadata,
+                                          dist.get_world_size(self.group), storage, writer.copy_plan)
             if writer.is_coordinator:  # it wrote the meta: the step is complete, older ones are not needed
                 self.store.retain(step)
             self.last_step, self.last_error = step, None
@@ -399,17 +428,34 @@ class MemorySnapshotter:
         finally:
             writer.copied.set()  # nothing more will be copied: wait_copied must not hang
 
-    def _save_as_before(self, writer: MemoryWriter, planner: DefaultSavePlanner, structure: tuple) -> bool:
+    def _save_as_before(self, writer: MemoryWriter, tensors: dict, storage: tuple) -> bool:
         """Store the snapshot with the previous save's plan, if every rank's state kept its
-        structure; False (nothing stored) when one did not and a full `dcp.save` is needed."""
+        structure; False (nothing stored) when one did not and a full `dcp.save` is needed.
+
+        Where every rank's tensors also kept their storage, the previous copy plan is reused
+        as it is; otherwise it is resolved again from the same layout."""
         saved = self._saved
-        same = torch.tensor([int(saved is not None and saved.structure == structure)])
+        # 2: same storage (copy plan reusable), 1: same structure, 0: plan again. One collective.
+        if saved is None:
+            same_as_before = 0
+        elif saved.storage == storage and saved.copies is not None:
+            same_as_before = 2
+        else:
+            same_as_before = int(saved.structure == _structure(tensors))
+        same = torch.tensor([same_as_before])
         dist.all_reduce(same, op=dist.ReduceOp.MIN, group=self.group)
         if not same.item():
             return False
         failure: Optional[BaseException] = None
         try:
-            writer.write_shard(saved.layout, saved.total, planner)
+            if same.item() == 2:
+                writer.write_shard(saved.copies)
+            else:
+                planner = DefaultSavePlanner()
+                planner.set_up_planner(nest_by_prefix(tensors), is_coordinator=self.is_coordinator)
+                saved.copies = writer.plan_copies(saved.layout, saved.total, planner)
+                saved.storage = storage
+                writer.write_shard(saved.copies)
         except Exception as exc:  # every rank must still reach the collective below
             failure = exc
         failed = torch.tensor([int(failure is not None)])

@@ -10,7 +10,7 @@ Neither part depends on the layout that saved it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -31,22 +31,33 @@ class ModelOptimizerState(Stateful):
     whatever name the container is registered under. A pipeline rank holds
     several parts (each a pruned copy of the model with the original names);
     their state dicts are disjoint and merge into one.
+
+    `state_dict` is taken at every memory snapshot, so after the first one
+    (torch's `get_state_dict`) each part answers from a `CachedPartState`:
+    the same entries, read from the live optimizer, with no per-step work of
+    torch's. A restore drops the caches.
     """
 
     top_level = True
 
     def __init__(self, parts: list[tuple[nn.Module, torch.optim.Optimizer]]):
         self.parts = parts
+        self._cached: list[Optional[CachedPartState]] = [None] * len(parts)
 
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, dict] = {"model": {}, "optim": {}}
-        for model, optimizer in self.parts:
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-            merged["model"].update(model_sd)
-            merged["optim"].update(optim_sd)
+        for index, (model, optimizer) in enumerate(self.parts):
+            cached = self._cached[index]
+            answer = cached.state_dict() if cached is not None else None
+            if answer is None:
+                answer = get_state_dict(model, optimizer, options=_OPTIONS)
+                self._cached[index] = CachedPartState.of(model, optimizer, *answer)
+            merged["model"].update(answer[0])
+            merged["optim"].update(answer[1])
         return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._cached = [None] * len(self.parts)  # the optimizer's state is replaced below
         for model, optimizer in self.parts:
             own_model, own_optim = get_state_dict(model, optimizer, options=_OPTIONS)
             # A missing entry is an error, never a silently fresh moment or hyper-parameter.
@@ -59,6 +70,107 @@ class ModelOptimizerState(Stateful):
                            model_state_dict={k: state_dict["model"][k] for k in own_model},
                            optim_state_dict={k: state_dict["optim"][k] for k in own_optim},
                            options=_OPTIONS)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard, without to_local()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return _local(tensor) is not tensor
+
+
+def _memory(tensor: torch.Tensor) -> tuple:
+    local = _local(tensor)
+    return local.data_ptr(), tuple(local.shape), local.stride(), local.storage_offset(), local.dtype
+
+
+class CachedPartState:
+    """One part's `get_state_dict` answer, kept and refreshed from the live objects.
+
+    Model entries are the same detached tensors while the parameters they view
+    keep their memory; optimizer entries are read again from the optimizer at
+    every call (its moments and its groups' hyper-parameters, such as the
+    learning rate, which changes every step). Built only when every entry maps
+    onto a live object; any change it cannot follow (a parameter moved to new
+    memory, a state entry more or less) makes `state_dict` answer None, and
+    the caller asks torch again.
+    """
+
+    def __init__(self, model_entries: list, optim_entries: list, optimizer: torch.optim.Optimizer,
+                 state_sizes: list):
+        self.model_entries = model_entries  # (fqn, detached tensor, live tensor, memory of the live one)
+        self.optim_entries = optim_entries  # (key, "state", param, name) | (key, "group", index, name)
+        self.optimizer = optimizer
+        self.state_sizes = state_sizes  # (param, number of its state entries)
+
+    @classmethod
+    def of(cls, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
+           optim_sd: dict) -> Optional["CachedPartState"]:
+        live = {_memory(t): t for t in [*model.parameters(), *model.buffers()]}
+        model_entries = []
+        for fqn, value in model_sd.items():
+            source = live.get(_memory(value)) if isinstance(value, torch.Tensor) else None
+            if source is None or _is_dtensor(source) != _is_dtensor(value) or source.shape != value.shape:
+                return None
+            model_entries.append((fqn, value, source, _memory(source)))
+        state_of = {id(v): (p, name) for p, state in optimizer.state.items() for name, v in state.items()
+                    if isinstance(v, torch.Tensor)}
+        param_fqn = {}
+        optim_entries = []
+        for key, value in optim_sd.items():
+            if key.startswith("state.") and id(value) in state_of:
+                param, name = state_of[id(value)]
+                if not key.endswith(f".{name}"):
+                    return None
+                param_fqn[id(param)] = key[len("state."):-len(name) - 1]
+                optim_entries.append((key, "state", param, name))
+            elif not key.startswith("param_groups."):
+                return None
+        group_of = {param_fqn[id(p)]: index for index, group in enumerate(optimizer.param_groups)
+                    for p in group["params"] if id(p) in param_fqn}
+        for key, value in optim_sd.items():
+            if key.startswith("param_groups."):
+                fqn, _, name = key[len("param_groups."):].rpartition(".")
+                index = group_of.get(fqn)
+                if index is None or optimizer.param_groups[index].get(name, _MISSING) is not value:
+                    return None
+                optim_entries.append((key, "group", index, name))
+        if len(optim_entries) != len(optim_sd):
+            return None
+        order = {key: position for position, key in enumerate(optim_sd)}
+        optim_entries.sort(key=lambda entry: order[entry[0]])
+        state_sizes = [(p, len(state)) for p, state in optimizer.state.items()]
+        if sum(size for _, size in state_sizes) != sum(1 for entry in optim_entries if entry[1] == "state"):
+            return None  # a state entry that is not a tensor: not followed here
+        cached = cls(model_entries, optim_entries, optimizer, state_sizes)
+        again = cached.state_dict()  # the same entries, in the same order, the same objects
+        if again is None or any([(k, id(v)) for k, v in mine.items()] != [(k, id(v)) for k, v in theirs.items()]
+                                for mine, theirs in zip(again, (model_sd, optim_sd))):
+            return None
+        return cached
+
+    def state_dict(self) -> Optional[tuple[dict, dict]]:
+        optimizer = self.optimizer
+        if len(optimizer.state) != len(self.state_sizes) or any(
+                len(optimizer.state.get(p, ())) != size for p, size in self.state_sizes):
+            return None
+        model_sd = {}
+        for fqn, detached, source, memory in self.model_entries:
+            if _memory(source) != memory:
+                return None
+            model_sd[fqn] = detached
+        state, groups = optimizer.state, optimizer.param_groups
+        optim_sd = {}
+        for key, kind, owner, name in self.optim_entries:
+            where = state[owner] if kind == "state" else groups[owner]
+            if name not in where:
+                return None
+            optim_sd[key] = where[name]
+        return model_sd, optim_sd
+
+
+_MISSING = object()
 
 
 class ModelWeightsState(Stateful):

@@ -6,7 +6,9 @@ runs in a process group, as the train loop does.
 
 from __future__ import annotations
 
+import copy
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,79 @@ def test_later_snapshots_reuse_the_plan_and_hold_their_own_step(tmp_path, world_
     for name, value in expected[3].items():
         assert torch.equal(restored[name], value), name
     assert not torch.equal(expected[2]["model.output.weight"], expected[3]["model.output.weight"])
+    snapshotter.close()
+
+
+class SlowStore(ShmSnapshotStore):
+    """A store whose puts take as long as the test says (a busy keeper, a loaded node)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.release = threading.Event()
+        self.putting, self.stored = threading.Event(), threading.Event()
+
+    def put_shard(self, step, rank, data):
+        self.putting.set()
+        self.release.wait(timeout=5)
+        super().put_shard(step, rank, data)
+        self.stored.set()
+
+
+def test_the_loop_never_waits_for_the_store_and_the_snapshot_keeps_its_step(tmp_path, world_of_one):
+    """Once the copies are staged the state may change, while the store is still taking its
+    copy; the snapshot still restores the state it was taken of, bitwise."""
+    model, optimizer, states = tiny_states()
+    train(model, optimizer, 1, seed=0)
+    expected = {name: t.clone() for name, t in split_state(states)[0].items()}
+    store = SlowStore(tmp_path / "shm")
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=1)
+    snapshotter.save(1, states, {})
+    snapshotter.wait_copied()
+    assert store.putting.is_set() and not store.stored.is_set()  # the put is still running
+    train(model, optimizer, 1, seed=1)  # the next optimizer step changes the state meanwhile
+    store.release.set()
+    assert snapshotter.wait(), snapshotter.last_error
+    restore_snapshot(store, 1, states, process_group=snapshotter.group)
+    restored = split_state(states)[0]
+    for name, value in expected.items():
+        assert torch.equal(restored[name], value), name
+    snapshotter.close()
+
+
+def test_snapshots_follow_tensors_that_were_replaced_or_moved(tmp_path, world_of_one):
+    """Snapshots copy from where the state lives now: after an optimizer state loaded anew
+    (new moment tensors), a parameter moved to new memory or a restore, the next snapshot
+    holds those tensors' values, never the ones an earlier snapshot copied from."""
+    model, optimizer, states = tiny_states()
+    store = ShmSnapshotStore(tmp_path / "shm")
+    snapshotter = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=1)
+
+    def snapshot_then_check(step: int, change) -> None:
+        train(model, optimizer, 1, seed=step)
+        change()
+        expected = {name: t.clone() for name, t in split_state(states)[0].items()}
+        snapshotter.save(step, states, {})
+        assert snapshotter.wait(), snapshotter.last_error
+        train(model, optimizer, 1, seed=100 + step)  # in place, after the snapshot
+        restore_snapshot(store, step, states, process_group=snapshotter.group)
+        restored = split_state(states)[0]
+        for name, value in expected.items():
+            assert torch.equal(restored[name], value), (step, name)
+
+    def new_moments() -> None:
+        moments = [state["exp_avg"] for state in optimizer.state.values()]
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        assert all(state["exp_avg"] is not old for state, old in zip(optimizer.state.values(), moments))
+        for state in optimizer.state.values():
+            state["exp_avg"].add_(1.0)  # only the new tensors hold this
+
+    def moved_parameter() -> None:
+        model.output.weight.data = model.output.weight.data.clone() * 2
+
+    snapshot_then_check(1, lambda: None)  # plans the copies
+    snapshot_then_check(2, new_moments)
+    snapshot_then_check(3, moved_parameter)
+    snapshot_then_check(4, lambda: None)  # after the restore of step 3
     snapshotter.close()
 
 
