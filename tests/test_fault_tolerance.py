@@ -46,9 +46,8 @@ CHAOS = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=10",
 @pytest.mark.slow
 def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
     """Six SIGKILLs of random ranks (one while a disk checkpoint is in flight, one while the
-    group restarts); the run finishes with the state of a run that never failed. After a
-    kill in a group that has stepped, the survivor's process serves the next group (only
-    the killed rank is replaced), and every restart breaks its recovery down by phase."""
+    group restarts); the run finishes with the state of a run that never failed. Every
+    restart breaks its recovery down by phase."""
     reference = short_tmp / "reference"
     proc = run_cli(["train", *CHAOS, f"run.dir={reference}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +61,7 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
             victim = rng.choice(pids)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
-            kills.append((reason, victim, len(events(run_dir, "workers")) - 1))
+            kills.append((reason, victim))
 
         def progressed(steps: int):
             start = last_step(run_dir)
@@ -91,12 +90,7 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
     assert proc.returncode == 0, err[-3000:]
     failures = events(run_dir, "failure")
     assert len(failures) == len(kills) == 6
-    assert {f["pid"] for f in failures} == {pid for _, pid, _ in kills}
-    groups = [{r["pid"] for r in e["ranks"]} for e in events(run_dir, "workers")]
-    for reason, victim, group in kills:
-        if reason != "restarting":  # a group that has stepped: its survivor is kept
-            assert groups[group] - {victim} <= groups[group + 1], (reason, victim, groups)
-        assert victim not in groups[group + 1], (reason, victim, groups)
+    assert {f["pid"] for f in failures} == {pid for _, pid in kills}
     assert all(f["kind"] == "died" and f["detected_s"] <= 1.0 for f in failures), failures
     restarts = events(run_dir, "restart")
     assert all(r["source"] == "memory" and r["lost_steps"] <= 1 for r in restarts[1:]), restarts
@@ -106,6 +100,41 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
         assert all(v >= 0 for v in restart["breakdown"].values()), restart
     assert losses(run_dir) == losses(reference)
     assert_same_state(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_killed_ranks_peer_keeps_its_process_for_the_next_group(short_tmp):
+    """After a SIGKILL the surviving rank's process serves the new group (only the killed rank
+    is replaced), also a second time when the reused process itself is killed; the restarts
+    resume from memory and their events break the recovery down by phase."""
+    run_dir = short_tmp / "survivor"
+    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=16", "checkpoint.interval=0",
+                          "checkpoint.memory_interval=1", f"run.dir={run_dir}"], short_tmp)
+    with ended(proc):
+        killed = []
+        for restarts in range(2):
+            wait_for(lambda: last_step(run_dir) >= 3 + 3 * restarts
+                     and len(events(run_dir, "workers")) == restarts + 1, 120, proc, "training")
+            pids = [r["pid"] for r in events(run_dir, "workers")[-1]["ranks"]]
+            first_group = {r["pid"] for r in events(run_dir, "workers")[0]["ranks"]}
+            reused = [pid for pid in pids if pid in first_group]
+            assert restarts == 0 or reused, (pids, first_group)
+            victim = pids[0] if restarts == 0 else reused[0]  # the second time, the reused process
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+            wait_for(lambda: len(events(run_dir, "restart")) > restarts, 120, proc, "a restart")
+        out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+    groups = [{r["pid"] for r in e["ranks"]} for e in events(run_dir, "workers")]
+    assert len(groups) == 3
+    for before, after, victim in zip(groups, groups[1:], killed):
+        assert before - {victim} <= after and victim not in after, (groups, killed)
+    restarts = events(run_dir, "restart")
+    assert all(r["source"] == "memory" and r["lost_steps"] <= 1 for r in restarts), restarts
+    for restart in restarts:
+        assert list(restart["breakdown"]) == ["detect", "kill", "place", "start", "rendezvous", "build",
+                                              "restore", "first_step"], restart
+        assert all(v >= 0 for v in restart["breakdown"].values()), restart
 
 
 @pytest.mark.slow
