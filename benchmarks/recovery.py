@@ -30,7 +30,6 @@ failure-free runs, memory_interval=1 over memory_interval=0, alternated
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -43,20 +42,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import load_line, machine_line, percentile  # noqa: E402
 
+from atoll.trainer.metrics import read_jsonl  # noqa: E402
+
 QUIET = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
          "checkpoint.interval=0", "logging.progress=false"]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:

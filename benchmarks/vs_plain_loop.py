@@ -58,6 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import load_line, machine_line  # noqa: E402
 
+from atoll.trainer.metrics import read_jsonl  # noqa: E402
+
 TARGET = 1.1
 WINDOW = (6, 35)  # steps whose tokens/s count, both ends included
 PROCS = 2
@@ -70,16 +72,6 @@ def median_window(rates_by_step: dict[int, float]) -> float:
 # --------------------------------------------------------------------------- atoll
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return rows
 
 
 def _ranks_cpu_s(pids: list[int]) -> float:
@@ -104,9 +96,9 @@ def run_atoll(steps: int, tmp: Path, overrides: list[str]) -> tuple[float, float
     cpu, pids = {}, []
     while proc.poll() is None and len(cpu) < 2:
         if not pids:
-            workers = [e for e in _jsonl(run_dir / "events.jsonl") if e.get("event") == "workers"]
+            workers = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("event") == "workers"]
             pids = [r["pid"] for r in workers[-1]["ranks"]] if workers else []
-        done = max((r["step"] for r in _jsonl(run_dir / "metrics.jsonl")), default=0)
+        done = max((r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")), default=0)
         mark = WINDOW[0] - 1 if not cpu else WINDOW[1]
         if pids and done >= mark and mark not in cpu:
             try:
@@ -122,7 +114,7 @@ def run_atoll(steps: int, tmp: Path, overrides: list[str]) -> tuple[float, float
     first = next((line for line in output.splitlines() if "training " in line), "")
     if first:  # the layout, dp_shard auto's choice included
         print(f"    {first.strip()}", flush=True)
-    rows = _jsonl(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in rows if WINDOW[0] <= r["step"] <= WINDOW[1])
     per_cpu = tokens / (cpu[WINDOW[1]] - cpu[WINDOW[0] - 1]) if len(cpu) == 2 else float("nan")
     return median_window({r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}), per_cpu
