@@ -273,7 +273,7 @@ class Checkpointer:
         self.closed = True
         self._wait_in_flight(timeout=None if wait_for_peers else ABANDON_SAVE_AFTER_S)
         if self.writer_process is not None:
-            self.writer_process.stop()
+            self.writer_process.stop(wait=wait_for_peers)
         if wait_for_peers:
             dist.barrier(group=self.group)
 

@@ -197,8 +197,12 @@ class WriterProcess:
     def pid(self) -> Optional[int]:
         return self._process.pid if self._process is not None else None
 
-    def stop(self) -> None:
-        """Ask the writer to exit, end it if it does not within STOP_TIMEOUT_S; free the buffer."""
+    def stop(self, wait: bool = True) -> None:
+        """Ask the writer to exit, end it if it does not within STOP_TIMEOUT_S; free the buffer.
+
+        `wait=False` (the error path) returns at once and a daemon thread reaps the writer: a
+        process that goes on serving (a survivor of a failed group) must not wait for an
+        interpreter's exit."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
         if process is not None:
@@ -206,13 +210,21 @@ class WriterProcess:
                 conn.send(("stop",))
             except OSError:
                 pass
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            conn.close()
+            if wait:
+                _reap(process, conn)
+            else:
+                threading.Thread(target=_reap, args=(process, conn), daemon=True,
+                                 name="atoll-writer-reaper").start()
         self.buffer.close()
+
+
+def _reap(process: subprocess.Popen, conn: Connection) -> None:
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    conn.close()
 
 
 # ---------------------------------------------------------------- DCP's side

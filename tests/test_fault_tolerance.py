@@ -18,25 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (MARKER, SESSION_ID, TINY_MOE, assert_same_state, ended, events, finish, last_step,
+from conftest import (TINY_MOE, assert_same_state, ended, events, finish, last_step,
                       losses, run_cli, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
-
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def listening_addresses() -> set[tuple[str, str, str]]:
-    """(process name, address, command) of every listening socket of this session's processes."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "name"]):
-        try:
-            if proc.environ().get(MARKER) != SESSION_ID:
-                continue
-            for conn in proc.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.add((proc.info["name"], conn.laddr.ip, " ".join(proc.cmdline()[:4])[:120]))
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 CHAOS = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=10",
@@ -105,10 +88,12 @@ def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
 @pytest.mark.slow
 def test_a_killed_ranks_peer_keeps_its_process_for_the_next_group(short_tmp):
     """After a SIGKILL the surviving rank's process serves the new group (only the killed rank
-    is replaced), also a second time when the reused process itself is killed; the restarts
-    resume from memory and their events break the recovery down by phase."""
+    is replaced), also a second time when the reused process itself is killed, with
+    asynchronous disk checkpoints on as by default (their writer processes must not hold a
+    survivor up); the restarts resume from memory and their events break the recovery down
+    by phase."""
     run_dir = short_tmp / "survivor"
-    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=16", "checkpoint.interval=0",
+    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=16", "checkpoint.interval=100",
                           "checkpoint.memory_interval=1", f"run.dir={run_dir}"], short_tmp)
     with ended(proc):
         killed = []
@@ -135,24 +120,6 @@ def test_a_killed_ranks_peer_keeps_its_process_for_the_next_group(short_tmp):
         assert list(restart["breakdown"]) == ["detect", "kill", "place", "start", "rendezvous", "build",
                                               "restore", "first_step"], restart
         assert all(v >= 0 for v in restart["breakdown"].values()), restart
-
-
-@pytest.mark.slow
-def test_default_run_listens_on_loopback_only(short_tmp):
-    """The default recipe on the Ray cluster atoll starts itself: every listening socket of
-    every process of the run (Ray's servers, the rendezvous store, gloo, the checkpoint writer) is
-    on loopback."""
-    run_dir = short_tmp / "default"
-    proc = start_ray_run(["run.steps=100000", "logging.log_interval=1", "checkpoint.interval=2",
-                          "logging.eval_interval=0", "logging.wandb=disabled", f"run.dir={run_dir}"],
-                         short_tmp)
-    with ended(proc):
-        wait_for(lambda: events(run_dir, "checkpoint_commit"), 180, proc, "a checkpoint")
-        found = listening_addresses()
-        names = {name for name, _, _ in found}
-        assert {"gcs_server", "raylet"} <= names, found
-        assert len(found) > 5
-        assert {addr for _, addr, _ in found} <= LOOPBACK, sorted(found)
 
 
 @pytest.mark.slow
