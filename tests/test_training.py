@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import psutil
 import pytest
 import torch
 
@@ -17,7 +18,26 @@ from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.optim import lr_multiplier
 from atoll.trainer.loss import lm_loss
 from atoll.trainer.train import Trainer, train
-from conftest import TINY_MOE, assert_same_metrics, losses, run_cli, subprocess_env
+from conftest import (MARKER, SESSION_ID, TINY_MOE, assert_same_metrics, ended, finish, last_step, losses, run_cli,
+                      start_ray_run, subprocess_env, wait_for)
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_addresses() -> set[tuple[str, str, str]]:
+    """(process name, address, command) of every listening socket of this session's processes."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get(MARKER) != SESSION_ID:
+                continue
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((proc.info["name"], conn.laddr.ip, " ".join(proc.cmdline()[:4])[:120]))
+        except (psutil.Error, OSError):
+            continue
+    return found
+
 
 STEPS = 10
 
@@ -83,22 +103,31 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, dp_shard):
 
 @pytest.mark.slow
 def test_default_recipe_on_ray(short_tmp):
+    """The default recipe on the Ray cluster atoll starts itself trains, logs, evaluates and
+    reports; while it trains, every listening socket of every process of the run (Ray's
+    servers, the rendezvous store, gloo, the checkpoint writer, wandb) is on loopback."""
     run_dir = short_tmp / "run"
-    env = subprocess_env(RAY_TMPDIR=str(short_tmp))
-    proc = run_cli(["train", "run.steps=8", "logging.log_interval=2", "logging.eval_interval=4",
-                    f"run.dir={run_dir}", "launch.threads_per_worker=1"], env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    out = proc.stdout + proc.stderr
-    assert "(rank0" in out and "step 8/8" in out and "done: 8 steps" in out
+    proc = start_ray_run(["run.steps=16", "logging.log_interval=2", "logging.eval_interval=8",
+                          f"run.dir={run_dir}", "launch.threads_per_worker=1"], short_tmp)
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= 2, 180, proc, "training")
+        found = listening_addresses()
+        out, err = finish(proc, 180)
+    assert proc.returncode == 0, err[-3000:] + out[-3000:]
+    names = {name for name, _, _ in found}
+    assert {"gcs_server", "raylet"} <= names and len(found) > 5, found
+    assert {addr for _, addr, _ in found} <= LOOPBACK, sorted(found)
+    out += err
+    assert "(rank0" in out and "step 16/16" in out and "done: 16 steps" in out
     assert "\x1b" not in out  # no colour codes in captured output
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # e.g. from wandb's exit in a worker
+    assert "Traceback" not in err, err[-3000:]  # e.g. from wandb's exit in a worker
     records = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [r["step"] for r in records] == list(range(2, 17, 2))
     for key in ("loss", "lr", "tokens", "tokens_per_s", "step_time_s", "tflops", "comm_bytes"):
         assert key in records[-1], key
     assert records[-1]["loss"] < records[0]["loss"]
-    assert "eval_loss" in records[1] and "eval_loss" in records[3]
-    assert records[-1]["tokens"] == 8 * 2 * 8 * 128  # steps × dp × micro_batch × seq_len
+    assert [r["step"] for r in records if "eval_loss" in r] == [8, 16]
+    assert records[-1]["tokens"] == 16 * 2 * 8 * 128  # steps × dp × micro_batch × seq_len
     assert (run_dir / "loss.png").stat().st_size > 0
     assert "parallel:" in (run_dir / "config.yaml").read_text()
     assert list((run_dir / "wandb").glob("offline-run-*"))
