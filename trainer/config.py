@@ -150,7 +150,7 @@ class FaultToleranceConfig:
     straggler: str = "report"  # off | report | evict (a rank computing slower than its peers)
     straggler_threshold: float = 0.7  # score (fastest rank's compute time / this rank's) below which it straggles
     straggler_window: int = 20  # steps a rank must stay below the threshold before it is named
-    straggler_evict_after: int = 50  # evict: steps the straggler may cost the run before its node is left out
+    straggler_evict_after: int = 10  # evict: steps the straggler may cost the run before its node is left out
     straggler_cooldown_s: float = 600.0  # evict: how long an evicted node is kept out of the run
 
 
