@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -134,13 +135,19 @@ class MemoryWriter(StorageWriter):
         """Copy every chunk into the staging buffer (on a GPU: queued on the side stream), let
         the loop go on, then hand the store that one contiguous buffer."""
         copies, started = self.copies, time.perf_counter()
+        # On the host, straight into the store's memory where it offers some (one copy in all).
+        direct = None if copies.on_device else self.store.shard_buffer(self.step, self.rank, copy_plan.total)
         with copies.copying():
-            copies.copy_all(copy_plan.targets, copy_plan.sources)
+            copies.copy_all(copy_plan.targets if direct is None else copy_plan.targets_in(direct),
+                            copy_plan.sources)
         queued = time.perf_counter()
         self.copied.set()  # every chunk is in the buffer (or queued, and the loop's stream waits)
         copies.wait_done()
         copied = time.perf_counter()
-        self.store.put_shard(self.step, self.rank, Shard(copy_plan.total, [(0, copy_plan.staging.numpy())]))
+        if direct is None:
+            self.store.put_shard(self.step, self.rank, Shard(copy_plan.total, [(0, copy_plan.staging.numpy())]))
+        else:
+            self.store.commit_shard(self.step, self.rank)
         # Host time without the wait for the stream, plus the stream's own copy time.
         self.copy_s = (queued - started) + copies.device_seconds() + (time.perf_counter() - copied)
 
@@ -150,9 +157,14 @@ class MemoryWriter(StorageWriter):
         self.metadata, self.world = metadata, len(results)
         self.put_meta(metadata, len(results))
 
-    def put_meta(self, metadata: Metadata, world: int) -> None:
-        meta = pickle.dumps({"metadata": metadata, "extra": self.extra}, protocol=pickle.HIGHEST_PROTOCOL)
+    def put_meta(self, metadata: Metadata, world: int, pickled: Optional[bytes] = None) -> bytes:
+        """Store the meta that completes the step; returns `metadata` pickled, which a later
+        snapshot of the same plan passes back as `pickled` (the metadata is the bulk of it)."""
+        if pickled is None:
+            pickled = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        meta = pickle.dumps({"metadata": pickled, "extra": self.extra}, protocol=pickle.HIGHEST_PROTOCOL)
         self.store.put_meta(self.step, world, meta)
+        return pickled
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
@@ -166,6 +178,8 @@ class MemoryReader(StorageReader):
         super().__init__()
         self.store, self.step = store, step
         saved = safe_unpickle(store.get_meta(step))
+        if isinstance(saved, dict) and isinstance(saved.get("metadata"), bytes):
+            saved["metadata"] = safe_unpickle(saved["metadata"])
         if not isinstance(saved, dict) or not isinstance(saved.get("metadata"), Metadata):
             raise CheckpointError(f"memory snapshot of step {step} has an unreadable meta.bin")
         self.metadata: Metadata = saved["metadata"]
@@ -263,6 +277,21 @@ class CopyPlan:
     targets: list[torch.Tensor]
     staging: torch.Tensor  # the `total` bytes the targets lie in, handed to the store as one piece
     total: int
+    # The same views in memory a store handed out (its slots), by that memory's address.
+    elsewhere: dict = field(default_factory=dict)
+
+    def targets_in(self, buffer: np.ndarray) -> list[torch.Tensor]:
+        """`targets` at the same offsets in `buffer` (a store's memory, reused: cached)."""
+        key = (buffer.ctypes.data, buffer.size)
+        found = self.elsewhere.get(key)
+        if found is None:
+            if len(self.elsewhere) >= 4:  # a store that moved its memory: forget the old views
+                self.elsewhere.clear()
+            flat, base = torch.from_numpy(buffer), self.staging.data_ptr()
+            found = [flat[t.data_ptr() - base:t.data_ptr() - base + t.numel() * t.element_size()]
+                     .view(t.dtype).view(t.shape) for t in self.targets]
+            self.elsewhere[key] = found
+        return found
 
 
 @dataclass
@@ -286,6 +315,45 @@ class SavedLayout:
     world: int
     storage: tuple = ()  # storage_key of the tensors `copies` reads
     copies: Optional[CopyPlan] = None
+    pickled_metadata: Optional[bytes] = None  # the coordinator's, once stored
+
+
+@dataclass
+class _Job:
+    name: str
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Runner:
+    """One daemon thread that runs the snapshots one after another: starting a thread per
+    snapshot would make the loop wait for the new thread to take the GIL. A daemon, not an
+    executor: one stuck on a dead peer must not block interpreter exit."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, name: str, fn: Callable, *args) -> _Job:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        job = _Job(name)
+        self._jobs.put((job, fn, args))
+        return job
+
+    def _loop(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, fn, args = item
+            try:
+                fn(*args)
+            finally:
+                job.done.set()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
 
 
 class MemorySnapshotter:
@@ -324,7 +392,8 @@ class MemorySnapshotter:
         self.blocked_s = 0.0  # time training waited on snapshots since last read
         self.waited_s = 0.0  # the same, never reset
         self.closed = False
-        self._thread: Optional[threading.Thread] = None
+        self._runner = _Runner("atoll-snapshots")
+        self._in_flight: Optional[_Job] = None
         self._copied = threading.Event()
         self._copied.set()
         self._saved: Optional[SavedLayout] = None
@@ -347,10 +416,8 @@ class MemorySnapshotter:
         self._copied = threading.Event()
         writer = MemoryWriter(self.store, step, rank=self.rank, buffer=self.buffer, copied=self._copied,
                               extra={"state": json_state, "extra": extra}, copies=self.copies)
-        # A daemon thread, not an executor: one stuck on a dead peer must not block interpreter exit.
-        self._thread = threading.Thread(target=self._run, args=(step, writer, tensors, storage, number),
-                                        name=f"atoll-snapshot-{step}", daemon=True)
-        self._thread.start()
+        self._in_flight = self._runner.submit(f"snapshot of step {step}", self._run,
+                                              step, writer, tensors, storage, number)
         self._waited(time.perf_counter() - start)
 
     def wait_copied(self) -> None:
@@ -390,14 +457,14 @@ class MemorySnapshotter:
         """Until the snapshot in flight is stored (and complete, on the coordinator).
 
         False if it is still running after `timeout` or the newest one failed."""
-        thread = self._thread
-        if thread is not None:
+        job = self._in_flight
+        if job is not None:
             start = time.perf_counter()
-            thread.join(timeout)
+            job.done.wait(timeout)
             self._waited(time.perf_counter() - start)
-            if thread.is_alive():
+            if not job.done.is_set():
                 return False
-            self._thread = None
+            self._in_flight = None
         return self.last_error is None
 
     def take_blocked_s(self) -> float:
@@ -466,7 +533,7 @@ class MemorySnapshotter:
             raise CheckpointError(f"memory snapshot of step {writer.step}: a peer could not store its shard")
         if saved.metadata is not None:  # the coordinator: every shard is stored
             writer.is_coordinator = True
-            writer.put_meta(saved.metadata, saved.world)
+            saved.pickled_metadata = writer.put_meta(saved.metadata, saved.world, saved.pickled_metadata)
         return True
 
     def close(self, wait_for_peers: bool = True) -> None:
@@ -479,8 +546,10 @@ class MemorySnapshotter:
             return
         self.closed = True
         self.wait(timeout=None if wait_for_peers else ABANDON_SNAPSHOT_AFTER_S)
-        if self._thread is not None:
-            self.warn(f"abandoned the memory snapshot in flight ({self._thread.name}): a peer never finished it")
+        if self._in_flight is not None:
+            self.warn(f"abandoned the memory snapshot in flight ({self._in_flight.name}): a peer never finished it")
+        else:
+            self._runner.stop()
         if wait_for_peers:
             dist.barrier(group=self.group)
 

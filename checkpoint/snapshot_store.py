@@ -10,7 +10,9 @@ store (keeper actors, replicas) lives in launch/ and implements the same interfa
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
+import mmap
 import os
 import re
 import shutil
@@ -60,6 +62,15 @@ class SnapshotStore(abc.ABC):
     def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
         """Store one rank's shard (a `Shard`, or one 1-D uint8 array); return once stored,
         keeping no reference to `data`: its pieces may be live tensors that change next."""
+
+    def shard_buffer(self, step: int, rank: int, nbytes: int) -> Optional[np.ndarray]:
+        """Where this rank may write its shard of `step` itself (1-D uint8, `nbytes` long), to
+        be followed by `commit_shard`; None when the store only takes shards by `put_shard`."""
+        return None
+
+    def commit_shard(self, step: int, rank: int) -> None:
+        """The shard written into `shard_buffer(step, rank, ...)` is complete."""
+        raise NotImplementedError(f"{type(self).__name__} hands out no shard buffers")
 
     @abc.abstractmethod
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
@@ -136,22 +147,78 @@ def _root_for(key: str, run_id: str) -> Path:
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SHARD_FILE = re.compile(r"^rank-(\d+)\.bin$")
 _META_FILE = "meta.bin"
+_SLOT_FILE = re.compile(r"^rank-(\d+)\.slot(\d)$")
 _WORLD_HEADER = struct.Struct("<Q")  # meta.bin starts with the world size it completes
+# A slot file: this header in its first page (so the payload's mapping is page-aligned), then the bytes.
+_SLOT_HEADER = struct.Struct("<8sqQB")  # magic, step (-1: none), payload bytes, 1 once complete
+_SLOT_MAGIC = b"ATOLLSLT"
+_PAGE = mmap.PAGESIZE
+SLOTS = 3
+
+
+@dataclass
+class _Slot:
+    path: Path
+    step: int  # -1: holds nothing
+    nbytes: int
+    done: bool
 
 
 class ShmSnapshotStore(SnapshotStore):
-    """`root/step-<N>/rank-<R>.bin` and `root/step-<N>/meta.bin`, for the processes of one node.
+    """Snapshots of the processes of one node, in `root`.
 
-    Each file is written under a dot-prefixed temp name and renamed, so a
-    half-written shard never matches `rank-<R>.bin`. No fsync: the memory tier
-    has to survive a process, not the machine.
+    A step's `step-<N>/meta.bin`, written by the coordinator, completes it.
+    A rank's shard is either
+    - in a slot it reuses (`shard_buffer`, then `commit_shard`): each rank owns
+      SLOTS files `rank-<R>.slot<i>` (a header page, then the bytes) and copies
+      its state straight into the mapping of one, with no other copy, file
+      creation or page allocation once they exist. It writes into the slot
+      holding the oldest step, so its two newest shards stay intact: the newest
+      complete step is always one of them (a snapshot starts only after every
+      rank stored the previous one). A slot holding a step at or past the one
+      being written is left from a history the run abandoned (a restart from
+      an older step) and is free;
+    - or a file `step-<N>/rank-<R>.bin` (`put_shard`), written under a temp
+      name and renamed. This takes any shard, and is what a store shared by
+      several DiLoCo islands (whose ranks share numbers) and a subclass that
+      overrides `put_shard` use (`shard_buffer` is then None).
+    No fsync: the memory tier has to survive a process, not the machine.
     """
 
     def __init__(self, root: Optional[Path] = None):
         self.root = Path(root) if root is not None else default_shm_root()
+        self._maps: dict[Path, tuple[mmap.mmap, int]] = {}  # this process's mappings of its slots
+        self._writing: dict[tuple[int, int], Path] = {}  # (step, rank) -> the slot being filled
+
+    def __getstate__(self) -> dict:  # pickled into every training process: addresses only
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
 
     def _step_dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
+
+    # ------------------------------------------------------------- writing
+
+    def shard_buffer(self, step: int, rank: int, nbytes: int) -> Optional[np.ndarray]:
+        if type(self).put_shard is not ShmSnapshotStore.put_shard:
+            return None
+        slots = self._slots_of(rank)
+        # Free: nothing in it, or a step of an abandoned history; else the oldest.
+        slot = min(slots, key=lambda s: -1 if s.step < 0 or s.step >= step else s.step)
+        for other in slots:  # no two slots may claim one step
+            if other is not slot and other.step >= step:
+                _clear_slot(other.path)
+        mapping = self._mapping(slot.path, _PAGE + max(nbytes, 1))
+        mapping[:_SLOT_HEADER.size] = _SLOT_HEADER.pack(_SLOT_MAGIC, step, nbytes, 0)
+        self._writing[(step, rank)] = slot.path
+        return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=_PAGE)
+
+    def commit_shard(self, step: int, rank: int) -> None:
+        mapping, _ = self._maps[self._writing.pop((step, rank))]
+        nbytes = _SLOT_HEADER.unpack(mapping[:_SLOT_HEADER.size])[2]
+        mapping[:_SLOT_HEADER.size] = _SLOT_HEADER.pack(_SLOT_MAGIC, step, nbytes, 1)
 
     def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
         shard = Shard.of(data)
@@ -162,16 +229,56 @@ class ShmSnapshotStore(SnapshotStore):
         header = _WORLD_HEADER.pack(world)
         _write_atomically(self._step_dir(step) / _META_FILE, (0, header), (len(header), meta))
 
+    def _mapping(self, path: Path, size: int) -> mmap.mmap:
+        """This process's shared mapping of a slot file of at least `size` bytes (kept)."""
+        held = self._maps.get(path)
+        if held is not None and held[1] >= size:
+            return held[0]
+        if held is not None:
+            with contextlib.suppress(BufferError):  # a view still exported keeps it open
+                held[0].close()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._maps[path] = (mapping, size)
+        return mapping
+
+    # ------------------------------------------------------------- reading
+
+    def _slots_of(self, rank: int) -> list[_Slot]:
+        paths = [self.root / f"rank-{rank}.slot{i}" for i in range(SLOTS)]
+        return [_read_slot(path) or _Slot(path, -1, 0, False) for path in paths]
+
+    def _listing(self) -> tuple[list[int], list[tuple[int, _Slot]]]:
+        """(step folders, (rank, slot) of every slot file) in root."""
+        try:
+            names = [p.name for p in self.root.iterdir()]
+        except FileNotFoundError:
+            return [], []
+        folders = sorted(int(m.group(1)) for name in names if (m := _STEP_DIR.match(name)))
+        slots = [(int(m.group(1)), slot) for name in names if (m := _SLOT_FILE.match(name))
+                 and (slot := _read_slot(self.root / name)) is not None]
+        return folders, slots
+
     def get_shard(self, step: int, rank: int) -> np.ndarray:
         path = self._step_dir(step) / f"rank-{rank}.bin"
+        offset = 0
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise CheckpointError(f"memory snapshot of step {step} has no shard of rank {rank}") from None
+            slot = next((s for s in self._slots_of(rank) if s.step == step and s.done), None)
+            if slot is None:
+                raise CheckpointError(f"memory snapshot of step {step} has no shard of rank {rank}") from None
+            path, offset, size = slot.path, _PAGE, slot.nbytes
         if size == 0:  # a rank whose chunks were all deduplicated away; mmap refuses empty files
             return np.empty(0, dtype=np.uint8)
         # Mapped, not read: only the pages a loading rank's chunks need are touched.
-        return np.memmap(path, dtype=np.uint8, mode="c")
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
 
     def get_meta(self, step: int) -> bytes:
         try:
@@ -180,37 +287,73 @@ class ShmSnapshotStore(SnapshotStore):
             raise CheckpointError(f"memory snapshot of step {step} has no meta.bin") from None
         return blob[_WORLD_HEADER.size:]
 
+    def holdings(self) -> dict[int, dict]:
+        """step -> {"world": from its meta.bin or None, "ranks": ranks with a complete shard}.
+        Slots older than the oldest step folder are what `retain` released."""
+        folders, slots = self._listing()
+        steps: dict[int, dict] = {}
+        for step in folders:
+            folder = self._step_dir(step)
+            try:
+                with open(folder / _META_FILE, "rb") as meta:
+                    header = meta.read(_WORLD_HEADER.size)
+                world = _WORLD_HEADER.unpack(header)[0] if len(header) == _WORLD_HEADER.size else None
+            except FileNotFoundError:
+                world = None
+            try:
+                ranks = [int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_FILE.match(p.name))]
+            except FileNotFoundError:
+                continue
+            steps[step] = {"world": world, "ranks": ranks}
+        floor = folders[0] if folders else -1
+        for rank, slot in slots:
+            if slot.done and slot.step >= floor:
+                steps.setdefault(slot.step, {"world": None, "ranks": []})["ranks"].append(rank)
+        return steps
+
     def steps(self) -> list[int]:
-        try:
-            names = [p.name for p in self.root.iterdir()]
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for name in names if (m := _STEP_DIR.match(name)))
+        return sorted(self.holdings())
 
     def missing(self, step: int) -> Optional[str]:
-        folder = self._step_dir(step)
-        try:
-            with open(folder / _META_FILE, "rb") as meta:
-                header = meta.read(_WORLD_HEADER.size)
-            present = {int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_FILE.match(p.name))}
-        except FileNotFoundError:
-            return "no meta.bin" if folder.is_dir() else "nothing stored"
-        if len(header) < _WORLD_HEADER.size:
-            return "a truncated meta.bin"
-        (world,) = _WORLD_HEADER.unpack(header)
-        absent = [rank for rank in range(world) if rank not in present]
-        return f"no shard of rank {', '.join(map(str, absent))} (of {world})" if absent else None
+        held = self.holdings().get(step)
+        if held is None:
+            return "nothing stored"
+        if held["world"] is None:
+            return "no meta.bin"
+        absent = [rank for rank in range(held["world"]) if rank not in held["ranks"]]
+        return f"no shard of rank {', '.join(map(str, absent))} (of {held['world']})" if absent else None
+
+    def complete(self) -> list[int]:
+        return sorted(step for step, held in self.holdings().items()
+                      if held["world"] is not None and set(range(held["world"])) <= set(held["ranks"]))
+
+    def latest(self) -> Optional[int]:
+        done = self.complete()
+        return done[-1] if done else None
+
+    # ------------------------------------------------------------- dropping
 
     def retain(self, step: int) -> None:
-        for old in self.steps():
+        # Slots stay: each is reused by its own rank, which may be writing it right now.
+        for old in self._listing()[0]:
             if old < step:
                 shutil.rmtree(self._step_dir(old), ignore_errors=True)
 
     def drop(self, step: int) -> None:
         shutil.rmtree(self._step_dir(step), ignore_errors=True)
+        for _, slot in self._listing()[1]:
+            if slot.step == step:  # not being written: a step dropped is not in flight
+                _clear_slot(slot.path)
 
     def clear(self) -> None:
+        self.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def close(self) -> None:
+        for mapping, _ in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still exported keeps it open
+                mapping.close()
+        self._maps.clear()
 
     @staticmethod
     def remove_stale(root: Path) -> list[Path]:
@@ -224,6 +367,25 @@ class ShmSnapshotStore(SnapshotStore):
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return stale
+
+
+def _read_slot(path: Path) -> Optional[_Slot]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_SLOT_HEADER.size)
+    except FileNotFoundError:
+        return None
+    if len(raw) < _SLOT_HEADER.size:
+        return _Slot(path, -1, 0, False)
+    magic, step, nbytes, done = _SLOT_HEADER.unpack(raw)
+    return _Slot(path, step, nbytes, bool(done)) if magic == _SLOT_MAGIC else _Slot(path, -1, 0, False)
+
+
+def _clear_slot(path: Path) -> None:
+    """Mark a slot empty (its owner is not writing it: a step being dropped is not in flight)."""
+    with contextlib.suppress(FileNotFoundError):
+        with open(path, "r+b") as f:
+            f.write(_SLOT_HEADER.pack(_SLOT_MAGIC, -1, 0, 0))
 
 
 class IslandSnapshotStore(SnapshotStore):
@@ -249,6 +411,12 @@ class IslandSnapshotStore(SnapshotStore):
 
     def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
         self.shared.put_shard(self._key(step), rank, data)
+
+    def shard_buffer(self, step: int, rank: int, nbytes: int) -> Optional[np.ndarray]:
+        return self.shared.shard_buffer(self._key(step), rank, nbytes)
+
+    def commit_shard(self, step: int, rank: int) -> None:
+        self.shared.commit_shard(self._key(step), rank)
 
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
         self.shared.put_meta(self._key(step), world, meta)

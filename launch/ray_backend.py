@@ -29,6 +29,8 @@ import contextlib
 import os
 import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig
@@ -120,6 +122,7 @@ class RayGroupFactory:
         self.gpus = gpus_per_worker(cfg)
         self.memory = memory_tier_on(cfg)
         self.keepers: dict[str, Any] = {}
+        self.snapshot_base = ""  # where the run's node folders of snapshots start (keepers.node_root)
         self.pool = ActorPool(self.gpus)
         self.outer_store = None
         self.held: dict[str, Any] = {}  # node left out -> the placement group holding it
@@ -197,11 +200,20 @@ class RayGroupFactory:
             return None
         from atoll.launch.keepers import RaySnapshotStore, live_keepers, start_keepers  # noqa
 
+        if not self.snapshot_base:
+            from atoll.checkpoint.snapshot_store import ShmSnapshotStore, shm_root
+            from atoll.trainer.config import run_dir
+
+            # One name per invocation; what earlier invocations of this run left here goes.
+            root = shm_root(str(run_dir(self.cfg)), uuid.uuid4().hex[:12])
+            ShmSnapshotStore.remove_stale(root)
+            self.snapshot_base = str(root)
         alive = _alive_nodes()
-        self.keepers = start_keepers(alive, live_keepers(self.keepers, set(alive)))
+        self.keepers = start_keepers(alive, self.snapshot_base, live_keepers(self.keepers, set(alive)))
         # A node left out keeps its keeper (the snapshots it holds stay readable); new replicas
         # go to it only when no other node can take them.
-        return RaySnapshotStore(self.keepers, self.cfg.checkpoint.memory_replicas, avoid=set(self.held))
+        return RaySnapshotStore(self.keepers, self.cfg.checkpoint.memory_replicas, self.snapshot_base,
+                                avoid=set(self.held))
 
     def close(self) -> None:
         import ray
@@ -210,9 +222,18 @@ class RayGroupFactory:
             self.release(node)
         self.pool.close()
         self.outer_store = None  # the driver's store server stops with it
+        # The snapshots' node folders go with the run: each keeper removes its node's, and the
+        # driver whatever is left on its own machine (a lost node's keeper cannot answer).
+        cleared = [keeper.clear.remote() for keeper in self.keepers.values()]
+        with contextlib.suppress(Exception):
+            ray.wait(cleared, num_returns=len(cleared), timeout=10)
         for keeper in self.keepers.values():
             with contextlib.suppress(Exception):
                 ray.kill(keeper, no_restart=True)
+        if self.snapshot_base:
+            from atoll.checkpoint.snapshot_store import ShmSnapshotStore
+
+            ShmSnapshotStore.remove_stale(Path(self.snapshot_base))
         self.keepers = {}
 
 

@@ -101,7 +101,7 @@ class TrainWorker:
     def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,
               rejoin_token: Optional[str] = None) -> None:
         # A survivor of a failed group may still be closing its last run: the new run's thread
-        # waits for it, so that this actor keeps answering (status, a keeper's export_shard).
+        # waits for it, so that this actor keeps answering (status).
         previous = self.thread
         self.runs += 1
         # Nothing of a survivor's last run stays: error, result, stop request.
@@ -148,12 +148,6 @@ class TrainWorker:
 
     def request_stop(self, reason: str) -> None:
         self.stop = reason  # what RunControl.stop_request returns: RESIZE or a signal's name
-
-    def export_shard(self, token: str):
-        """A memory-snapshot shard, for the keeper that asked (launch/keepers.py)."""
-        from atoll.launch.keepers import take_export
-
-        return take_export(token)
 
 
 def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:

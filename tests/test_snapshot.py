@@ -75,6 +75,60 @@ def test_restore_is_bitwise_after_more_steps(tmp_path, world_of_one):
     snapshotter.close()
 
 
+def test_snapshots_go_straight_into_reused_slots_and_a_restart_overwrites_its_abandoned_steps(tmp_path,
+                                                                                               world_of_one):
+    """A rank's shard is copied straight into one of three slot files it reuses (no file per
+    snapshot), the oldest first, and restores its own step bitwise. A restart that resumed
+    from an older step writes over the steps the failed run went on to."""
+    model, optimizer, states = tiny_states()
+    root = tmp_path / "shm"
+    snapshotter = MemorySnapshotter(ShmSnapshotStore(root), rank=0, world=1, is_coordinator=True, interval=1)
+    expected = {}
+    for step in range(1, 6):
+        train(model, optimizer, 1, seed=step)
+        states["progress"].values["step"] = step
+        expected[step] = {name: t.clone() for name, t in split_state(states)[0].items()}
+        snapshotter.save(step, states, {"at": step})
+        assert snapshotter.wait(), snapshotter.last_error
+    store = ShmSnapshotStore(root)  # another process's view
+    assert sorted(p.name for p in root.iterdir()) == ["rank-0.slot0", "rank-0.slot1", "rank-0.slot2",
+                                                      "step-00000005"]
+    assert sorted(p.name for p in (root / "step-00000005").iterdir()) == ["meta.bin"]
+    assert store.steps() == [5] and sorted(slot.step for slot in store._slots_of(0)) == [3, 4, 5]
+    snapshotter.close()
+
+    def restored_at(step: int) -> dict:
+        checker = MemorySnapshotter(store, rank=0, world=1, is_coordinator=True, interval=1)
+        assert restore_snapshot(store, step, states, process_group=checker.group) == {"at": step}
+        checker.close()
+        return {name: t.clone() for name, t in split_state(states)[0].items()}
+
+    for name, value in expected[5].items():
+        assert torch.equal(restored_at(5)[name], value), name
+
+    # The run resumed from step 5 after a failure that had reached step 7 (complete) and 8 (a
+    # shard without its meta): the new history's steps 6 and 7 replace them.
+    for step in (7, 8):
+        store.shard_buffer(step, 0, 16)[:] = 0
+        store.commit_shard(step, 0)
+    store.put_meta(7, 1, b"not this history's")
+    store.drop(7)  # a complete step past the one resumed is dropped (e.g. IslandSnapshotStore.drop_after)
+    assert store.latest() == 5 and store.missing(8) == "no meta.bin"
+    snapshotter = MemorySnapshotter(ShmSnapshotStore(root), rank=0, world=1, is_coordinator=True, interval=1)
+    for step in (6, 7):
+        train(model, optimizer, 1, seed=10 + step)
+        states["progress"].values["step"] = step
+        expected[step] = {name: t.clone() for name, t in split_state(states)[0].items()}
+        snapshotter.save(step, states, {"at": step})
+        assert snapshotter.wait(), snapshotter.last_error
+    assert store.latest() == 7
+    claims = [slot.step for slot in store._slots_of(0)]
+    assert sorted(claims) == [5, 6, 7], claims  # no slot still claims the abandoned step 8
+    for name, value in expected[7].items():
+        assert torch.equal(restored_at(7)[name], value), name
+    snapshotter.close()
+
+
 class TensorState:
     """A Stateful holding one tensor, to change the structure of the snapshotted state."""
 
@@ -330,7 +384,7 @@ def test_snapshots_reshard_between_one_process_and_two_fsdp_ranks(tmp_path, worl
     # 2 FSDP ranks -> world of one: a fresh process-local model restores their snapshot of step 3.
     saved_by_two = torch.load(tmp_path / "saved.pt", weights_only=True)["tensors"]
     two_store = ShmSnapshotStore(tmp_path / "two")
-    assert two_store.latest() == 3 and len(list((tmp_path / "two" / "step-00000003").glob("rank-*.bin"))) == 2
+    assert two_store.latest() == 3 and sorted(two_store.holdings()[3]["ranks"]) == [0, 1]
     _, _, fresh = tiny_states(seed=2)
     assert restore_snapshot(two_store, 3, fresh, process_group=snapshotter.group) == {"from": "fsdp", "world": 2}
     restored = full_tensors(fresh)
