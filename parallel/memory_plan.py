@@ -462,9 +462,9 @@ def machine_memory_bytes() -> int:
 
 
 def object_store_bytes(cfg: DictConfig, machine_bytes: Optional[int] = None) -> int:
-    """`launch.ray_object_store_mb: auto`: room for the memory tier's snapshots of every
-    island (the complete one and the one being written, each on memory_replicas+1 keepers)
-    with headroom; at least OBJECT_STORE_FLOOR_MB, at most OBJECT_STORE_MAX_FRACTION of the
+    """`launch.ray_object_store_mb: auto`: room for the memory tier's replicas of every
+    island (the complete one and the one being written, each on memory_replicas keepers of
+    other nodes: a node's own shards are in its /dev/shm slots) with headroom; at least OBJECT_STORE_FLOOR_MB, at most OBJECT_STORE_MAX_FRACTION of the
     machine. A number in the recipe is taken as it is."""
     from atoll.trainer.config import object_store_mb
 
@@ -475,10 +475,10 @@ def object_store_bytes(cfg: DictConfig, machine_bytes: Optional[int] = None) -> 
 
 
 def snapshot_store_need(cfg: DictConfig) -> int:
-    """Bytes the memory tier's snapshots take in the object store, headroom included."""
+    """Bytes the memory tier's replicas take in the object store, headroom included."""
     if not _memory_tier_on(cfg):
         return 0
-    return int(full_state_bytes(cfg) * cfg.diloco.islands * (cfg.checkpoint.memory_replicas + 1)
+    return int(full_state_bytes(cfg) * cfg.diloco.islands * cfg.checkpoint.memory_replicas
                * OBJECT_STORE_GENERATIONS * OBJECT_STORE_HEADROOM)
 
 

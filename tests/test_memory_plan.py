@@ -189,11 +189,13 @@ def test_checkpointing_modes_and_pipeline_ranks():
 
 
 def test_object_store_auto_is_sized_from_the_snapshot_state():
-    cfg = load_recipe("default", [])  # Ray, dp=2, memory tier on (auto), one replica
+    cfg = load_recipe("default", ["checkpoint.memory_replicas=3"])  # Ray, dp=2, memory tier on (auto)
     state = 12 * sum(p.numel() for p in build(cfg).parameters())  # fp32 weights + AdamW's two
-    expected = int(state * 2 * 2 * 1.25)  # (replicas + 1) × (complete + in flight) × headroom
+    expected = int(state * 3 * 2 * 1.25)  # replicas × (complete + in flight) × headroom
     assert expected > OBJECT_STORE_FLOOR_MB * MB
     assert ray_init_options(cfg)["object_store_memory"] == expected
+    # one replica of the default model's 56 MB: the floor (a node's own shards are in /dev/shm)
+    assert ray_init_options(load_recipe("default", []))["object_store_memory"] == OBJECT_STORE_FLOOR_MB * MB
     assert ray_init_options(load_recipe("default", ["launch.ray_object_store_mb=300"]))[
         "object_store_memory"] == 300 * MB
     off = load_recipe("default", ["checkpoint.memory_interval=0"])
