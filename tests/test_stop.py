@@ -69,8 +69,8 @@ def test_ctrl_c_on_ray_stops_with_a_checkpoint_and_the_rerun_is_bitwise(short_tm
     assert_stopped(run_dir, err, "SIGINT")
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive
-    rerun = subprocess.run([sys.executable, "-m", "atoll.launch", "train", *args], capture_output=True,
-                           text=True, timeout=300, env=env)
+    # Any launcher continues it (torchrun starts sooner; test_elastic reruns a stopped job on Ray).
+    rerun = run_cli(["train", *args], torchrun_procs=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert events(run_dir, "run_start")[-1]["resume"]["source"] == "disk"
     assert_same_state(run_dir, uninterrupted)
