@@ -279,6 +279,21 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+# Two FSDP ranks of the tiny MoE for 60 steps: the recipe of the runs that are killed, restarted
+# or stopped on the way and must end bitwise where one uninterrupted run ends. Checkpoint and
+# snapshot intervals, launcher and run name do not change the numbers: tests add their own.
+DP2_SIXTY = [*TINY_MOE, "parallel.dp=2", "run.steps=60"]
+
+
+@pytest.fixture(scope="session")
+def dp2_sixty_reference(tmp_path_factory) -> Path:
+    """The uninterrupted torchrun run of DP2_SIXTY (run once, shared by the tests that need it)."""
+    run_dir = tmp_path_factory.mktemp("dp2_sixty") / "reference"
+    done = run_cli(["train", *DP2_SIXTY, "checkpoint.interval=1000", f"run.dir={run_dir}"], torchrun_procs=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU checks are deselected (not skipped) on machines without CUDA."""
     import torch

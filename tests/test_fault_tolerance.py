@@ -18,23 +18,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (TINY_MOE, assert_same_state, ended, events, finish, last_step,
-                      losses, run_cli, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
+from conftest import (DP2_SIXTY, TINY_MOE, assert_same_state, ended, events, finish, last_step,
+                      losses, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
 
 
-CHAOS = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=10",
-         "checkpoint.memory_interval=1", "fault_tolerance.max_restarts=10"]
+CHAOS = [*DP2_SIXTY, "checkpoint.interval=10", "checkpoint.memory_interval=1", "fault_tolerance.max_restarts=10"]
 
 
 @pytest.mark.slow
-def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp):
+def test_chaos_kills_on_ray_end_bitwise_equal(short_tmp, dp2_sixty_reference):
     """Six SIGKILLs of random ranks (one while a disk checkpoint is in flight, one while the
     group restarts); the run finishes with the state of a run that never failed. Every
     restart breaks its recovery down by phase."""
-    reference = short_tmp / "reference"
-    proc = run_cli(["train", *CHAOS, f"run.dir={reference}"], torchrun_procs=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    reference = dp2_sixty_reference
     run_dir = short_tmp / "chaos"
     rng = random.Random(0)
     proc = start_ray_run([*CHAOS, f"run.dir={run_dir}"], short_tmp)
@@ -123,16 +119,12 @@ def test_a_killed_ranks_peer_keeps_its_process_for_the_next_group(short_tmp):
 
 
 @pytest.mark.slow
-def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp):
+def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp, dp2_sixty_reference):
     """torchrun --max-restarts: a killed rank makes torchrun restart both; they resume from the
     /dev/shm snapshots and end with the state of a run that never failed; nothing is left in
     /dev/shm."""
-    args = [*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=15",
-            "checkpoint.memory_interval=1"]
-    reference = tmp_path / "reference"
-    proc = run_cli(["train", *args, f"run.dir={reference}"], torchrun_procs=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    args = [*DP2_SIXTY, "checkpoint.interval=15", "checkpoint.memory_interval=1"]
+    reference = dp2_sixty_reference
     run_dir = tmp_path / "restarted"
     proc = start_torchrun(["train", *args, f"run.dir={run_dir}"], procs=2, max_restarts=2)
     with ended(proc):
@@ -157,7 +149,7 @@ def test_stopped_rank_is_a_hang_detected_in_time(short_tmp):
     """SIGSTOP one rank: no step completes, the group is failed within hang_timeout_s + 2 s,
     the stopped process is killed with its group, and the run finishes from memory."""
     run_dir = short_tmp / "hang"
-    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=60", "checkpoint.interval=0",
+    proc = start_ray_run([*TINY_MOE, "parallel.dp=2", "run.steps=30", "checkpoint.interval=0",
                           "checkpoint.memory_interval=1", "fault_tolerance.hang_timeout_s=6",
                           f"run.dir={run_dir}"], short_tmp)
     with ended(proc):
@@ -173,4 +165,4 @@ def test_stopped_rank_is_a_hang_detected_in_time(short_tmp):
     assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
     restart = events(run_dir, "restart")[0]
     assert restart["source"] == "memory" and restart["lost_steps"] <= 1
-    assert last_step(run_dir) == 60
+    assert last_step(run_dir) == 30

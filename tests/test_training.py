@@ -88,16 +88,24 @@ def test_single_process_matches_naive_loop(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory):
+    """The run folder of `reference_run`, shared by both data-parallel modes."""
+    folder = tmp_path_factory.mktemp("single_process")
+    reference_run(folder)
+    return folder / "ref"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dp_shard", ["fsdp", "ddp"])
-def test_two_process_data_parallel_matches_single_process(tmp_path, dp_shard):
-    expected = reference_run(tmp_path)
+def test_two_process_data_parallel_matches_single_process(tmp_path, dp_shard, single_process_reference):
+    expected = losses(single_process_reference)
     run_dir = tmp_path / dp_shard
     proc = run_cli(["train", *TINY_MOE, f"run.steps={STEPS}", "parallel.dp=2",
                     f"parallel.dp_shard={dp_shard}", f"run.dir={run_dir}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses(run_dir)) == STEPS
-    assert_same_metrics(run_dir, tmp_path / "ref")  # loss and gradient norm at every step
+    assert_same_metrics(run_dir, single_process_reference)  # loss and gradient norm at every step
     assert expected[-1] < expected[0]
 
 
