@@ -13,11 +13,11 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
+from atoll.checkpoint.snapshot_store import shm_root
 from conftest import (DP2_SIXTY, TINY_MOE, assert_same_state, ended, events, finish, last_step,
                       losses, start_ray_run, start_torchrun, torchrun_ranks, wait_for)
 
@@ -140,8 +140,8 @@ def test_torchrun_restart_resumes_from_shared_memory_bitwise(tmp_path, short_tmp
     assert len(resumes) == 1 and resumes[0]["source"] == "memory" and resumes[0]["step"] >= 20
     assert losses(run_dir) == losses(reference)
     assert_same_state(run_dir, reference)
-    assert not [p for p in Path("/dev/shm").glob("atoll-snapshots-*") if str(os.getuid()) in p.name
-                and p.stat().st_mtime > time.time() - 600 and any(p.iterdir())]
+    family = shm_root(str(run_dir)).name.split(".", 1)[0]  # the run's folders, whatever the job id
+    assert not list(shm_root(str(run_dir)).parent.glob(f"{family}.*"))
 
 
 @pytest.mark.slow
