@@ -12,8 +12,9 @@ What it measures
     - raytrain: the plain DDP loop a Ray Train user writes, run by Ray Train V2's
       `TorchTrainer` (ScalingConfig(num_workers=2), gloo, `ray.train.torch.prepare_model`
       for the DDP) on a fresh local Ray cluster; it reports to Ray Train once, at the end
-      (reporting every step would only slow it down). Needs `pip install "ray[train]"`
-      (pandas, pyarrow); without it this side is left out;
+      (reporting every step would only slow it down). Needs Ray Train's packages
+      (`.venv/bin/pip install -e ".[bench]"`: pandas, pyarrow); without them this side is
+      left out;
     - plain: the same loop in torch alone: 2 processes (torch.multiprocessing), gloo on
       127.0.0.1.
     The loop of both plain sides: `DistributedDataParallel` around the same model class
