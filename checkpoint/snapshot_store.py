@@ -392,7 +392,8 @@ class IslandSnapshotStore(SnapshotStore):
     """One DiLoCo island's view of a store that every island of the run shares.
 
     Island k of M keeps its step s as the shared store's step s·M + k, so
-    islands never overwrite each other and each completes its steps alone.
+    islands never overwrite each other and each completes its steps alone
+    (by `put_shard`: the islands' ranks share numbers, so no slots).
     Islands step independently between outer syncs, so a state every island
     can resume from together is a step complete on all of them; `retain`
     therefore keeps every own step from `floor(newest)` on: the newest
@@ -411,12 +412,6 @@ class IslandSnapshotStore(SnapshotStore):
 
     def put_shard(self, step: int, rank: int, data: Union[Shard, np.ndarray]) -> None:
         self.shared.put_shard(self._key(step), rank, data)
-
-    def shard_buffer(self, step: int, rank: int, nbytes: int) -> Optional[np.ndarray]:
-        return self.shared.shard_buffer(self._key(step), rank, nbytes)
-
-    def commit_shard(self, step: int, rank: int) -> None:
-        self.shared.commit_shard(self._key(step), rank)
 
     def put_meta(self, step: int, world: int, meta: bytes) -> None:
         self.shared.put_meta(self._key(step), world, meta)

@@ -706,9 +706,11 @@ def test_islands_restarted_by_torchrun_resume_from_memory_bitwise(tmp_path, stre
     run_dir = tmp_path / "restarted"
     proc = start_torchrun(["train", *common, f"run.dir={run_dir}"], procs=2, max_restarts=1)
     with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= 1 and len(torchrun_ranks(proc)) == 2, 180, proc, "training")
+        island_1 = torchrun_ranks(proc)["1"]  # found now: the run has little left after step 22
         # Island 0 lands a sync at step 22 only once island 1 has sent its own: both are past it.
         wait_for(lambda: last_step(run_dir) >= 22, 180, proc, "training to pass step 22")
-        torchrun_ranks(proc)["1"].kill()  # island 1
+        island_1.kill()
         out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     resumes = events(run_dir, "resume")
