@@ -3,8 +3,10 @@
 Two ranks train on a cluster of three one-CPU nodes (test_elastic's
 `LocalCluster`: head + 2 workers), so one node is free. Rank 1 is slowed
 from outside, as a throttled GPU would be: SIGSTOP/SIGCONT duty-cycling of its
-process (tests/slowdown.py: stopped 40% of the time, about 1.67x, in 50 ms
-periods so that every step is slowed alike). With `fault_tolerance.straggler:
+process (tests/slowdown.py: stopped 40% of every 50 ms, about 1.67x, so that every
+step is slowed alike). The ranks run DDP, as the default recipe does: under FSDP on
+CPU, part of the fast rank's waits for its peer's all-gathers counted as compute for
+the first steps after the onset, so its score stayed near the threshold. With `fault_tolerance.straggler:
 evict` the supervisor names it, stops the group at a step boundary once the
 straggler has cost `straggler_evict_after` steps, keeps its node out and
 restarts on the free node from that step's memory snapshot. The layout is
@@ -43,7 +45,8 @@ STEPS = 150
 MICRO_BATCH = 4
 RECIPE = [*TINY_MOE, "data.seq_len=128", f"data.micro_batch={MICRO_BATCH}", "parallel.dp=2",
           f"run.steps={STEPS}", "optim.warmup_steps=0",
-          "optim.min_lr_ratio=1.0", "checkpoint.interval=1000", "checkpoint.memory_interval=1"]
+          "optim.min_lr_ratio=1.0", "checkpoint.interval=1000", "checkpoint.memory_interval=1",
+          "parallel.dp_shard=ddp"]  # as the default recipe runs (TINY_MOE pins fsdp)
 # A short window and eviction threshold keep the test short.
 WINDOW = 10
 EVICT = ["fault_tolerance.straggler=evict", f"fault_tolerance.straggler_window={WINDOW}",
