@@ -210,6 +210,8 @@ class ShmSnapshotStore(SnapshotStore):
         for other in slots:  # no two slots may claim one step
             if other is not slot and other.step >= step:
                 _clear_slot(other.path)
+        for other in slots:  # all of them at once: the first snapshot pays for their memory
+            self._mapping(other.path, _PAGE + max(nbytes, 1))
         mapping = self._mapping(slot.path, _PAGE + max(nbytes, 1))
         mapping[:_SLOT_HEADER.size] = _SLOT_HEADER.pack(_SLOT_MAGIC, step, nbytes, 0)
         self._writing[(step, rank)] = slot.path
@@ -242,7 +244,8 @@ class ShmSnapshotStore(SnapshotStore):
         try:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
+            # Its pages allocated and mapped now, not by the first copy into it.
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
         self._maps[path] = (mapping, size)
