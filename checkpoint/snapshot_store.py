@@ -321,10 +321,7 @@ class ShmSnapshotStore(SnapshotStore):
         held = self.holdings().get(step)
         if held is None:
             return "nothing stored"
-        if held["world"] is None:
-            return "no meta.bin"
-        absent = [rank for rank in range(held["world"]) if rank not in held["ranks"]]
-        return f"no shard of rank {', '.join(map(str, absent))} (of {held['world']})" if absent else None
+        return missing_shards(held["world"], set(held["ranks"]))
 
     def complete(self) -> list[int]:
         return sorted(step for step, held in self.holdings().items()
@@ -370,6 +367,14 @@ class ShmSnapshotStore(SnapshotStore):
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return stale
+
+
+def missing_shards(world: Optional[int], ranks: set) -> Optional[str]:
+    """What a step with `ranks` stored and the meta's `world` (None: no meta) lacks, or None."""
+    if world is None:
+        return "no meta.bin" if ranks else "nothing stored"
+    absent = sorted(set(range(world)) - ranks)
+    return f"no shard of rank {', '.join(map(str, absent))} (of {world})" if absent else None
 
 
 def _read_slot(path: Path) -> Optional[_Slot]:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from atoll.checkpoint.manifest import CheckpointError
-from atoll.checkpoint.snapshot_store import Shard, ShmSnapshotStore, SnapshotStore
+from atoll.checkpoint.snapshot_store import Shard, ShmSnapshotStore, SnapshotStore, missing_shards
 
 KEEPER_CALL_TIMEOUT_S = 10.0
 
@@ -239,11 +239,11 @@ class RaySnapshotStore(SnapshotStore):
 
     def missing(self, step: int) -> Optional[str]:
         world, ranks = self._merged().get(step, (None, set()))
-        return _missing(world, ranks)
+        return missing_shards(world, ranks)
 
     def complete(self) -> list[int]:
         merged = self._merged()  # one round of questions, not one per step
-        return sorted(step for step, (world, ranks) in merged.items() if _missing(world, ranks) is None)
+        return sorted(step for step, (world, ranks) in merged.items() if missing_shards(world, ranks) is None)
 
     def latest(self) -> Optional[int]:
         complete = self.complete()
@@ -296,10 +296,3 @@ class RaySnapshotStore(SnapshotStore):
     def close(self) -> None:
         if self._here is not None and self._here[1] is not None:
             self._here[1].close()
-
-
-def _missing(world: Optional[int], ranks: set) -> Optional[str]:
-    if world is None:
-        return "no meta" if ranks else "nothing stored"
-    absent = sorted(set(range(world)) - ranks)
-    return f"no shard of rank {', '.join(map(str, absent))} (of {world})" if absent else None
