@@ -119,9 +119,30 @@ class _BufferPlanner:
         return self.tensors[item.index]
 
 
+# The writer's command. It imports torch (seconds of CPU, during the first steps) under
+# SCHED_IDLE: on cores it shares with training (CPU training, a host that also feeds the
+# devices) every wake-up of a rank preempts it at once, where a merely niced process
+# delays each wake-up by up to a scheduler slice, which shows as a slow rank. Then it
+# runs niced (`_after_import`); a process may not leave SCHED_IDLE without CAP_SYS_NICE
+# or RLIMIT_NICE, and there the writer stays idle-class (its saves take longer while
+# training keeps every core busy).
+WRITER_NICE = 10
+_BOOT = ("import os, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+         "from atoll.checkpoint.writer_process import main; main(sys.argv[1:])")
+
+
+def _after_import() -> None:
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except PermissionError:
+        return
+    os.nice(WRITER_NICE)
+
+
 def main(argv: list[str]) -> None:
-    """The writer process: `python -m atoll.checkpoint.writer_process PARENT_PID SOCKET_FD BUFFER_FD`."""
+    """The writer process (`_BOOT`): arguments PARENT_PID SOCKET_FD BUFFER_FD."""
     parent, sock_fd, buffer_fd = (int(a) for a in argv)
+    _after_import()
     _die_with_parent(parent)
     conn = Connection(sock_fd)
     buffer, mapped = torch.empty(0, dtype=torch.uint8), 0
@@ -186,8 +207,7 @@ class WriterProcess:
         ours, theirs = socket.socketpair()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "atoll.checkpoint.writer_process", str(os.getpid()),
-                 str(theirs.fileno()), str(self.buffer.fd)],
+                [sys.executable, "-c", _BOOT, str(os.getpid()), str(theirs.fileno()), str(self.buffer.fd)],
                 pass_fds=(theirs.fileno(), self.buffer.fd), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()

@@ -19,8 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from typing import Iterator
 
 
@@ -31,33 +29,44 @@ def slowdown_fraction(factor: float) -> float:
     return 1 - 1 / factor
 
 
+# The duty cycle's own process: a real-time priority where allowed (root), so that the
+# stops end on time on cores that the training saturates; its timing would otherwise
+# depend on when the scheduler (and a thread, the caller's GIL) lets it run: a SIGCONT
+# late by a scheduler slice stretches a 4 ms stop into tens of ms, or, inside a
+# collective, stalls both ranks.
+_CYCLE = """
+import os, signal, sys, time
+pid, stopped, period = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+except PermissionError:
+    pass
+next_start = time.monotonic()
+try:
+    while True:
+        if stopped:
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(period * stopped)
+        os.kill(pid, signal.SIGCONT)
+        next_start += period
+        time.sleep(max(0.0, next_start - time.monotonic()))
+except ProcessLookupError:
+    pass
+"""
+
+
 @contextlib.contextmanager
 def duty_cycle(pid: int, stopped: float, period_s: float = 0.1) -> Iterator[None]:
-    """Stop `pid` for `stopped` of every `period_s` while the block runs."""
+    """Stop `pid` for `stopped` of every `period_s` while the block runs (from a process of
+    its own, see `_CYCLE`)."""
     if not 0 <= stopped < 1:
         raise ValueError(f"the stopped share must be in [0, 1), got {stopped}")
-    done = threading.Event()
-
-    def cycle() -> None:
-        next_start = time.monotonic()
-        while not done.is_set():
-            try:
-                if stopped:
-                    os.kill(pid, signal.SIGSTOP)
-                    done.wait(period_s * stopped)
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                return
-            next_start += period_s
-            done.wait(max(0.0, next_start - time.monotonic()))
-
-    thread = threading.Thread(target=cycle, name=f"duty-cycle-{pid}", daemon=True)
-    thread.start()
+    cycle = subprocess.Popen([sys.executable, "-c", _CYCLE, str(pid), str(stopped), str(period_s)])
     try:
         yield
     finally:
-        done.set()
-        thread.join()
+        cycle.kill()
+        cycle.wait()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
 
@@ -76,3 +85,23 @@ def shared_core(pid: int, core: int = 0) -> Iterator[None]:
         busy.wait()
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(pid, before)
+
+
+@contextlib.contextmanager
+def one_core_each(pids: list[int]) -> Iterator[None]:
+    """Pin every thread of each process of `pids` to a core of its own (the i-th to core i),
+    as ranks on devices of their own are: a duty-cycled process woken 100 times a second is
+    otherwise often placed on a peer's core and takes its time there. Restored on exit."""
+    before = {}
+    for core, pid in enumerate(pids):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                before[int(task)] = os.sched_getaffinity(int(task))
+                os.sched_setaffinity(int(task), {core})
+    try:
+        yield
+    finally:
+        for task, cores in before.items():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                os.sched_setaffinity(task, cores)
+

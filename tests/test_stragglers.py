@@ -1,6 +1,7 @@
-"""Stragglers: the scoring policy on synthetic heartbeats, and the torchrun report that
-scores the step's shared vector. The real run, a Ray worker slowed down from outside
-(SIGSTOP duty cycle) and named in time, is tests/test_straggler_evict.py."""
+"""Stragglers: the scoring policy on synthetic heartbeats, the torchrun report that
+scores the step's shared vector, and a torchrun rank slowed down from outside (SIGSTOP
+duty cycle) named in time. A Ray worker slowed down and evicted is
+tests/test_straggler_evict.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import random
 import pytest
 
 from atoll.trainer.stragglers import ROLLING, StragglerPolicy, describe
+from conftest import TINY_MOE, ended, events, finish, last_step, start_torchrun, torchrun_ranks, wait_for
+from slowdown import duty_cycle, one_core_each
 
 THRESHOLD, WINDOW = 0.7, 20  # the recipe's defaults
 NODES = {rank: f"node{rank // 2}" for rank in range(4)}
@@ -61,6 +64,17 @@ def test_a_rank_1_6x_slower_is_named_within_the_window():
     line = describe("straggler", fields, THRESHOLD)
     assert line.startswith("straggler: rank 1 on node node0 computes 1.6x slower than the median of its peers")
     assert "< fault_tolerance.straggler_threshold=0.7" in line
+
+
+def test_a_groups_first_window_of_steps_is_not_scored():
+    """A new process warms up beside its first steps (on shared cores one rank or the other
+    looks slow for a while): nothing is named for them; a rank slow from its first step is
+    named after twice the window."""
+    warming = simulate(StragglerPolicy(THRESHOLD, WINDOW), slow(1, 2.5, start=2, end=WINDOW + 1), steps=100)
+    assert warming == []
+    found = simulate(StragglerPolicy(THRESHOLD, WINDOW), slow(1, 1.6, start=1), steps=100)
+    assert [(e, f["rank"], f["since_step"], f["step"]) for _, e, f in found] == \
+        [("straggler", 1, WINDOW + 1, 2 * WINDOW)]
 
 
 @pytest.mark.parametrize("poll_every", [3, 7])
@@ -158,3 +172,29 @@ def test_peer_report_scores_the_shared_vector_like_the_supervisor():
         by_supervisor += supervised.observe(beats, NODES, now=0.0)
     assert [e for e, _ in by_peers] == ["straggler"] and by_peers == by_supervisor
     assert reports[0].take(100, summed, now=0.0) == []  # a skipped step: nothing new
+
+
+@pytest.mark.slow
+def test_a_rank_slowed_from_outside_is_named_under_torchrun(tmp_path):
+    """Two torchrun ranks (DDP, as the default recipe runs), each pinned to a core of its own
+    as ranks on devices of their own are; rank 1's process is stopped 40% of every 10 ms
+    from step `onset` on (~1.67x). Nobody is named before; rank 1, once, within
+    straggler_window + 10 steps of the onset, on the console (the logging rank's report)."""
+    onset, steps = 45, 110
+    run_dir = tmp_path / "run"
+    recipe = [*TINY_MOE, "data.seq_len=128", "data.micro_batch=4", "parallel.dp=2", "parallel.dp_shard=ddp",
+              f"run.steps={steps}", "checkpoint.interval=1000", f"run.dir={run_dir}"]
+    proc = start_torchrun(["train", *recipe], 2, 0)
+    with ended(proc):
+        wait_for(lambda: last_step(run_dir) >= onset - 1, 240, proc, "training to start")
+        slowed_from = last_step(run_dir) + 1
+        ranks = torchrun_ranks(proc)
+        with one_core_each([ranks["0"].pid, ranks["1"].pid]), duty_cycle(ranks["1"].pid, 0.4, period_s=0.01):
+            out, err = finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
+    found = events(run_dir, "straggler")
+    assert [e["rank"] for e in found] == [1], found
+    assert slowed_from <= found[0]["since_step"] and found[0]["step"] <= slowed_from + WINDOW + 10, \
+        (slowed_from, found[0])
+    assert found[0]["compute_s"] / found[0]["median_compute_s"] > 1.4, found[0]
+    assert "straggler: rank 1 on node" in out + err

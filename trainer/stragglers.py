@@ -23,6 +23,12 @@ Scores, per step, once every rank has reported that step:
   rank's individual score together, and no rank is to blame or worth
   evicting, whereas the relative score stays near 1 for all of them.
 
+A group's first `window` steps are not scored: a process that has just started
+warms up beside its first steps (helper processes importing torch, the
+allocator, the first snapshots), and on shared cores that makes one rank or
+the other look slow for a few steps. A rank slow from its first step is named
+after twice the window.
+
 A rank is named (`straggler`) once its relative score has stayed below
 `threshold` for `window` consecutive steps; it is cleared
 (`straggler_cleared`) once it has stayed at or above it for `window` steps:
@@ -71,6 +77,7 @@ class StragglerPolicy:
         self._ranks: dict[int, _RankState] = {}
         self._times: dict[int, dict[int, tuple[float, float]]] = {}  # rank -> step -> (compute, wait)
         self._next: dict[tuple, int] = {}  # group -> next step to score
+        self._warmed: dict[tuple, int] = {}  # group -> its first step scored
 
     # ------------------------------------------------------------------ feeding
 
@@ -92,7 +99,8 @@ class StragglerPolicy:
             if len(ranks) < 2 or not all(self._times.get(r) for r in ranks):
                 continue
             first = max(min(self._times[r]) for r in ranks)
-            step = max(self._next.get(group, first), first)
+            warmed = self._warmed.setdefault(group, first + self.window)  # a rollback keeps it
+            step = max(self._next.get(group, warmed), first)
             newest = min(self._ranks[r].latest for r in ranks)
             while step <= newest:
                 events += self._score(ranks, step, nodes)
