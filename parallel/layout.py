@@ -239,6 +239,18 @@ def device_for(env: ProcessEnv) -> torch.device:
     return torch.device("cpu")
 
 
+_OWN_PORT: Optional[str] = None  # the MASTER_PORT a world of one in this process chose
+
+
+def _own_port_for_a_world_of_one() -> None:
+    """A free port for a one-rank group's store, unless the user named one. A port chosen
+    for an earlier run in this process is not reused: it was free then, and any socket
+    (an outgoing connection's ephemeral port) may hold it now."""
+    global _OWN_PORT
+    if os.environ.get("MASTER_PORT") in (None, _OWN_PORT):
+        _OWN_PORT = os.environ["MASTER_PORT"] = str(free_port())
+
+
 class ParallelMesh:
     """The run's process group and device mesh; one per process.
 
@@ -264,7 +276,7 @@ class ParallelMesh:
             # plan through it. Training itself uses none.
             if layout.world_size == 1:
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(free_port()))
+                _own_port_for_a_world_of_one()
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=timeout_s)
             whole = ProcessEnv(rank=env.island * layout.island_world + env.rank,

@@ -61,7 +61,9 @@ def main(store_root: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    state = TensorState(values=torch.zeros(8 << 20 if rank == 1 else 16))
+    # Named apart: a plain tensor under the same name on both ranks is one replicated tensor to
+    # DCP, which has one rank (rank 0, with its 16 values) save it for both.
+    state = TensorState(large=torch.zeros(8 << 20)) if rank == 1 else TensorState(small=torch.zeros(16))
     snapshotter = MemorySnapshotter(ShmSnapshotStore(Path(store_root)), rank=rank, world=2,
                                     is_coordinator=rank == 0, interval=None)
     saved, choices = snapshot_loop(snapshotter, state, steps=8, step_s=0.01)

@@ -169,3 +169,24 @@ def test_existing_run_dir_needs_overwrite(tmp_path, capsys):
     assert main(args + ["run.overwrite=true"]) == 0
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_a_second_run_in_one_process_does_not_reuse_a_port_taken_since(tmp_path, monkeypatch):
+    """A one-rank run in a process that ran one before (a notebook, a test session) picks a
+    free port for its store again: the first run's port was free then, and anything (an
+    outgoing connection's ephemeral port) may hold it now."""
+    import os
+    import socket
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    recipe = [*TINY_MOE, "launch.backend=local", "parallel.dp=1", "checkpoint.interval=0",
+              "checkpoint.memory_interval=0"]
+    Trainer(load_recipe(None, [*recipe, f"run.dir={tmp_path / 'first'}"])).close()
+    first_port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first_port))
+        taken.listen()
+        trainer = Trainer(load_recipe(None, [*recipe, f"run.dir={tmp_path / 'second'}"]))
+        trainer.close()
+    assert int(os.environ["MASTER_PORT"]) != first_port
