@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
@@ -40,9 +40,12 @@ from atoll.launch.supervisor import Supervisor, UserError, WorkerFailed
 from atoll.launch.worker_group import ActorPool, RayWorkerGroup
 from atoll.trainer.config import memory_tier_on
 
-# Worker output reaches the driver through Ray's log monitor, after the result
-# does: give the last lines (the run summary, a traceback) time to arrive.
+# Worker output reaches the driver through Ray's log monitor (which polls the
+# workers' files every 0.1 s), after the result does: the last lines (the run
+# summary, a traceback) get until the driver has printed nothing for
+# LOG_QUIET_S, at most LOG_DRAIN_S.
 LOG_DRAIN_S = 2.0
+LOG_QUIET_S = 0.75
 # Ray's defaults notice a dead node after 15-55 s; these make it 1.5-2 s.
 HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
                  "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
@@ -255,6 +258,43 @@ def _as_user_error(exc: UserError) -> BaseException:
     return WorkerFailed(str(exc))
 
 
+class _LastPrint:
+    """A stream that notes when it was last written to (Ray's log thread prints the
+    workers' lines to whatever sys.stdout / sys.stderr are at the time)."""
+
+    at = 0.0  # time.monotonic() of the last write to either stream
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        _LastPrint.at = time.monotonic()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _noting_prints() -> Iterator[None]:
+    before = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LastPrint(sys.stdout), _LastPrint(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = before
+
+
+def _drain_worker_logs() -> None:
+    """Until nothing has been printed for LOG_QUIET_S (at least that long, at most LOG_DRAIN_S)."""
+    start = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now - start >= LOG_DRAIN_S or now - max(_LastPrint.at, start) >= LOG_QUIET_S:
+            return
+        time.sleep(0.05)
+
+
 def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
     """Run the recipe on Ray worker groups under the supervisor; each rank's final metrics.
 
@@ -280,7 +320,7 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
     started = time.perf_counter()
     folder = run_dir(cfg)
     factory: Optional[RayGroupFactory] = None
-    with stop.installed():
+    with stop.installed(), _noting_prints():
         try:
             _init_ray(cfg)
             stop.reclaim()  # a driver's ray.init turns SIGTERM into an immediate exit
@@ -294,10 +334,10 @@ def run_on_ray(cfg: DictConfig, stop: GracefulStop) -> list[dict[str, Any]]:
                 results = supervisor.run()
             except UserError as exc:
                 raise _as_user_error(exc) from None
-            time.sleep(LOG_DRAIN_S)
+            _drain_worker_logs()
             return results
         except WorkerFailed:
-            time.sleep(LOG_DRAIN_S)
+            _drain_worker_logs()
             raise
         finally:
             if factory is not None:
