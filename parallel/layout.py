@@ -239,16 +239,18 @@ def device_for(env: ProcessEnv) -> torch.device:
     return torch.device("cpu")
 
 
-_OWN_PORT: Optional[str] = None  # the MASTER_PORT a world of one in this process chose
+_OWN_PORTS: set[str] = set()  # the MASTER_PORTs worlds of one in this process chose
 
 
 def _own_port_for_a_world_of_one() -> None:
     """A free port for a one-rank group's store, unless the user named one. A port chosen
-    for an earlier run in this process is not reused: it was free then, and any socket
-    (an outgoing connection's ephemeral port) may hold it now."""
-    global _OWN_PORT
-    if os.environ.get("MASTER_PORT") in (None, _OWN_PORT):
-        _OWN_PORT = os.environ["MASTER_PORT"] = str(free_port())
+    for an earlier run in this process (still set, or set again by code that saved and
+    restored the environment) is not reused: it was free then, and any socket (an outgoing
+    connection's ephemeral port) may hold it now."""
+    port = os.environ.get("MASTER_PORT")
+    if port is None or port in _OWN_PORTS:
+        port = os.environ["MASTER_PORT"] = str(free_port())
+        _OWN_PORTS.add(port)
 
 
 class ParallelMesh:

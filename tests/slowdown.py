@@ -41,6 +41,7 @@ try:
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
 except PermissionError:
     pass
+print("cycling", flush=True)  # the caller's block starts now, not at this interpreter's start
 next_start = time.monotonic()
 try:
     while True:
@@ -58,11 +59,13 @@ except ProcessLookupError:
 @contextlib.contextmanager
 def duty_cycle(pid: int, stopped: float, period_s: float = 0.1) -> Iterator[None]:
     """Stop `pid` for `stopped` of every `period_s` while the block runs (from a process of
-    its own, see `_CYCLE`)."""
+    its own, see `_CYCLE`, cycling when the block starts)."""
     if not 0 <= stopped < 1:
         raise ValueError(f"the stopped share must be in [0, 1), got {stopped}")
-    cycle = subprocess.Popen([sys.executable, "-c", _CYCLE, str(pid), str(stopped), str(period_s)])
+    cycle = subprocess.Popen([sys.executable, "-c", _CYCLE, str(pid), str(stopped), str(period_s)],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        cycle.stdout.readline()  # started (a Python start takes a few of a small model's steps)
         yield
     finally:
         cycle.kill()

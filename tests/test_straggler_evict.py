@@ -88,8 +88,8 @@ def test_a_slow_rank_is_evicted_to_the_free_node_without_losing_a_sample(three_n
         wait_for(lambda: last_step(run_dir) >= SLOW_FROM, 240, proc, "training to start")
         first, = events(run_dir, "workers")
         slow = first["ranks"][1]
-        slowed_from = last_step(run_dir) + 1
         with one_core_each([r["pid"] for r in first["ranks"]]), duty_cycle(slow["pid"], STOPPED, period_s=PERIOD_S):
+            slowed_from = last_step(run_dir) + 1
             wait_for(lambda: len(events(run_dir, "workers")) > 1, 240, proc, "the eviction")
         out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]

@@ -187,9 +187,9 @@ def test_a_rank_slowed_from_outside_is_named_under_torchrun(tmp_path):
     proc = start_torchrun(["train", *recipe], 2, 0)
     with ended(proc):
         wait_for(lambda: last_step(run_dir) >= onset - 1, 240, proc, "training to start")
-        slowed_from = last_step(run_dir) + 1
         ranks = torchrun_ranks(proc)
         with one_core_each([ranks["0"].pid, ranks["1"].pid]), duty_cycle(ranks["1"].pid, 0.4, period_s=0.01):
+            slowed_from = last_step(run_dir) + 1
             out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     found = events(run_dir, "straggler")

@@ -184,6 +184,8 @@ def test_a_second_run_in_one_process_does_not_reuse_a_port_taken_since(tmp_path,
               "checkpoint.memory_interval=0"]
     Trainer(load_recipe(None, [*recipe, f"run.dir={tmp_path / 'first'}"])).close()
     first_port = int(os.environ["MASTER_PORT"])
+    Trainer(load_recipe(None, [*recipe, f"run.dir={tmp_path / 'between'}"])).close()
+    os.environ["MASTER_PORT"] = str(first_port)  # as code that saved and restored the environment leaves it
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", first_port))
         taken.listen()
