@@ -210,9 +210,9 @@ class ShmSnapshotStore(SnapshotStore):
         for other in slots:  # no two slots may claim one step
             if other is not slot and other.step >= step:
                 _clear_slot(other.path)
-        for other in slots:  # all of them at once: the first snapshot pays for their memory
-            self._mapping(other.path, _PAGE + max(nbytes, 1))
-        mapping = self._mapping(slot.path, _PAGE + max(nbytes, 1))
+        # All of them mapped at once: the first snapshot pays for their memory.
+        mappings = {other.path: self._mapping(other.path, _PAGE + max(nbytes, 1)) for other in slots}
+        mapping = mappings[slot.path]
         mapping[:_SLOT_HEADER.size] = _SLOT_HEADER.pack(_SLOT_MAGIC, step, nbytes, 0)
         self._writing[(step, rank)] = slot.path
         return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=_PAGE)

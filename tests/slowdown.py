@@ -6,10 +6,13 @@ signals and CPU affinity, the way the fault happens in production.
 
 - `duty_cycle(pid, stopped, period_s)`: SIGSTOP for `stopped` of every
   `period_s`, then SIGCONT; a step takes about 1 / (1 - stopped) as long
-  (0.4 of 100 ms: ~1.6x). Leaves the process running on exit.
+  (0.4 of 100 ms: ~1.6x), from a process of its own. Leaves the process
+  running on exit.
 - `shared_core(pid, core)`: pins the process to one core beside a busy loop
   pinned there too, so it gets about half of that core; restores the
   process's affinity and ends the loop on exit.
+- `one_core_each(pids)`: pins each process to a core of its own while the
+  block runs, as ranks on devices of their own are.
 """
 
 from __future__ import annotations
@@ -107,4 +110,3 @@ def one_core_each(pids: list[int]) -> Iterator[None]:
         for task, cores in before.items():
             with contextlib.suppress(ProcessLookupError, FileNotFoundError):
                 os.sched_setaffinity(task, cores)
-
