@@ -28,7 +28,6 @@ The group factory keeps a node out (`exclude(node)`), lets it back in
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -45,22 +44,6 @@ class Eviction:
     step: int  # the last step every rank had finished when the eviction was decided
     decided_at: float
     message: str
-
-
-def slowdown(beats: dict[int, dict], rank: int) -> Optional[float]:
-    """The rank's median compute time over the median of its peers' (the ranks of its pipeline
-    stage and island, which do the same work; heartbeat `compute_s`), or None while the
-    heartbeats do not carry enough of it."""
-    def peer_group(beat: dict) -> tuple:
-        return beat.get("island", 0), beat.get("stage", 0)
-
-    mine = peer_group(beats.get(rank, {}))
-    medians = {r: statistics.median(b["compute_s"]) for r, b in beats.items()
-               if b.get("compute_s") and peer_group(b) == mine}
-    others = [m for r, m in medians.items() if r != rank]
-    if rank not in medians or not others or statistics.median(others) <= 0:
-        return None
-    return medians[rank] / statistics.median(others)
 
 
 class Evictions:
@@ -83,12 +66,11 @@ class Evictions:
 
     # ------------------------------------------------------------------ deciding
 
-    def due(self, policy: Any, ranks: list, running: dict, beats: dict[int, dict],
-            step: int) -> Optional[Eviction]:
+    def due(self, policy: Any, ranks: list, step: int) -> Optional[Eviction]:
         """An eviction to carry out now (the caller stops the group), or None.
 
-        `ranks`: the group's RankInfo list; `running`: the recipe the group runs;
-        `beats`: each rank's last heartbeat; `step`: the last step done."""
+        `policy`: the StragglerPolicy scoring the group (trainer/stragglers.py);
+        `ranks`: the group's RankInfo list; `step`: the last step done."""
         if not self.on or policy is None or self.pending is not None:
             return None
         rank = policy.evict_candidate()
@@ -104,7 +86,7 @@ class Evictions:
         # what is free (the node's own free slots, if any, are not known here: checked after).
         room = self.factory.capacity(world) - sum(r.node == info.node for r in ranks)
         target = self._layout_for(room)
-        slower = slowdown(beats, rank)
+        slower = policy.slowdown(rank)
         if target is None:
             self._say_once("no-layout", f"supervisor: rank {rank} on node {info.node} straggles but the run "
                            f"cannot do without that node: no free node to move to and "

@@ -434,8 +434,7 @@ class Supervisor:
     def _eviction_due(self, group: WorkerGroup, recipe: dict, statuses: list[RankStatus]) -> bool:
         """Whether a straggler is to be evicted now: then the group is asked to stop at the
         next step boundary (`_watch` returns the eviction once it has)."""
-        eviction = self.evictions.due(self.stragglers, group.ranks, recipe,
-                                      {s.rank: s.beat for s in statuses}, top_step(statuses))
+        eviction = self.evictions.due(self.stragglers, group.ranks, top_step(statuses))
         if eviction is None:
             return False
         self.emit("failure", attempt=self.attempt, rank=eviction.rank, pid=eviction.pid, node=eviction.node,

@@ -1,7 +1,7 @@
 """A Ray worker group: one actor per rank, created, polled and shut down as one unit.
 
-Each `TrainWorker` actor runs the entry function on a thread of its own, so
-the actor keeps answering the driver while it trains: `status()` returns the
+Each `TrainWorker` actor (launch/train_worker.py) trains on a thread of its
+own, so it keeps answering the driver while it trains: `status()` returns the
 rank's state (`running`, `finished`, `failed`) and its heartbeat (last
 completed step, when, how it resumed). `RayWorkerGroup.poll()` asks every
 rank at once and reports a rank whose process is gone as `dead` (or
@@ -22,19 +22,13 @@ those (CUDA_VISIBLE_DEVICES); the rank trains on the first it sees
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from atoll.launch.train_worker import TrainWorker
 from atoll.parallel.layout import LOCAL_DEVICE_ENV, OUTER_STORE_ENV
 
-# A survivor of a failed group may still be leaving its last run (its next collective fails
-# with the dead peer, then it closes): a new start waits this long for that, else fails.
-PREVIOUS_RUN_END_S = 20.0
 # After a rank died, how long a shutdown waits for the others' training to end with an error
 # (their next collective fails with the dead peer): those idle by then serve the next group.
 SURVIVOR_WAIT_S = 0.5
@@ -62,92 +56,6 @@ class RankInfo:
     node: str
     ip: str
     gpus: tuple[str, ...] = ()  # the ids of the GPUs Ray gave the rank
-
-
-class TrainWorker:
-    """One rank of the run (wrapped with ray.remote when the group starts)."""
-
-    def __init__(self, rank: int = -1):
-        self.rank = rank  # -1 for a spare that no group has taken yet
-        self.state = "idle"
-        self.beat: dict = {}
-        self.error: Optional[dict] = None
-        self.result: Optional[dict] = None
-        self.stop: Any = False
-        self.thread: Optional[threading.Thread] = None
-        self.runs = 0  # how many runs this process started (a survivor serves several groups)
-
-    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
-        return f"rank{self.rank}" if self.rank >= 0 else "worker"
-
-    def info(self, rank: int) -> dict:
-        self.rank = rank
-        import ray
-
-        ip = ray.util.get_node_ip_address()
-        with socket.socket() as sock:  # a free port for the rendezvous store, on Ray's address
-            sock.bind((ip, 0))
-            port = sock.getsockname()[1]
-        return {"ip": ip, "port": port, "node": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
-                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-
-    def warm_up(self) -> bool:
-        """Import what training needs now, while the driver waits for the other ranks."""
-        import atoll.trainer.train  # noqa: F401  (torch, the model, DCP)
-
-        return True
-
-    def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,
-              rejoin_token: Optional[str] = None) -> None:
-        # A survivor of a failed group may still be closing its last run: the new run's thread
-        # waits for it, so that this actor keeps answering (status).
-        previous = self.thread
-        self.runs += 1
-        # Nothing of a survivor's last run stays: error, result, stop request.
-        self.error, self.result, self.stop = None, None, False
-        self.state, self.beat = "running", {"time": time.time()}
-        self.thread = threading.Thread(target=self._train,
-                                       args=(self.runs, previous, env, recipe, store, attempt, rejoin_token),
-                                       daemon=True, name=f"atoll-train-rank{self.rank}")
-        self.thread.start()
-
-    def _train(self, run: int, previous: Optional[threading.Thread], env: dict[str, str], recipe: dict,
-               store: Any, attempt: int, rejoin_token: Optional[str]) -> None:
-        from atoll.launch.cli import user_errors
-        from atoll.parallel.outer_group import StateDiverged
-        from atoll.trainer.hooks import RunControl
-        from atoll.trainer.train import TrainingError, train
-
-        def report(**fields) -> None:  # a run that a newer one replaced reports nothing
-            if self.runs == run:
-                for name, value in fields.items():
-                    setattr(self, name, value)
-
-        if previous is not None:
-            previous.join(PREVIOUS_RUN_END_S)
-            if previous.is_alive():
-                report(error={"type": "RuntimeError", "user": False, "traceback": "",
-                              "message": f"its previous run did not end within {PREVIOUS_RUN_END_S:g}s"},
-                       state="failed")
-                return
-        os.environ.update(env)
-        control = RunControl(snapshot_store=store, attempt=attempt, heartbeat=lambda info: report(beat=dict(info)),
-                             stop_request=lambda: self.stop, rejoin_token=rejoin_token)
-        try:
-            result = train(recipe, control)
-            report(result=result, state="finished")
-        except BaseException as exc:  # reported to the driver, which decides
-            report(error={"type": type(exc).__name__, "message": " ".join(str(exc).split())[:2000],
-                          "user": isinstance(exc, user_errors() + (TrainingError, StateDiverged)),
-                          "traceback": traceback.format_exc()[-4000:]},
-                   state="failed")
-
-    def status(self) -> dict:
-        return {"state": self.state, "beat": self.beat, "error": self.error, "result": self.result}
-
-    def request_stop(self, reason: str) -> None:
-        self.stop = reason  # what RunControl.stop_request returns: RESIZE or a signal's name
 
 
 def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
@@ -206,7 +114,7 @@ class ActorPool:
             options = dict(num_gpus=self.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=index))
         actor = self._actor_cls.options(**options).remote(rank)
-        actor.warm_up.remote()  # starts importing now; later calls queue behind it
+        actor.warm_up.remote(background=rank < 0)  # starts importing now; later calls queue behind it
         return actor
 
     def has_spares(self, nodes: list[str], alive: set[str]) -> bool:

@@ -64,6 +64,9 @@ def test_a_rank_1_6x_slower_is_named_within_the_window():
     line = describe("straggler", fields, THRESHOLD)
     assert line.startswith("straggler: rank 1 on node node0 computes 1.6x slower than the median of its peers")
     assert "< fault_tolerance.straggler_threshold=0.7" in line
+    # What an eviction's message says: the same recent figures, at the last step scored.
+    assert policy.slowdown(1) == pytest.approx(1.6, rel=0.1)
+    assert policy.slowdown(0) == pytest.approx(1.0, rel=0.1)  # its peers: ranks 1-3, median 1x
 
 
 def test_a_groups_first_window_of_steps_is_not_scored():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from atoll.launch.supervisor import (NODE_SETTLE_S, StopIncomplete, Supervisor, UserError, WorkerFailed,
@@ -423,9 +425,16 @@ class NamesAStraggler:
 
     def __init__(self, factory, rank, from_poll=3):
         self.factory, self.rank, self.from_poll = factory, rank, from_poll
+        self.beats = {}
 
     def observe(self, beats_by_rank, nodes, now):
+        self.beats = beats_by_rank
         return []
+
+    def slowdown(self, rank):  # the rank's median compute over its peers'
+        medians = {r: statistics.median(b["compute_s"]) for r, b in self.beats.items() if b.get("compute_s")}
+        others = [m for r, m in medians.items() if r != rank]
+        return medians[rank] / statistics.median(others) if rank in medians and others else None
 
     def evict_candidate(self):
         group = self.factory.groups[-1]

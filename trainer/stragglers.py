@@ -63,6 +63,7 @@ class _RankState:
     since_step: Optional[int] = None  # first step of the current streak below
     flagged: bool = False
     cost_steps: float = 0.0
+    slowdown: Optional[float] = None  # recent compute / its peers' median, at the last step scored
 
 
 class StragglerPolicy:
@@ -149,6 +150,7 @@ class StragglerPolicy:
             score = fastest / mine
             peers = [recent[r] for r in ranks if r != rank]
             peers_median = statistics.median(peers)
+            state.slowdown = mine / peers_median
             if score < self.threshold:
                 state.above = 0
                 state.below += 1
@@ -185,6 +187,12 @@ class StragglerPolicy:
     def cost_steps(self, rank: int) -> float:
         state = self._ranks.get(rank)
         return state.cost_steps if state is not None else 0.0
+
+    def slowdown(self, rank: int) -> Optional[float]:
+        """The rank's recent compute over its peers' median at the last step scored (what its
+        `straggler` event reports), or None before its group is scored."""
+        state = self._ranks.get(rank)
+        return state.slowdown if state is not None else None
 
     def evict_candidate(self) -> Optional[int]:
         """With mode "evict": the named rank that has cost the most, once past `evict_after` steps."""
