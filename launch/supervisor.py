@@ -90,6 +90,7 @@ class WorkerGroup(Protocol):
     def start(self, recipe: dict, store: Any = None, attempt: int = 0) -> None: ...
     def poll(self, timeout_s: float) -> list[RankStatus]: ...
     def request_stop(self, reason: str = RESIZE) -> None: ...
+    def warming(self) -> bool: ...  # helper processes start beside the ranks: compute times are off
     def shutdown(self) -> None: ...
     def restart_island(self, island: int, recipe: dict, store: Any, attempt: int) -> list[RankInfo]: ...
 
@@ -427,7 +428,8 @@ class Supervisor:
 
     def _score_stragglers(self, group: WorkerGroup, statuses: list[RankStatus], now: float) -> None:
         beats = {s.rank: s.beat for s in statuses if s.state == "running" and s.beat}
-        for event, fields in self.stragglers.observe(beats, {r.rank: r.node for r in group.ranks}, now):
+        for event, fields in self.stragglers.observe(beats, {r.rank: r.node for r in group.ranks}, now,
+                                                     settled=not group.warming()):
             self.emit(event, **fields)
             self.log(f"supervisor: {describe(event, fields, self.straggler_threshold)}")
 

@@ -7,15 +7,9 @@ step boundary. A process whose run ended (finished, or failed because a peer
 died) can start the next group's run: a survivor serves several groups.
 
 A warm spare (rank -1, launch/worker_group.py `ActorPool`) imports torch and
-atoll while the group it may later replace trains beside it. That import is
-seconds of CPU; on cores the group's ranks use it would slow whichever rank
-shares a core with it, for long enough to look like a straggler. A spare
-therefore imports on a thread of its own at idle priority (SCHED_IDLE: it runs
-only on a core nothing else wants). Only that thread: a process cannot leave
-SCHED_IDLE without privileges, and the rank this spare may become trains at
-the priority Ray gave it. Threads a module starts while it is imported belong
-to the thread that imports it, so numpy (whose BLAS starts its thread pool on
-import) is imported first, at normal priority.
+atoll as soon as it is created, while the group it may later replace trains
+beside it; the straggler policy does not score a group's steps while that
+import runs (launch/supervisor.py).
 """
 
 from __future__ import annotations
@@ -30,34 +24,6 @@ from typing import Any, Optional
 # A survivor of a failed group may still be leaving its last run (its next collective fails
 # with the dead peer, then it closes): a new start waits this long for that, else fails.
 PREVIOUS_RUN_END_S = 20.0
-
-
-def _import_for_training() -> None:
-    import atoll.trainer.train  # noqa: F401  (torch, the model, DCP)
-
-
-def _import_at_idle_priority() -> None:
-    """`_import_for_training` on a thread of its own at idle priority (see the module's doc)."""
-    import numpy  # noqa: F401  (its BLAS threads start now, on this thread's priority)
-
-    failed: list[BaseException] = []
-
-    def idle_import() -> None:
-        try:
-            if hasattr(os, "sched_setscheduler"):
-                try:  # 0: the calling thread only, on Linux
-                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-                except OSError:
-                    pass  # not allowed here: import at the thread's usual priority
-            _import_for_training()
-        except BaseException as exc:  # raised again on the actor's thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=idle_import, name="atoll-warm-up", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
 
 
 class TrainWorker:
@@ -88,13 +54,10 @@ class TrainWorker:
                 "pid": os.getpid(), "gpus": [str(gpu) for gpu in ray.get_gpu_ids()],
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def warm_up(self, background: bool = False) -> bool:
-        """Import what training needs now: while the driver waits for the other ranks, or,
-        `background` (a spare), at idle priority while a group trains beside it."""
-        if background:
-            _import_at_idle_priority()
-        else:
-            _import_for_training()
+    def warm_up(self) -> bool:
+        """Import what training needs now (a spare: before a group needs it)."""
+        import atoll.trainer.train  # noqa: F401  (torch, the model, DCP)
+
         return True
 
     def start(self, env: dict[str, str], recipe: dict, store: Any = None, attempt: int = 0,

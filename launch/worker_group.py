@@ -99,6 +99,7 @@ class ActorPool:
         self._parked: Optional[tuple[Any, list]] = None  # (placement group, its bundles)
         self._actor_cls = None
         self._log, self._said_no_spares = log, False
+        self._imports: dict[int, Any] = {}  # id(spare actor) -> its warm_up call, until it returned
 
     def _new(self, node: str, rank: int = -1, bundle: Optional[tuple[Any, int]] = None):
         import ray
@@ -114,8 +115,25 @@ class ActorPool:
             options = dict(num_gpus=self.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 group, placement_group_bundle_index=index))
         actor = self._actor_cls.options(**options).remote(rank)
-        actor.warm_up.remote(background=rank < 0)  # starts importing now; later calls queue behind it
+        imported = actor.warm_up.remote()  # starts importing now; later calls queue behind it
+        if rank < 0:
+            self._imports[id(actor)] = imported
         return actor
+
+    def warming(self) -> bool:
+        """Whether a spare is still starting or importing torch: seconds of CPU on its node,
+        beside the ranks there (the straggler policy holds its scores meanwhile)."""
+        import ray
+
+        waiting = {id(actor) for _, actor in self.spares} & self._imports.keys()
+        self._imports = {key: self._imports[key] for key in waiting}
+        if not self._imports:
+            return False
+        refs = list(self._imports.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_ids = {ref.hex() for ref in done}  # a spare whose import failed is done too
+        self._imports = {key: ref for key, ref in self._imports.items() if ref.hex() not in done_ids}
+        return bool(self._imports)
 
     def has_spares(self, nodes: list[str], alive: set[str]) -> bool:
         """Whether a spare waits on every entry of `nodes` (no rank would start cold)."""
@@ -360,6 +378,11 @@ class RayWorkerGroup:
         if self._stepped:
             self._replenish_now()
         return statuses
+
+    def warming(self) -> bool:
+        """Whether processes still start beside this group's ranks: its spares (`ActorPool.warming`),
+        or the ones it starts after its first step."""
+        return self._replenish is not None or self.pool.warming()
 
     def _death_kind(self, rank: int) -> str:
         """`node_lost` when the rank's node is gone too, else `dead`."""

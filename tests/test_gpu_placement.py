@@ -22,35 +22,6 @@ import pytest
 from atoll.parallel.layout import LOCAL_DEVICE_ENV, LayoutError, ProcessEnv, visible_device_index
 
 
-def _thread_policies_while_warming(ray, spare) -> dict:
-    """The scheduling policies of the spare's threads, seen from outside while it warms up
-    (Ray titles the process after the method it runs) and once it has."""
-    import psutil
-
-    done = spare.warm_up.remote()  # answers once the spare's own warm-up has ended
-    seen: dict = {"during": set(), "after": set()}
-    pid = None
-
-    def policies(pid: int) -> set:
-        found = set()
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat") as stat:
-                    found.add(int(stat.read().rsplit(")", 1)[1].split()[38]))
-            except OSError:
-                pass  # a thread that ended meanwhile
-        return found
-
-    while not ray.wait([done], timeout=0.005)[0]:
-        for proc in psutil.process_iter(["cmdline"]):
-            if pid in (None, proc.pid) and "ray::TrainWorker.warm_up" in " ".join(proc.info["cmdline"] or []):
-                pid = proc.pid
-                seen["during"] |= policies(pid)
-    if pid is not None:
-        seen["after"] = policies(pid)
-    return seen
-
-
 def _placement_on_logical_gpus(session_id: str, results) -> None:
     """Groups with and without GPUs on a 2-CPU, 2-GPU local Ray cluster; what each rank saw."""
     try:
@@ -93,7 +64,9 @@ def _placement_on_logical_gpus(session_id: str, results) -> None:
             out["cpu"] = {"bundles": list(placement_group_table(group.pg)["bundles"].values()),
                           "infos": group._infos, "spares": len(cpu_pool.spares)}
             group.shutdown()
-            out["spare_threads"] = _thread_policies_while_warming(ray, cpu_pool.spares[0][1])
+            out["warming"] = [cpu_pool.warming()]  # the spare started at the shutdown imports now
+            ray.get(cpu_pool.spares[0][1].warm_up.remote())  # answers once its own warm-up ended
+            out["warming"].append(cpu_pool.warming())
             cpu_pool.close()
         finally:
             ray.shutdown()
@@ -107,7 +80,7 @@ def test_ray_ranks_get_a_gpu_of_their_own():
     """With GPUs, each rank's bundle holds one GPU and each rank sees only its own (distinct ids,
     CUDA_VISIBLE_DEVICES naming just that one); no warm spares, said once; a world the cluster's
     GPUs can never hold fails at once in one line. Without GPUs, bundles hold CPUs only, ranks
-    see no GPU, and spares warm up as before, at idle priority."""
+    see no GPU, and spares warm up as before, saying so while they do."""
     from conftest import RESULT_TIMEOUT_S, SESSION_ID, spawned
 
     with spawned() as (start, results):
@@ -134,10 +107,7 @@ def test_ray_ranks_get_a_gpu_of_their_own():
     assert cpu["bundles"] == [{"CPU": 1.0}]
     assert [info["gpus"] for info in cpu["infos"]] == [[]]
     assert cpu["spares"] == 1
-    # The spare imported torch on a thread at idle priority, beside threads at Ray's usual one;
-    # none is idle once it is warm: the rank it becomes trains at Ray's priority.
-    assert got["spare_threads"]["during"] == {os.SCHED_OTHER, os.SCHED_IDLE}, got["spare_threads"]
-    assert got["spare_threads"]["after"] == {os.SCHED_OTHER}, got["spare_threads"]
+    assert got["warming"] == [True, False]  # what the supervisor holds straggler scores on
 
 
 @pytest.mark.parametrize("local_rank, visible, environ, want", [

@@ -32,11 +32,13 @@ assert nothing. The test prints the medians.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from atoll.checkpoint.manifest import verify
@@ -59,8 +61,8 @@ WINDOW = 10
 EVICT = ["fault_tolerance.straggler=evict", f"fault_tolerance.straggler_window={WINDOW}",
          "fault_tolerance.straggler_evict_after=4", "fault_tolerance.straggler_cooldown_s=600"]
 CLEAN_FROM = 5  # steps before this one warm up (imports, first allocations)
-# The duty cycle starts after this step: once the warm spare actors that a group starts after
-# its first step have imported torch (at idle priority, from what the ranks leave of the cores).
+# The duty cycle starts after this step, and once the warm spare actors that a group starts after
+# its first step have imported torch: the straggler policy holds its scores until then.
 SLOW_FROM = 70
 SETTLED_AFTER = 10  # steps after the restart before its step time counts (a new process warms up)
 
@@ -70,6 +72,18 @@ def three_nodes(short_tmp):
     cluster = LocalCluster(2, short_tmp)
     yield cluster
     cluster.close()
+
+
+def spares_warm(cluster: LocalCluster) -> bool:
+    """Whether the group's warm spares have started and imported torch: then the straggler
+    policy scores its steps (it holds them while spares start beside the ranks). Seen from
+    outside: Ray titles an actor's process after the method it runs."""
+    titles = []
+    for proc in psutil.Process(cluster.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(proc.cmdline()))
+    workers = [t for t in titles if "ray::TrainWorker" in t]
+    return len(workers) > 2 and not any("warm_up" in t for t in workers)  # 2 ranks, then spares
 
 
 def step_times(run_dir, first: int, last: int) -> list[float]:
@@ -84,7 +98,8 @@ def test_a_slow_rank_is_evicted_to_the_free_node_without_losing_a_sample(three_n
          f"launch.ray_address={three_nodes.info['address']}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
     with ended(proc):
-        wait_for(lambda: last_step(run_dir) >= SLOW_FROM, 240, proc, "training to start")
+        wait_for(lambda: last_step(run_dir) >= SLOW_FROM and spares_warm(three_nodes), 240, proc,
+                 "training to start and the spares to warm up")
         started = events(run_dir, "workers")
         assert len(started) == 1, [e for e in read_jsonl(run_dir / "events.jsonl")
                                    if e["event"] in ("workers", "failure", "straggler", "restart")]

@@ -19,7 +19,7 @@ NODES = {rank: f"node{rank // 2}" for rank in range(4)}
 
 def simulate(policy: StragglerPolicy, slowdown, steps: int, *, ranks: int = 4, noise: float = 0.05,
              poll_every: int = 1, stage_of=lambda rank: 0, spikes: float = 0.0, seed: int = 0,
-             after_poll=lambda step: None):
+             after_poll=lambda step: None, settled=lambda step: True):
     """Synchronous steps of `ranks` ranks computing 0.1 s × slowdown(rank, step) × noise, each
     waiting for the slowest; the heartbeats polled every `poll_every` steps (each twice, as a
     poll that finds no new step would). Returns [(step polled, event, fields)]."""
@@ -41,7 +41,8 @@ def simulate(policy: StragglerPolicy, slowdown, steps: int, *, ranks: int = 4, n
         beats = {r: {"step": step, "compute_s": compute[r][-32:], "wait_s": wait[r][-32:],
                      "stage": stage_of(r), "island": 0} for r in range(ranks)}
         for _ in range(2):
-            found += [(step, event, fields) for event, fields in policy.observe(beats, NODES, now=step * 0.1)]
+            found += [(step, event, fields)
+                      for event, fields in policy.observe(beats, NODES, now=step * 0.1, settled=settled(step))]
         after_poll(step)
     return found
 
@@ -78,6 +79,24 @@ def test_a_groups_first_window_of_steps_is_not_scored():
     found = simulate(StragglerPolicy(THRESHOLD, WINDOW), slow(1, 1.6, start=1), steps=100)
     assert [(e, f["rank"], f["since_step"], f["step"]) for _, e, f in found] == \
         [("straggler", 1, WINDOW + 1, 2 * WINDOW)]
+
+
+def test_steps_the_launcher_has_not_settled_are_not_scored():
+    """On Ray a group's warm spares import torch beside its ranks for seconds after its first
+    step, and whichever rank shares a core with them looks slow. Steps polled meanwhile
+    (`settled=False`), and those whose rolling median reaches back to them, are not scored;
+    a slowdown that goes on past them is named a window after scoring resumes."""
+    unsettled = lambda step: not 25 <= step <= 70  # noqa: E731
+    policy = StragglerPolicy(THRESHOLD, WINDOW)
+    assert simulate(policy, slow(1, 2.0, start=30, end=71), steps=150, settled=unsettled) == []
+    policy = StragglerPolicy(THRESHOLD, WINDOW)
+    found = simulate(policy, slow(1, 2.0, start=30), steps=150, settled=unsettled)
+    assert [(e, f["rank"], f["since_step"], f["step"]) for _, e, f in found] == \
+        [("straggler", 1, 70 + ROLLING, 70 + ROLLING + WINDOW - 1)]
+    # A streak under way when the launcher stops being settled starts over after it.
+    policy = StragglerPolicy(THRESHOLD, WINDOW)
+    found = simulate(policy, slow(1, 2.0, start=30), steps=150, settled=lambda step: step != 45)
+    assert [(f["since_step"], f["step"]) for _, _, f in found] == [(45 + ROLLING, 45 + ROLLING + WINDOW - 1)]
 
 
 @pytest.mark.parametrize("poll_every", [3, 7])

@@ -56,6 +56,9 @@ class FakeGroup:
     def start(self, recipe, store=None, attempt=0):
         self.started_recipe = recipe
 
+    def warming(self):  # spares start during the first `factory.warming_polls` polls
+        return self.polls <= self.factory.warming_polls
+
     def poll(self, timeout_s):
         self.polls += 1
         statuses = []
@@ -93,6 +96,8 @@ class FakeGroup:
 
 class FakeFactory:
     """`nodes`: one worker slot per named node, which `exclude` keeps out until `release`."""
+
+    warming_polls = 0
 
     def __init__(self, scripts, capacity=2, total_steps=10, nodes=()):
         self.nodes, self.excluded = list(nodes), []
@@ -427,7 +432,7 @@ class NamesAStraggler:
         self.factory, self.rank, self.from_poll = factory, rank, from_poll
         self.beats = {}
 
-    def observe(self, beats_by_rank, nodes, now):
+    def observe(self, beats_by_rank, nodes, now, settled=True):
         self.beats = beats_by_rank
         return []
 
@@ -442,6 +447,22 @@ class NamesAStraggler:
 
     def forget(self):
         pass
+
+
+def test_the_straggler_policy_holds_its_scores_while_the_group_warms_up():
+    """While a group's spares start beside its ranks (the group says `warming()`), the policy is
+    told the steps are not settled."""
+    class Recording(NamesAStraggler):
+        def observe(self, beats_by_rank, nodes, now, settled=True):
+            told.append(settled)
+            return []
+
+    told = []
+    factory = FakeFactory([], total_steps=10)
+    factory.warming_polls = 3
+    sup, _, _ = supervise(factory, recipe(straggler="report"), policy=Recording(factory, rank=None))
+    sup.run()
+    assert told[:3] == [False] * 3 and len(told) > 3 and all(told[3:]), told
 
 
 def evict_recipe(**ft) -> dict:

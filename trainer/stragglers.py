@@ -27,7 +27,11 @@ A group's first `window` steps are not scored: a process that has just started
 warms up beside its first steps (helper processes importing torch, the
 allocator, the first snapshots), and on shared cores that makes one rank or
 the other look slow for a few steps. A rank slow from its first step is named
-after twice the window.
+after twice the window. Nor are the steps a launcher reports as not `settled`
+(`observe(..., settled=False)`: on Ray, while the group's warm spare processes
+start and import torch on the ranks' nodes), nor the next `ROLLING` - 1 whose
+recent median reaches back into them; a streak below or above the threshold
+starts over after them.
 
 A rank is named (`straggler`) once its relative score has stayed below
 `threshold` for `window` consecutive steps; it is cleared
@@ -79,14 +83,17 @@ class StragglerPolicy:
         self._times: dict[int, dict[int, tuple[float, float]]] = {}  # rank -> step -> (compute, wait)
         self._next: dict[tuple, int] = {}  # group -> next step to score
         self._warmed: dict[tuple, int] = {}  # group -> its first step scored
+        self._held: dict[tuple, int] = {}  # group -> the first step after the last unsettled one
 
     # ------------------------------------------------------------------ feeding
 
     def observe(self, beats_by_rank: dict[int, dict], nodes: dict[int, str],
-                now: float) -> list[tuple[str, dict]]:
+                now: float, settled: bool = True) -> list[tuple[str, dict]]:
         """Take the ranks' latest heartbeats; the events due: ("straggler" | "straggler_cleared",
         fields). `nodes`: every rank of the group and its node; `now` is not needed by the
-        step-based rules and is accepted for policies that time themselves."""
+        step-based rules and is accepted for policies that time themselves. `settled` False:
+        something beside the ranks disturbs their compute times now; the steps reported so
+        far are not scored."""
         for rank, beat in beats_by_rank.items():
             self._take(rank, beat)
         events: list[tuple[str, dict]] = []
@@ -101,7 +108,9 @@ class StragglerPolicy:
                 continue
             first = max(min(self._times[r]) for r in ranks)
             warmed = self._warmed.setdefault(group, first + self.window)  # a rollback keeps it
-            step = max(self._next.get(group, warmed), first)
+            if not settled:
+                self._hold(group, ranks)
+            step = max(self._next.get(group, warmed), first, self._held.get(group, 0))
             newest = min(self._ranks[r].latest for r in ranks)
             while step <= newest:
                 events += self._score(ranks, step, nodes)
@@ -112,6 +121,16 @@ class StragglerPolicy:
                 for old in [s for s in times if s <= step - self.rolling - 1]:
                     del times[old]
         return events
+
+    def _hold(self, group: tuple, ranks: list[int]) -> None:
+        """No step reported so far is scored, nor one whose recent median reaches back to them;
+        streaks start over after them (a named rank stays named until it has recovered)."""
+        self._held[group] = max(self._ranks[r].latest for r in ranks) + self.rolling
+        for rank in ranks:
+            state = self._ranks[rank]
+            state.below = state.above = 0
+            if not state.flagged:
+                state.since_step, state.cost_steps = None, 0.0
 
     def _take(self, rank: int, beat: dict) -> None:
         compute, wait, step = beat.get("compute_s") or [], beat.get("wait_s") or [], beat.get("step")
