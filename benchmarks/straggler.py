@@ -5,9 +5,11 @@
 
 For each slowdown one `atoll train` run (the default recipe on its own local
 Ray cluster, `fault_tolerance.straggler=report`, checkpoints off) trains
-until its first `--window` + 10 steps are done, then rank 1's process (pid
+until its first `--window` + 10 steps are done and its warm spares have
+imported torch (the policy scores nothing before), then rank 1's process (pid
 from the `workers` event) is duty-cycled from outside (SIGSTOP for
-1 - 1/slowdown of every 100 ms, tests/slowdown.py) in cycles: each "on"
+1 - 1/slowdown of every 10 ms, tests/slowdown.py), each rank pinned to a core
+of its own as ranks on devices of their own are, in cycles: each "on"
 phase is a trial that lasts until rank 1 is named (a `straggler` event) or
 for window + 20 steps; each "off" phase lasts until rank 1 is cleared, and
 window + 10 steps at least. Detection latency is the `straggler` event's step
@@ -38,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from machine import load_line, machine_line  # noqa: E402
 from recovery import events, last_step, start, stop  # noqa: E402
-from slowdown import duty_cycle, slowdown_fraction  # noqa: E402
+from slowdown import duty_cycle, one_core_each, slowdown_fraction, spares_warm  # noqa: E402
 
 from atoll.trainer.stragglers import ROLLING  # noqa: E402
 
 SLOWED_RANK = 1
+PERIOD_S = 0.01  # of the duty cycle: a fraction of a step, so that every step is slowed alike
 
 
 def wait_until(predicate, proc, timeout_s: float = 600.0) -> None:
@@ -70,11 +73,12 @@ def detection_trials(tmp: Path, factor: float, trials: int, window: int) -> dict
                                       f"fault_tolerance.straggler_window={window}"])
     phases, found = [], []  # (first step, last step) of each on phase; named trials
     try:
-        wait_until(lambda: last_step(run_dir) >= window + 10, proc)
-        pid = events(run_dir, "workers")[-1]["ranks"][SLOWED_RANK]["pid"]
+        wait_until(lambda: last_step(run_dir) >= window + 10 and spares_warm(proc.pid), proc)
+        pids = [r["pid"] for r in events(run_dir, "workers")[-1]["ranks"]]
         for _ in range(trials):
-            onset, onset_time = last_step(run_dir), time.time()
-            with duty_cycle(pid, slowdown_fraction(factor)):
+            with one_core_each(pids), duty_cycle(pids[SLOWED_RANK], slowdown_fraction(factor),
+                                                 period_s=PERIOD_S):
+                onset, onset_time = last_step(run_dir), time.time()
                 wait_until(lambda: named(run_dir, SLOWED_RANK, onset)
                            or last_step(run_dir) >= onset + window + 20, proc)
             ended = last_step(run_dir)

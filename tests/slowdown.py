@@ -13,6 +13,9 @@ signals and CPU affinity, the way the fault happens in production.
   process's affinity and ends the loop on exit.
 - `one_core_each(pids)`: pins each process to a core of its own while the
   block runs, as ranks on devices of their own are.
+- `spares_warm(root)`: whether the warm spare actors under a Ray cluster's
+  process `root` have imported torch; the straggler policy scores nothing
+  before, so a slowdown is started after.
 """
 
 from __future__ import annotations
@@ -110,3 +113,18 @@ def one_core_each(pids: list[int]) -> Iterator[None]:
         for task, cores in before.items():
             with contextlib.suppress(ProcessLookupError, FileNotFoundError):
                 os.sched_setaffinity(task, cores)
+
+
+def spares_warm(root: int, ranks: int = 2) -> bool:
+    """Whether the warm spares of a group of `ranks` ranks, among the processes under `root`
+    (the process that started the Ray cluster), have started and imported torch: the
+    straggler policy holds its scores until then. Seen from outside: Ray titles an actor's
+    process after the method it runs (`ray::TrainWorker.warm_up`)."""
+    import psutil
+
+    titles = []
+    for proc in psutil.Process(root).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(proc.cmdline()))
+    workers = [t for t in titles if "ray::TrainWorker" in t]
+    return len(workers) > ranks and not any("warm_up" in t for t in workers)

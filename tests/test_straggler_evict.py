@@ -32,20 +32,18 @@ assert nothing. The test prints the medians.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import statistics
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.trainer.metrics import read_jsonl
 from conftest import TINY_MOE, assert_same_state, ended, events, finish, last_step, run_cli, subprocess_env, wait_for
-from slowdown import duty_cycle, one_core_each
+from slowdown import duty_cycle, one_core_each, spares_warm
 from test_elastic import LocalCluster
 
 STEPS = 150
@@ -74,18 +72,6 @@ def three_nodes(short_tmp):
     cluster.close()
 
 
-def spares_warm(cluster: LocalCluster) -> bool:
-    """Whether the group's warm spares have started and imported torch: then the straggler
-    policy scores its steps (it holds them while spares start beside the ranks). Seen from
-    outside: Ray titles an actor's process after the method it runs."""
-    titles = []
-    for proc in psutil.Process(cluster.proc.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            titles.append(" ".join(proc.cmdline()))
-    workers = [t for t in titles if "ray::TrainWorker" in t]
-    return len(workers) > 2 and not any("warm_up" in t for t in workers)  # 2 ranks, then spares
-
-
 def step_times(run_dir, first: int, last: int) -> list[float]:
     return [r["step_time_s"] for r in read_jsonl(run_dir / "metrics.jsonl") if first <= r["step"] <= last]
 
@@ -98,7 +84,7 @@ def test_a_slow_rank_is_evicted_to_the_free_node_without_losing_a_sample(three_n
          f"launch.ray_address={three_nodes.info['address']}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(RAY_TMPDIR=str(short_tmp)))
     with ended(proc):
-        wait_for(lambda: last_step(run_dir) >= SLOW_FROM and spares_warm(three_nodes), 240, proc,
+        wait_for(lambda: last_step(run_dir) >= SLOW_FROM and spares_warm(three_nodes.proc.pid), 240, proc,
                  "training to start and the spares to warm up")
         started = events(run_dir, "workers")
         assert len(started) == 1, [e for e in read_jsonl(run_dir / "events.jsonl")
