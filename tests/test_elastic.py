@@ -104,8 +104,17 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
         nodes = {r["node"] for r in events(run_dir, "workers")[0]["ranks"]}
         assert len(nodes) == 2  # one rank per node
         two_nodes.command("remove")
-        wait_for(lambda: events(run_dir, "resize"), 60, proc, "the shrink")
-        two_nodes.command("add")
+        wait_for(lambda: len(events(run_dir, "workers")) > 1 and last_step(run_dir) >= 40, 60, proc,
+                 "the shrink")
+        # The one-worker group trains its last ~40 steps in about 2 s, less than a node takes to
+        # join here: its rank waits, stopped, until the node is in, so that the run grows back
+        # before it ends (the rank's state, and so the numbers, do not change).
+        alone = events(run_dir, "workers")[1]["ranks"][0]["pid"]
+        os.kill(alone, signal.SIGSTOP)
+        try:
+            two_nodes.command("add")
+        finally:
+            os.kill(alone, signal.SIGCONT)
         out, err = finish(proc, 300)
     assert proc.returncode == 0, err[-3000:]
 
@@ -119,9 +128,11 @@ def test_node_loss_resumes_from_replicas_shrinks_and_grows_back(two_nodes, short
     assert restart["source"] == "memory" and restart["world"] == 1
     resumed, grown = restart["resume_step"], grow["step"]
     # At most memory_interval steps lost, plus one when the node died while the newest snapshot
-    # was still being copied beside the next step (a snapshot_failed event names it).
+    # was still being copied beside the next step (a snapshot_failed event names it), plus one
+    # when the lost node's newest replica had not reached the head yet: on these two cores the
+    # copy to the other node can take longer than a ~40 ms step.
     cut_off = [e["step"] for e in events(run_dir, "snapshot_failed") if e["step"] == failure["step"] - 1]
-    assert failure["step"] - 1 - len(cut_off) <= resumed < grown < 80
+    assert failure["step"] - 2 - len(cut_off) <= resumed < grown < 80
 
     # The same schedule of layouts with stops and resumes through disk checkpoints.
     reference = tmp_path / "reference"
