@@ -125,14 +125,11 @@ class ActorPool:
         beside the ranks there (the straggler policy holds its scores meanwhile)."""
         import ray
 
-        waiting = {id(actor) for _, actor in self.spares} & self._imports.keys()
-        self._imports = {key: self._imports[key] for key in waiting}
-        if not self._imports:
-            return False
-        refs = list(self._imports.values())
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        done_ids = {ref.hex() for ref in done}  # a spare whose import failed is done too
-        self._imports = {key: ref for key, ref in self._imports.items() if ref.hex() not in done_ids}
+        spares = {id(actor) for _, actor in self.spares}  # a spare taken or gone is not waited for
+        refs = [ref for key, ref in self._imports.items() if key in spares]
+        # A spare whose import failed is done too.
+        waiting = set(ray.wait(refs, num_returns=len(refs), timeout=0)[1]) if refs else set()
+        self._imports = {key: ref for key, ref in self._imports.items() if ref in waiting}
         return bool(self._imports)
 
     def has_spares(self, nodes: list[str], alive: set[str]) -> bool:
