@@ -414,7 +414,7 @@ def _ep_worker(rank: int, world: int, port: int, tokens: int, repeat: int, warmu
                 p.grad = None
             dist.barrier()  # start together: skew would be charged to the first all-to-all
             start = time.perf_counter()
-            out, aux = moe(x)
+            out, aux, _ = moe(x)
             ((out * C).sum() + aux).backward()
             return time.perf_counter() - start
 

@@ -91,6 +91,10 @@ def architecture_for(model: dict) -> str:
     moe = model.get("moe") or {}
     if not moe.get("num_experts"):
         return "llama"
+    for key in ("zero_experts", "copy_experts", "constant_experts", "gating_residual"):
+        if moe.get(key):
+            raise CheckpointError(f"model.moe.{key}={str(moe[key]).lower()} has no transformers equivalent "
+                                  "(no architecture has zero-computation experts or gating residuals)")
     if moe.get("capacity_factor"):
         raise CheckpointError(f"model.moe.capacity_factor={moe['capacity_factor']} has no transformers "
                               "equivalent (no architecture drops assignments over capacity)")

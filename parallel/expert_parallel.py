@@ -17,6 +17,10 @@ reuses them. Gradients of expert weights therefore already sum the
 contributions of every ep rank; `sync_expert_grads` finishes the data-
 parallel average over the ranks that hold the same experts ("dp_mod_ep").
 
+Assignments to zero-computation experts (and ones dropped over capacity)
+arrive with the skip id E: they sort last and never enter the all-to-all.
+Each layer counts the bytes it sends (`take_sent_bytes`, for comm_bytes).
+
 `reduce_moe_load` gathers the routing statistics of the step over the
 data-parallel group (for metrics and auxiliary-loss-free balancing).
 """
@@ -66,6 +70,7 @@ def apply_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> None:
                                                                    run_check=False)))
         experts.forward = types.MethodType(_dispatching_forward, experts)
         experts.ep_group = ep_mesh.get_group()
+        experts.sent_bytes = 0  # all-to-all bytes this rank sent to others, until `take_sent_bytes`
 
 
 @torch.compiler.disable  # split sizes read on the host: runs eagerly under torch.compile
@@ -80,7 +85,6 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
     local_experts = w1_EDH.shape[0]
 
     token_N, order_N, counts_E = sort_assignments(experts_TK, self.num_experts)
-    x_ND = x_TD[token_N]
     # How many rows each rank receives for each of its local experts, from each source.
     recv_counts_E = torch.empty_like(counts_E)
     with waiting(x_TD.device):  # where this layer first meets the other ep ranks
@@ -90,6 +94,12 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
         # ints (so does torchtitan's). Both directions come over in a single read.
         send_splits, recv_splits = torch.stack([counts_E.view(ep, local_experts).sum(1),
                                                 recv_counts_PL.sum(1)]).tolist()
+    # Skipped assignments (zero-computation experts, drops) sort last and travel nowhere.
+    sent = sum(send_splits)
+    token_N, order_N = token_N[:sent], order_N[:sent]
+    x_ND = x_TD[token_N]
+    self.sent_bytes += _sent_bytes(send_splits, recv_splits, counts_E, x_ND, group,
+                                   backward=torch.is_grad_enabled() and x_ND.requires_grad)
 
     x_RD = _all_to_all(x_ND, recv_splits, send_splits, group)
     # output_size: the length is known on the host, so repeat_interleave needs no sync
@@ -103,6 +113,27 @@ def _dispatching_forward(self, x_TD: torch.Tensor, gates_TK: torch.Tensor,
 
     gate_N1 = gates_TK.reshape(-1)[order_N].to(x_TD.dtype).unsqueeze(-1)
     return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * gate_N1)
+
+
+def _sent_bytes(send_splits: list[int], recv_splits: list[int], counts_E: torch.Tensor,
+                x_ND: torch.Tensor, group: dist.ProcessGroup, backward: bool) -> int:
+    """Bytes this rank sends to the other ep ranks for one layer call: the counts, the rows
+    out and the results back (and the same rows' gradients in backward)."""
+    me = dist.get_rank(group)
+    rows = sum(send_splits) - send_splits[me] + sum(recv_splits) - recv_splits[me]
+    row_bytes = x_ND.shape[1] * x_ND.element_size()
+    counts_bytes = counts_E.numel() * counts_E.element_size() * (len(send_splits) - 1) // len(send_splits)
+    return counts_bytes + rows * row_bytes * (2 if backward else 1)
+
+
+def take_sent_bytes(model: nn.Module) -> int:
+    """All-to-all bytes the model's expert-parallel layers sent since the last call."""
+    total = 0
+    for _, moe in moe_layers(model):
+        total += getattr(moe.experts, "sent_bytes", 0)
+        if hasattr(moe.experts, "sent_bytes"):
+            moe.experts.sent_bytes = 0
+    return total
 
 
 def _all_to_all(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[int],
@@ -159,7 +190,7 @@ def take_moe_load(layers: list[tuple[str, MoE]]) -> torch.Tensor:
 
 def unpack_moe_load(layers: list[tuple[str, MoE]], packed: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """`take_moe_load`'s vector (or its sum over ranks) as (layer name, load per expert, dropped)."""
-    num_experts = layers[0][1].num_experts
+    num_experts = layers[0][1].kinds.total  # every kind of expert is counted
     per_layer = packed[:len(layers) * num_experts].view(len(layers), num_experts)
     drops = packed[len(layers) * num_experts:]
     return [(name, per_layer[i], drops[i]) for i, (name, _) in enumerate(layers)]

@@ -68,7 +68,7 @@ def test_ep2_matches_ep1_and_checkpoints_cross_ep_degrees(tmp_path):
 def test_group_limited_routing_picks_equally_from_every_group():
     torch.manual_seed(0)
     router = Router(16, 8, 4, groups=2)
-    _, experts_TK, _ = router(torch.randn(50, 16))
+    _, experts_TK, _, _ = router(torch.randn(50, 16))
     per_group = (experts_TK // 4)  # experts 0-3 are group 0, 4-7 group 1
     assert torch.equal((per_group == 0).sum(-1), torch.full((50,), 2))
     assert torch.equal((per_group == 1).sum(-1), torch.full((50,), 2))
@@ -78,11 +78,11 @@ def test_aux_free_bias_steers_selection_not_gates():
     torch.manual_seed(0)
     router = Router(8, 4, 1, renormalize=False)
     x = torch.randn(200, 8)
-    gates_before, experts_before, probs = router(x)
+    gates_before, experts_before, probs, _ = router(x)
     load = torch.bincount(experts_before.flatten(), minlength=4)
     for _ in range(200):
         router.update_bias(torch.bincount(router(x)[1].flatten(), minlength=4), rate=1e-2)
-    gates, experts, _ = router(x)
+    gates, experts, _, _ = router(x)
     balanced = torch.bincount(experts.flatten(), minlength=4)
     assert balanced.max() - balanced.min() < load.max() - load.min()
     # Gates are the unbiased probabilities of whichever experts were selected.
@@ -95,8 +95,8 @@ def test_sigmoid_scores_and_capacity_accounting():
     moe = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, score_func="sigmoid", capacity_factor=0.5,
                                balance="none"))
     x = torch.randn(2, 10, 8)
-    out, _ = moe(x)
-    gates, experts, probs = moe.router(x.reshape(-1, 8))
+    out, _, _ = moe(x)
+    gates, experts, probs, _ = moe.router(x.reshape(-1, 8))
     torch.testing.assert_close(probs, torch.sigmoid(F.linear(x.reshape(-1, 8), moe.router.gate.weight)))
     kept = apply_capacity(experts, 4, 0.5)
     capacity = 5  # ceil(0.5 · 20 tokens · 2 slots / 4 experts)
@@ -144,7 +144,7 @@ def _forward_backward(moe: MoE, x: torch.Tensor, target: int) -> dict:
     moe.router.expert_bias_E.copy_(torch.tensor(TO_RANK[target]))
     moe.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    out, _ = moe(x)
+    out, _, _ = moe(x)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     whole = lambda g: g.full_tensor() if isinstance(g, DTensor) else g
     return {"out": out.detach(), "x": x.grad, "router": moe.router.gate.weight.grad,

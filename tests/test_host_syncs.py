@@ -172,7 +172,7 @@ def _ep_rank(rank: int, store_file: str, results) -> None:
             with pytest.MonkeyPatch.context() as monkeypatch:
                 if counting:
                     calls = count_host_syncs(monkeypatch)
-                out, aux_loss = moe(x)
+                out, aux_loss, _ = moe(x)
                 (out.square().sum() + aux_loss).backward()
         results.put((rank, calls))
         dist.destroy_process_group()

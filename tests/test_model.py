@@ -76,7 +76,7 @@ def test_single_expert_moe_equals_dense():
         moe.experts.w2[0].copy_(dense.w2.weight.T)
     x1 = torch.randn(2, 5, 16, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
-    out_moe, aux = moe(x1)
+    out_moe, aux, _ = moe(x1)
     out_dense = dense(x2)
     assert aux.item() == 0
     torch.testing.assert_close(out_moe, out_dense, rtol=1e-6, atol=1e-6)
@@ -133,7 +133,7 @@ def test_router_topk_and_renormalize():
     torch.manual_seed(0)
     router = Router(16, 6, 3)
     x = torch.randn(10, 16)
-    gates, experts, probs = router(x)
+    gates, experts, probs, _ = router(x)
     ref_probs = torch.softmax(x @ router.gate.weight.T, dim=-1)
     torch.testing.assert_close(probs, ref_probs)
     ref_vals, ref_idx = torch.topk(ref_probs, 3, dim=-1)
@@ -161,7 +161,7 @@ def test_moe_aux_loss_and_token_counts():
     with torch.no_grad():
         moe.router.gate.weight.zero_()  # uniform probabilities: loss is exactly 1 * coef
     x = torch.randn(2, 3, 8)
-    _, aux = moe(x)
+    _, aux, _ = moe(x)
     assert aux.item() == pytest.approx(coef)
     load, dropped = moe.take_load()
     assert load.sum().item() == 2 * 3 * 2 and dropped.item() == 0
@@ -170,8 +170,8 @@ def test_moe_aux_loss_and_token_counts():
 
     torch.manual_seed(1)
     moe = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, aux_loss_coef=coef))
-    _, aux = moe(x)
-    gates, experts, probs = moe.router(x.reshape(-1, 8))
+    _, aux, _ = moe(x)
+    gates, experts, probs, _ = moe.router(x.reshape(-1, 8))
     torch.testing.assert_close(aux, coef * load_balancing_loss(probs, experts))
     assert torch.equal(moe.take_load()[0], torch.bincount(experts.flatten(), minlength=4))
     moe_none = MoE(8, 12, MoEConfig(num_experts=4, top_k=2, balance="none"))

@@ -54,6 +54,14 @@ class MoEConfig:
     score_func: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # renormalise the top-k gates to sum to one
     shared_expert: bool = False
+    # Experts without weights (MoE++), picked by the same top-k; AdaMoE's null experts are
+    # zero experts with `renormalize` (over the experts that compute).
+    zero_experts: int = 0  # E(x) = 0
+    copy_experts: int = 0  # E(x) = x
+    constant_experts: int = 0  # E(x) = a1 x + a2 v, [a1, a2] = softmax(W_c x)
+    gating_residual: bool = False  # router logits add a projection of the previous layer's
+    zero_compute_tau: float = 1.0  # balance weight of zero-computation experts (MoE++'s tau)
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant, after the warmup
+    decay_fraction: float = 0.1  # wsd: the share of run.steps spent decaying to min_lr_ratio
 
 
 @dataclass
@@ -209,6 +219,7 @@ CHOICES = {
     "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
     "model.moe.balance": ("aux_loss", "aux_free", "none"),
     "model.moe.score_func": ("softmax", "sigmoid"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.name": ("adamw", "sgd"),
     "diloco.outer_optimizer": ("sgd",),
     "diloco.quantize": ("none", "bf16", "int8", "int4"),
@@ -231,7 +242,8 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE = (
     "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.bias_update_rate",
-    "model.moe.groups", "optim.warmup_steps",
+    "model.moe.groups", "model.moe.zero_experts", "model.moe.copy_experts",
+    "model.moe.constant_experts", "model.moe.z_loss_coef", "optim.warmup_steps",
     "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
     "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
     "launch.threads_per_worker", "checkpoint.memory_replicas",
@@ -243,7 +255,7 @@ NON_NEGATIVE = (
 POSITIVE = ("fault_tolerance.stop_grace_s", "fault_tolerance.hang_timeout_s",
             "fault_tolerance.placement_timeout_s", "fault_tolerance.collective_timeout_s",
             "fault_tolerance.max_bad_steps",
-            "diloco.outer_lr", "diloco.wait_timeout_s")
+            "diloco.outer_lr", "diloco.wait_timeout_s", "model.moe.zero_compute_tau")
 
 
 # --------------------------------------------------------------------------- loading
@@ -420,6 +432,8 @@ def validate(cfg: DictConfig) -> None:
                           f"(exclusive), got {cfg.fault_tolerance.straggler_threshold}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
+    if not 0 <= cfg.optim.decay_fraction <= 1:
+        raise RecipeError("recipe key 'optim.decay_fraction' must be between 0 and 1")
     if not 0 < cfg.data.val_fraction < 0.5:
         raise RecipeError("recipe key 'data.val_fraction' must be between 0 and 0.5")
 
@@ -439,8 +453,21 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
     if cfg.data.source == "text" and not cfg.data.tokenizer:
         raise RecipeError("data.tokenizer (a local tokenizer folder) is required when data.source=text")
-    if moe.num_experts and moe.top_k > moe.num_experts:
-        raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed model.moe.num_experts={moe.num_experts}")
+    zero_compute = moe.zero_experts + moe.copy_experts + moe.constant_experts
+    if zero_compute and not moe.num_experts:
+        raise RecipeError("zero-computation experts (model.moe.zero_experts, copy_experts, constant_experts) "
+                          "need an MoE model (model.moe.num_experts > 0)")
+    if moe.num_experts and moe.top_k > moe.num_experts + zero_compute:
+        raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed the {moe.num_experts + zero_compute} "
+                          "experts of model.moe.num_experts, zero_experts, copy_experts and constant_experts")
+    if zero_compute and moe.groups > 1:
+        raise RecipeError(f"model.moe.groups={moe.groups} cannot be combined with zero-computation experts "
+                          "(groups split the experts over ranks; zero-computation experts live on every rank)")
+    if moe.gating_residual and not moe.num_experts:
+        raise RecipeError("model.moe.gating_residual=true needs an MoE model (model.moe.num_experts > 0)")
+    if moe.gating_residual and cfg.parallel.pp > 1:
+        raise RecipeError("model.moe.gating_residual=true needs parallel.pp=1 (the router logits it "
+                          "carries from layer to layer would have to cross pipeline stages)")
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise RecipeError(f"model.moe.capacity_factor={moe.capacity_factor} must be positive (null = dropless)")
     if moe.num_experts and moe.groups > 1 and (moe.num_experts % moe.groups or moe.top_k % moe.groups):
@@ -553,7 +580,8 @@ def ffn_hidden(model: ModelConfig | DictConfig) -> int:
 # What a set of weights means: the keys a run taking another run's weights must share with it.
 _MODEL_FUNCTION_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "tie_embeddings", "rope_theta",
                         "norm_eps")
-_MOE_FUNCTION_KEYS = ("num_experts", "top_k", "score_func", "renormalize", "shared_expert", "groups")
+_MOE_FUNCTION_KEYS = ("num_experts", "top_k", "score_func", "renormalize", "shared_expert", "groups",
+                      "zero_experts", "copy_experts", "constant_experts", "gating_residual")
 
 
 def model_differences(saved: dict, cfg: DictConfig) -> list[str]:

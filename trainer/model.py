@@ -102,9 +102,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); returns (x, aux_loss)."""
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); returns (x, aux_loss,
+    router logits), the logits only where the next layer's router adds them (gating residual)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.heads, cfg.kv_heads)
@@ -112,16 +113,17 @@ class Block(nn.Module):
         if cfg.moe.num_experts == 0:
             self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
         else:
-            self.feed_forward = MoE(cfg.dim, ffn_hidden(cfg), cfg.moe)
+            self.feed_forward = MoE(cfg.dim, ffn_hidden(cfg), cfg.moe, first_layer=layer_id == 0)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor,
-                sin_SHd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
+                router_logits_TE: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SHd, sin_SHd)
         if isinstance(self.feed_forward, MoE):
-            ff_BSD, aux_loss = self.feed_forward(self.ffn_norm(x_BSD))
+            ff_BSD, aux_loss, router_logits_TE = self.feed_forward(self.ffn_norm(x_BSD), router_logits_TE)
         else:
             ff_BSD, aux_loss = self.feed_forward(self.ffn_norm(x_BSD)), torch.zeros((), device=x_BSD.device)
-        return x_BSD + ff_BSD, aux_loss
+        return x_BSD + ff_BSD, aux_loss, router_logits_TE
 
 
 # Parameter-name fragments that wrappers (activation checkpointing, torch.compile,
@@ -141,7 +143,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.dim // cfg.heads, cfg.rope_theta)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one matrix, registered once (as tok_embeddings.weight)
@@ -152,8 +154,9 @@ class Transformer(nn.Module):
         h_BSD = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
         cos_SHd, sin_SHd = self.rope(h_BSD.shape[1], h_BSD.device)
         aux_loss = torch.zeros((), device=h_BSD.device)
+        router_logits_TE = None  # the gating residual's carry from one MoE layer to the next
         for layer in self.layers.values():
-            h_BSD, layer_aux = layer(h_BSD, cos_SHd, sin_SHd)
+            h_BSD, layer_aux, router_logits_TE = layer(h_BSD, cos_SHd, sin_SHd, router_logits_TE)
             aux_loss = aux_loss + layer_aux
         if self.norm is not None:
             h_BSD = self.norm(h_BSD)
@@ -220,7 +223,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
     """Parameter counts for throughput/TFLOPs reporting.
 
     total: every parameter. active_per_token: routed experts count top_k/E of
-    their size (the router and shared expert are fully active). embedding:
+    their size, at most (zero-computation experts may take some of the top-k
+    slots); the router and shared expert are fully active. embedding:
     the input embedding table, which costs no matmul FLOPs (subtract it for 6N).
     """
     total = sum(p.numel() for p in model.parameters())
@@ -228,7 +232,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, MoE):
             expert_params = sum(p.numel() for p in module.experts.parameters())
-            inactive += expert_params * (1 - module.top_k / module.num_experts)
+            inactive += expert_params * (1 - min(module.top_k, module.num_experts) / module.num_experts)
     embedding = getattr(model, "tok_embeddings", None)
     return {
         "total": total,

@@ -2,8 +2,8 @@
 
 AdamW (or SGD, e.g. as DiLoCo's inner optimizer) with weight decay on matrices only (norm gains and other 1-D
 parameters are not decayed), AdamW with the fused implementation (plain
-tensors and DTensors alike), and a linear-warmup + cosine-decay
-schedule. Both objects are `Stateful` (state_dict/load_state_dict) so the
+tensors and DTensors alike), and a linear warmup followed by cosine
+decay, warmup-stable-decay or a constant rate. Both objects are `Stateful` (state_dict/load_state_dict) so the
 checkpointer can save them without knowing what they are.
 """
 
@@ -54,10 +54,25 @@ def _adamw_implementation(params: list[torch.Tensor]) -> dict:
 _FUSED_DEVICES = ("cuda", "cpu")
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`."""
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float,
+                  schedule: str = "cosine", decay_fraction: float = 0.1) -> float:
+    """Linear warmup to 1, then by `schedule`:
+    - cosine: cosine decay to `min_ratio` at `total_steps`;
+    - wsd (warmup-stable-decay): 1 until the last `decay_fraction` of `total_steps`, then
+      linear decay to `min_ratio` at `total_steps`;
+    - constant: 1.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        decay_steps = round(decay_fraction * total_steps)
+        decay_start = max(warmup_steps, total_steps - decay_steps)
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return 1.0 - (1.0 - min_ratio) * progress
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(1.0, max(0.0, progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -66,7 +81,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio,
+                                              cfg.schedule, cfg.decay_fraction))
 
 
 class ScheduleState:

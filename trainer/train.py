@@ -30,7 +30,7 @@ from atoll.checkpoint.state import ModelOptimizerState, ValueState
 from atoll.parallel.kernels import resolve as resolve_kernel
 from atoll.parallel.kernels.tuning import use_config_file as use_kernel_config_file
 from atoll.parallel.expert_parallel import (moe_layers, reduce_moe_load, sync_expert_grads, take_moe_load,
-                                           unpack_moe_load)
+                                           take_sent_bytes, unpack_moe_load)
 from atoll.parallel.grad_clip import clip_grad_norm
 from atoll.parallel.data_parallel import dp_comm_bytes_per_step, gradient_sync, uses_fsdp
 from atoll.parallel.materialize import materialize
@@ -53,6 +53,7 @@ from atoll.trainer.loss import lm_loss
 from atoll.trainer.metrics import MetricsLogger, record_event
 from atoll.trainer.mfu import device_peak_tflops, model_flops_utilization
 from atoll.trainer.model import Transformer, count_params
+from atoll.trainer.moe import routing_summary
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
 from atoll.trainer.resume import rejoin_island, resume
 from atoll.trainer.stragglers import describe, peer_report
@@ -73,9 +74,19 @@ class StepResult:
     skipped: bool = False  # an anomaly: no optimizer step was taken
 
 
-def flops_per_token(model: Transformer, cfg: DictConfig) -> float:
-    """Training FLOPs per token: 6·N_active (without embeddings) + attention."""
+def flops_per_token(model: Transformer, cfg: DictConfig, ffn_experts_per_token: Optional[float] = None) -> float:
+    """Training FLOPs per token: 6·N_active (without embeddings) + attention.
+
+    N_active counts the routed FFN experts that ran: `ffn_experts_per_token`, summed over
+    the MoE layers (measured: zero-computation experts and drops cost nothing), or top_k
+    per layer where not given.
+    """
     active = count_params(model)["active_per_token"] - model.tok_embeddings.weight.numel()
+    if ffn_experts_per_token is not None:
+        for _, moe in moe_layers(model):
+            per_expert = sum(p.numel() for p in moe.experts.parameters()) / moe.num_experts
+            active -= per_expert * min(moe.top_k, moe.num_experts)
+            active += per_expert * ffn_experts_per_token / len(moe_layers(model))
     head_dim = cfg.model.dim // cfg.model.heads
     return 6 * active + 12 * cfg.model.layers * cfg.model.heads * head_dim * cfg.data.seq_len
 
@@ -148,7 +159,10 @@ class Trainer:
         self.zero = torch.zeros((), device=self.device)  # where a step's sums start, made once
         with torch.device("meta"):  # storage and values come once the model is sharded
             self.model = Transformer(model_config(cfg))
-        self.flops_per_token = flops_per_token(self.model, cfg)
+        self.flops_per_token = flops_per_token(self.model, cfg)  # at top_k FFN experts per token
+        # FLOPs are linear in the FFN experts run: a log step counts those that ran
+        self.flops_without_experts = flops_per_token(self.model, cfg, 0.0)
+        self.flops_per_expert = flops_per_token(self.model, cfg, 1.0) - self.flops_without_experts
         self.peak_tflops = device_peak_tflops(self.device)  # None: no `mfu` in the metrics
         self.param_count = count_params(self.model)["total"]
         param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -156,7 +170,7 @@ class Trainer:
         # reduce_moe_load's float64 buffer: every layer's load per expert and its drop count
         self.moe_modules = [(name, moe) for part in self.parts for name, moe in moe_layers(part)]
         self.params = [p for part in self.parts for p in part.parameters()]
-        stats_bytes = sum(8 * (moe.num_experts + 1) for _, moe in self.moe_modules)
+        stats_bytes = sum(8 * (moe.kinds.total + 1) for _, moe in self.moe_modules)
         self.comm_bytes = dp_comm_bytes_per_step(param_bytes, self.layout, stats_bytes, self.precision)
         self.moe_load: list = []
         self.optim_cfg = as_dataclass(cfg.optim, OptimConfig)
@@ -370,7 +384,7 @@ class Trainer:
             hook.before_optimizer_step(self)
         for (_, load_E, _), (_, moe) in zip(self.moe_load, self.moe_modules):
             if moe.balance == "aux_free":
-                moe.router.update_bias(load_E, moe.bias_update_rate)
+                moe.router.update_bias(load_E, moe.bias_update_rate, moe.target_share())
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.step()
             scheduler.step()
@@ -418,13 +432,13 @@ class Trainer:
                    f"skipping {skipped} samples")
 
     def load_metrics(self) -> dict:
-        """Per MoE layer: max and mean assignments per expert in the last step, dropped ones."""
+        """Per MoE layer, in the last step: max and mean assignments per FFN expert, dropped
+        ones, FFN experts run per token, and each kind's share with zero-computation experts."""
         metrics = {}
-        for name, load_E, dropped in self.moe_load:
+        for (name, load_E, dropped), (_, moe) in zip(self.moe_load, self.moe_modules):
             layer = name.split("layers.")[1].split(".")[0]  # "[part.]layers.<i>.feed_forward"
-            metrics[f"moe.{layer}.max_load"] = float(load_E.max())
-            metrics[f"moe.{layer}.mean_load"] = float(load_E.mean())
-            metrics[f"moe.{layer}.dropped"] = int(dropped)
+            for key, value in routing_summary(moe.kinds, moe.top_k, load_E, dropped).items():
+                metrics[f"moe.{layer}.{key}"] = value
         if self.layout.pp > 1:  # each stage knows its own layers: gather them
             gathered = [None] * self.layout.pp
             dist.all_gather_object(gathered, metrics, group=self.mesh.pp_group)
@@ -453,6 +467,10 @@ class Trainer:
     def step_metrics(self, result: StepResult, steps: int, elapsed: float) -> dict:
         """The metrics.jsonl row of a log step (`steps` steps took `elapsed` seconds)."""
         tokens_per_s = self.tokens_per_step * steps / elapsed
+        load_metrics = self.load_metrics()
+        if self.moe_modules:  # the FLOPs the step did: the FFN experts that ran
+            self.flops_per_token = self.flops_without_experts + self.flops_per_expert * sum(
+                value for key, value in load_metrics.items() if key.endswith(".ffn_experts_per_token"))
         metrics = {"loss": result.loss, "aux_loss": result.aux_loss,
                    "lr": self.schedulers[0].get_last_lr()[0], "grad_norm": result.grad_norm,
                    "tokens": self.step * self.tokens_per_step,
@@ -462,8 +480,9 @@ class Trainer:
                    "tflops": self.flops_per_token * tokens_per_s / 1e12}
         if self.peak_tflops:  # tflops: the island's GPUs together (its global batch's tokens)
             metrics["mfu"] = model_flops_utilization(metrics["tflops"], self.env.world_size, self.peak_tflops)
-        metrics["comm_bytes"] = self.comm_bytes * steps + (self.outer.take_bytes() if self.outer else 0)
-        metrics.update(self.load_metrics())
+        metrics["comm_bytes"] = self.comm_bytes * steps + (self.outer.take_bytes() if self.outer else 0) + \
+            sum(take_sent_bytes(part) for part in self.parts)  # expert parallel: measured
+        metrics.update(load_metrics)
         return metrics
 
     def one_step(self) -> StepResult:

@@ -5,10 +5,12 @@ Every kernel computes, for routed tokens,
     out_TD[t] = sum_k gates_TK[t, k] * swiglu(x_TD[t]; w1[e], w3[e], w2[e]),  e = experts_TK[t, k]
 
 with stacked weights w1_EDH, w3_EDH [E, D, H] and w2_EHD [E, H, D], and is
-differentiable in x, gates and weights. `naive` (trainer/moe.py) is the
-readable reference every other kernel is tested against. Kernels are
-single-device code; expert parallelism calls them on the tokens a rank
-received, with k = 1 and unit gates.
+differentiable in x, gates and weights. An assignment whose expert id is E
+(one past the last expert: a zero-computation expert, or one dropped over
+capacity) is skipped: no FLOPs, nothing added, a zero gate gradient. `naive`
+(trainer/moe.py) is the readable reference every other kernel is tested
+against. Kernels are single-device code; expert parallelism calls them on
+the tokens a rank received, with k = 1 and unit gates.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ def tokens_per_expert(experts: torch.Tensor, num_experts: int,
     Not torch.bincount: on a GPU it reads the largest id to the host to size its
     output, a sync per call. `kept` (same shape as `experts`, bool) counts only the
     kept assignments, without the boolean-mask indexing that would sync as well.
-    Integer adds, so the counts are exact and the same in any order.
+    Id `num_experts` (a skipped assignment) is not counted. Integer adds, so the
+    counts are exact and the same in any order.
     """
     flat = experts.reshape(-1)
     ones = torch.ones_like(flat) if kept is None else kept.reshape(-1).to(flat.dtype)
-    return flat.new_zeros(num_experts).scatter_add_(0, flat, ones)
+    return flat.new_zeros(num_experts + 1).scatter_add_(0, flat, ones)[:num_experts]
 
 
 class KernelUnavailable(ValueError):

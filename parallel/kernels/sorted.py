@@ -38,7 +38,8 @@ from atoll.parallel.kernels import tokens_per_expert
 
 def sort_assignments(experts_TK: torch.Tensor, num_experts: int):
     """(token index per sorted row, slot-major flat index per sorted row, rows per expert),
-    all on the device: no host sync."""
+    all on the device: no host sync. Skipped assignments (id `num_experts`) sort last and
+    are not counted: the rows past sum(rows per expert) are theirs."""
     flat_N = experts_TK.reshape(-1)
     order_N = torch.argsort(flat_N, stable=True)
     token_N = order_N // experts_TK.shape[1]
@@ -76,8 +77,20 @@ def _empty_grad(w: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def _scatter_grad_gates(dgate_N: torch.Tensor, order_N: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
-    dgates = torch.empty_like(dgate_N).index_copy_(0, order_N, dgate_N)  # every (t, k) once
+    """d(gates) [T, K] from the sorted rows' d(gate); skipped assignments (the rows past
+    `dgate_N`'s length, or zeroed in it) get 0."""
+    if dgate_N.shape[0] == order_N.shape[0]:
+        dgates = torch.empty_like(dgate_N).index_copy_(0, order_N, dgate_N)  # every (t, k) once
+    else:
+        dgates = dgate_N.new_zeros(order_N.shape[0]).index_copy_(0, order_N[:dgate_N.shape[0]], dgate_N)
     return dgates.view(gates_TK.shape).to(gates_TK.dtype)
+
+
+def _skipped_rows_zeroed(rows_NX: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """`rows_NX` with the rows past the last expert's segment set to 0, in place: grouped_mm
+    leaves them unwritten, and they belong to skipped assignments."""
+    skipped_N1 = torch.arange(rows_NX.shape[0], device=rows_NX.device).unsqueeze(-1) >= offs_E[-1]
+    return rows_NX.masked_fill_(skipped_N1, 0)
 
 
 class _SortedExperts(torch.autograd.Function):
@@ -99,13 +112,13 @@ class _SortedExperts(torch.autograd.Function):
             h_NH = F.silu(a_NH).mul_(b_NH)
             y_ND = torch._grouped_mm(h_NH, w2_EHD, offs=offs_E)
             del h_NH
-            out_TD.index_add_(0, token_N, y_ND.mul_(gate_N1))
+            out_TD.index_add_(0, token_N, _skipped_rows_zeroed(y_ND.mul_(gate_N1), offs_E))
         else:
             # One host sync per call for all segment sizes: the loop needs them in Python.
             # The CPU kernel; on a GPU `grouped_mm` or `triton` keep the sizes on the device.
             counts = counts_E.tolist()
             offs_E = None
-            N = token_N.numel()
+            N = sum(counts)  # the rows past them are skipped assignments
             a_NH, b_NH = x_TD.new_empty(N, H), x_TD.new_empty(N, H)
             for rows, segments in _chunks(counts):
                 token_C = token_N[rows]
@@ -139,7 +152,7 @@ def _backward_loop(ctx, saved, grad_TD):
     counts = ctx.counts
     grad_TD = grad_TD.to(x_TD.dtype)
     dx_TD = torch.zeros_like(x_TD) if need_x else None
-    dgate_N = gate_N1.new_empty(gate_N1.shape[0]) if need_gates else None
+    dgate_N = gate_N1.new_empty(a_NH.shape[0]) if need_gates else None  # the rows that ran
     dw1 = _empty_grad(w1_EDH, counts) if need_w1 else None
     dw3 = _empty_grad(w3_EDH, counts) if need_w3 else None
     dw2 = _empty_grad(w2_EHD, counts) if need_w2 else None
@@ -192,7 +205,8 @@ def _backward_grouped(ctx, saved, grad_TD):
     if need_gates or need_w2:
         h_NH = silu_NH * b_NH
         if need_gates:
-            dgates = _scatter_grad_gates(torch.linalg.vecdot(dh_NH, h_NH), order_N, gates_TK)
+            dgate_N1 = torch.linalg.vecdot(dh_NH, h_NH).unsqueeze(-1)
+            dgates = _scatter_grad_gates(_skipped_rows_zeroed(dgate_N1, offs_E).squeeze(-1), order_N, gates_TK)
         if need_w2:
             dw2 = gmm(h_NH.t(), dy_ND.mul_(gate_N1), offs=offs_E)
         del h_NH
@@ -209,7 +223,7 @@ def _backward_grouped(ctx, saved, grad_TD):
     if need_x:
         dx_ND = gmm(da_NH, w1_EDH.transpose(-2, -1), offs=offs_E)
         dx_ND += gmm(db_NH, w3_EDH.transpose(-2, -1), offs=offs_E)
-        dx_TD = torch.zeros_like(x_TD).index_add_(0, token_N, dx_ND)
+        dx_TD = torch.zeros_like(x_TD).index_add_(0, token_N, _skipped_rows_zeroed(dx_ND, offs_E))
     return dx_TD, dgates, None, dw1, dw3, dw2
 
 

@@ -29,7 +29,9 @@ wherever it is needed, the sort is recomputed (N ints). Naive autograd keeps
 the gathered x (N*D), x@w1, x@w3, silu, h (4*N*H) and y (N*D) per expert.
 Every output element is written by exactly one program, accumulation is
 fp32 in registers and K sums go through [T, K, D] buffers, so results are
-deterministic (no atomics). Inputs and outputs stay in x's dtype.
+deterministic (no atomics). Inputs and outputs stay in x's dtype. Skipped
+assignments (id E) sort last, outside every expert's tiles: their rows of
+the [T, K, D] buffers stay zero.
 
 Tiles: each launch takes the config chosen for its kernel and shape (the
 dims, the dtype and the mean rows per expert rounded up to a power of two)
@@ -348,7 +350,7 @@ def moe_experts(x_TD: torch.Tensor, gates_TK: torch.Tensor, experts_TK: torch.Te
     _run(_gather_up, f"N={H} K={D} BWD=False {shape}", TILE_CANDIDATES, x_TD.device, _tile_launcher(
         _gather_up, tiles, H, x_TD, tok_N, w1_EDH, w3_EDH, *w1_EDH.stride(), a_NH, b_NH,
         gate_N, a_NH, a_NH, gate_N, 0, offs_ptr=offs_E1, N=H, K=D, E=E, BWD=False, PREC=prec))
-    y_NKD = x_TD.new_empty(T * K, D)  # every row is written once: no zero fill
+    y_NKD = x_TD.new_zeros(T * K, D)  # each row written once, a skipped assignment's never
     _run(_scatter_down, f"N={D} K={H} FWD=True {shape}", TILE_CANDIDATES, x_TD.device, _tile_launcher(
         _scatter_down, tiles, D, a_NH, b_NH, w2_EHD, w2_EHD, *w2_EHD.stride(), gate_N, dst_N, y_NKD,
         offs_ptr=offs_E1, N=D, K=H, E=E, FWD=True, PREC=prec))
@@ -403,7 +405,7 @@ def moe_experts_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, gates_TK: to
         DW2=False, PREC=prec))
 
     # dX rows = dA @ w1[e]^T + dB @ w3[e]^T, scattered to t*K+k and summed over k
-    dx_NKD = x_TD.new_empty(T * K, D)
+    dx_NKD = x_TD.new_zeros(T * K, D)  # a skipped assignment's row stays 0
     s_e, s_d, s_h = w1_EDH.stride()
     _run(_scatter_down, f"N={D} K={H} FWD=False {shape}", TILE_CANDIDATES, device, _tile_launcher(
         _scatter_down, tiles, D, da_NH, db_NH, w1_EDH, w3_EDH, s_e, s_h, s_d, gate_N,
