@@ -22,14 +22,17 @@ from atoll.trainer.model import Transformer
 from conftest import TINY_MOE, assert_same_metrics, assert_same_state, moe_stats, run_cli
 
 # Capacity drops assignments and aux-free balancing moves the bias from the loads: a
-# double-counted recompute would show in both.
-ROUTING = ["model.moe.capacity_factor=1.0", "model.moe.balance=aux_free", "model.moe.bias_update_rate=0.01"]
+# double-counted recompute would show in both. Zero, copy and constant experts (MoE++) take
+# some of the assignments: the kernels skip those, recomputed or compiled.
+ROUTING = ["model.moe.capacity_factor=1.0", "model.moe.balance=aux_free", "model.moe.bias_update_rate=0.01",
+           "model.moe.zero_experts=1", "model.moe.copy_experts=1", "model.moe.constant_experts=1"]
 
 
 def _tiny_model(mode: str) -> Transformer:
     cfg = recipe_from_dict({"model": {
         "dim": 32, "layers": 3, "heads": 4, "vocab_size": 256, "activation_checkpointing": mode,
-        "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "balance": "aux_free"}}})
+        "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.0, "balance": "aux_free",
+                "zero_experts": 1, "copy_experts": 1, "constant_experts": 1, "gating_residual": True}}})
     model = Transformer(model_config(cfg))
     model.init_weights(0)
     apply_activation_checkpointing(model, cfg.model)
@@ -149,7 +152,8 @@ def test_compiled_moe_blocks_with_checkpointing_match_eager(tmp_path, capsys):
     """MoE blocks, compiled inside activation checkpointing: the experts and the routing
     statistics run eagerly (the graph breaks the report names), counted once."""
     report = _compiled_matches_eager(tmp_path, capsys, "moe",
-                                     [*ROUTING, "model.activation_checkpointing=full"])
+                                     [*ROUTING, "model.activation_checkpointing=full",
+                                      "model.moe.gating_residual=true"])
     assert "GroupedExperts.forward" in report and "_record_routing" in report
     eager, compiled = tmp_path / "moe_eager", tmp_path / "moe_compiled"
     assert moe_stats(compiled) == moe_stats(eager)

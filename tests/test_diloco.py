@@ -470,7 +470,7 @@ def test_islands_compose_with_fsdp_expert_and_pipeline_parallelism(tmp_path):
     every hash."""
     common = [*TINY_MOE, "run.steps=8", "diloco.islands=2", "diloco.inner_steps=4", "diloco.fragments=2",
               "diloco.overlap_steps=1", "diloco.quantize=int4", "model.moe.balance=aux_free",
-              "checkpoint.interval=0"]
+              "model.moe.zero_experts=1", "model.moe.constant_experts=1", "checkpoint.interval=0"]
     single = run_cli(["train", *common, "parallel.dp=1", "data.grad_accum=2", f"run.dir={tmp_path / 'a'}"],
                      torchrun_procs=2)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -124,9 +124,16 @@ ONE_RANK_TOKENS, ONE_RANK_DIM, ONE_RANK_HIDDEN = 12, 8, 12
 TO_RANK = {0: [10.0, 10.0, 0.0, 0.0], 1: [0.0, 0.0, 10.0, 10.0]}
 
 
-def _one_rank_moe(kernel: str) -> MoE:
+# Zero-computation experts next to the 4 FFN ones (ids 4-7: zero, copy, 2 constant), with a
+# bias that sends some tokens only to them: their assignments stay on the rank.
+ZERO_COMPUTE = dict(zero_experts=1, copy_experts=1, constant_experts=2, renormalize=False)
+ZERO_COMPUTE_BIAS = [0.0, 0.0, 0.0, 0.0, 0.05, 0.05, 0.05, 0.05]
+
+
+def _one_rank_moe(kernel: str, **keys) -> MoE:
     torch.manual_seed(0)
-    moe = MoE(ONE_RANK_DIM, ONE_RANK_HIDDEN, MoEConfig(num_experts=4, top_k=2, kernel=kernel, balance="none"))
+    moe = MoE(ONE_RANK_DIM, ONE_RANK_HIDDEN, MoEConfig(num_experts=4, top_k=2, kernel=kernel, balance="none",
+                                                       **keys))
     with torch.no_grad():
         for w in (moe.experts.w1, moe.experts.w3, moe.experts.w2):
             w.normal_(std=0.3)
@@ -141,13 +148,15 @@ def _forward_backward(moe: MoE, x: torch.Tensor, target: int) -> dict:
     """Output, input and router gradients, and the experts' gradients (whole [E, ...])."""
     from torch.distributed.tensor import DTensor
 
-    moe.router.expert_bias_E.copy_(torch.tensor(TO_RANK[target]))
+    moe.router.expert_bias_E.copy_(torch.tensor(ZERO_COMPUTE_BIAS if target == "zero" else TO_RANK[target]))
     moe.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     out, _, _ = moe(x)
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     whole = lambda g: g.full_tensor() if isinstance(g, DTensor) else g
-    return {"out": out.detach(), "x": x.grad, "router": moe.router.gate.weight.grad,
+    extra = {} if moe.zero_compute is None else \
+        {name: p.grad for name, p in moe.zero_compute.named_parameters()}
+    return {"out": out.detach(), "x": x.grad, "router": moe.router.gate.weight.grad, **extra,
             **{name: whole(getattr(moe.experts, name).grad) for name in ("w1", "w3", "w2")}}
 
 
@@ -178,6 +187,10 @@ def _dispatch_rank(rank: int, store_file: str, results) -> None:
                 missing = [k for k, v in got.items() if v is None]
                 assert not missing, f"{kernel}, all tokens to rank {target}: no gradient for {missing}"
                 out[kernel, target] = {k: v.numpy().copy() for k, v in got.items()}
+            moe = _one_rank_moe(kernel, **ZERO_COMPUTE)
+            apply_expert_parallel(moe, mesh)
+            got = {k: v.numpy().copy() for k, v in _forward_backward(moe, _rank_tokens(rank), "zero").items()}
+            out[kernel, "zero"] = {**got, "sent_bytes": moe.experts.sent_bytes}
         results.put((rank, out))
         dist.destroy_process_group()
     except Exception:
@@ -217,3 +230,27 @@ def test_every_token_routed_to_one_ep_rank_matches_one_process(tmp_path):
                     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6,
                                                msg=f"{kernel} to rank {target}: rank {rank} {name}")
                     assert not grad[idle].any()
+    # Zero-computation experts: the same numbers as one process, and only FFN rows travel.
+    reference = _one_rank_moe("naive", **ZERO_COMPUTE)
+    per_rank = [_forward_backward(reference, _rank_tokens(rank), "zero") for rank in range(2)]
+    routed = []
+    for rank in range(2):
+        reference.router.expert_bias_E.copy_(torch.tensor(ZERO_COMPUTE_BIAS))
+        routed.append(reference.router(_rank_tokens(rank)[0])[1])
+    zero_compute_rows = sum(int((experts >= 4).sum()) for experts in routed)
+    assert zero_compute_rows > 0 and any(bool((e >= 4).all(1).any()) for e in routed)
+    for kernel in kernels:
+        for rank in range(2):
+            ours = got[rank][kernel, "zero"]
+            for name, want in per_rank[rank].items():
+                if name in ("w1", "w3", "w2"):
+                    want = per_rank[0][name] + per_rank[1][name]
+                torch.testing.assert_close(torch.from_numpy(ours[name]), want, rtol=1e-5, atol=1e-6,
+                                           msg=f"{kernel} with zero-computation experts: rank {rank} {name}")
+            # Rows to the other rank's FFN experts and back, forward and backward; 16 bytes of
+            # counts (4 int64, half to the other rank). A zero-computation row never travels.
+            other = slice(2, 4) if rank == 0 else slice(0, 2)
+            mine = slice(0, 2) if rank == 0 else slice(2, 4)
+            rows_out = int(((routed[rank] >= other.start) & (routed[rank] < other.stop)).sum())
+            rows_in = int(((routed[1 - rank] >= mine.start) & (routed[1 - rank] < mine.stop)).sum())
+            assert ours["sent_bytes"] == 16 + (rows_out + rows_in) * ONE_RANK_DIM * 4 * 2, kernel

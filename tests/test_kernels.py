@@ -49,6 +49,25 @@ def test_backend_matches_naive(backend, T, D, H, E, K, empty):
         assert not got[3][e].any() and not got[5][e].any()
 
 
+@pytest.mark.parametrize("backend", ["naive", *BACKENDS])
+def test_skipped_assignments_cost_nothing_and_get_no_gradient(backend):
+    """Id E marks an assignment to a zero-computation expert (or one dropped): the kernel
+    adds nothing for it and gives its gate zero gradient; the rest equal naive on the
+    assignments that run, including tokens with every slot skipped."""
+    T, D, H, E, K = 30, 8, 12, 4, 2
+    x, gates, experts, w1, w3, w2 = routed_inputs(T, D, H, E, K, empty=(2,), seed=3)
+    skipped = torch.rand(T, K, generator=torch.Generator().manual_seed(4)) < 0.4
+    skipped[:3] = True  # tokens that run no FFN expert at all
+    with_skips = experts.masked_fill(skipped, E)
+    got = outputs_and_grads(get_kernel(backend, CPU), x, gates, with_skips, w1, w3, w2)
+    # Reference: naive with the skipped slots' gates zeroed, i.e. their FFN computed and discarded.
+    want = outputs_and_grads(experts_naive, x, gates * ~skipped, experts, w1, w3, w2)
+    for name, a, b in zip(("out", "x", "w1", "w3", "w2"), [got[0], got[1], *got[3:]], [want[0], want[1], *want[3:]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(got[2][~skipped], want[2][~skipped], rtol=1e-5, atol=1e-5, msg="gates")
+    assert not got[2][skipped].any() and not got[0][:3].any() and not got[1][:3].any()
+
+
 def test_no_tokens_at_all():
     x, gates, experts, w1, w3, w2 = routed_inputs(4, 8, 12, 4, 2)
     for backend in BACKENDS:

@@ -1,8 +1,10 @@
 """Every layout computes one process's step where a wrong scale or a lost token would show.
 
 Each run has clipping that bites (`optim.grad_clip=0.05`; the gradient norm
-is above 1), capacity drops (`model.moe.capacity_factor=1.0`) and the
-auxiliary-loss-free expert bias (`model.moe.balance=aux_free`), with AdamW or
+is above 1), capacity drops (`model.moe.capacity_factor=1.0`), the
+auxiliary-loss-free expert bias (`model.moe.balance=aux_free`), and zero,
+copy and constant experts next to the FFN ones (MoE++, with tau and the
+router z-loss), whose assignments never leave the rank, with AdamW or
 with plain SGD at a large learning rate, where a gradient or clipping factor
 that is off cannot hide behind Adam's normalisation. Against one process that
 sees the same forwards (2 samples each), every step must have the same loss
@@ -21,6 +23,8 @@ from conftest import TINY_MOE, assert_same_metrics, final_state, grad_norms, moe
 STEPS = 4
 STRESS = [*TINY_MOE, f"run.steps={STEPS}", "optim.grad_clip=0.05", "optim.warmup_steps=0",
           "model.moe.capacity_factor=1.0", "model.moe.balance=aux_free", "model.moe.bias_update_rate=0.01",
+          "model.moe.zero_experts=1", "model.moe.copy_experts=1", "model.moe.constant_experts=1",
+          "model.moe.zero_compute_tau=0.75", "model.moe.z_loss_coef=0.001",
           f"checkpoint.interval={STEPS}", "checkpoint.async=false", "checkpoint.memory_interval=0"]
 OPTIMIZERS = {"adamw": ["optim.name=adamw"], "sgd": ["optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9"]}
 # Each global batch is 8 samples, in forwards of 2: the reference is micro_batch=2 × grad_accum=4.
@@ -60,6 +64,8 @@ def single_process(tmp_path_factory):
             # Not vacuous: clipping bites at every step, tokens are dropped, the bias moved.
             assert min(grad_norms(run_dir)) > 20 * 0.05
             assert sum(v for row in moe_stats(run_dir) for k, v in row.items() if k.endswith(".dropped")) > 0
+            assert all(row[f"moe.{layer}.share.{kind}"] > 0 for row in moe_stats(run_dir)
+                       for layer in (0, 1) for kind in ("zero", "copy", "constant"))
             assert all(bias.abs().sum() > 0 for bias in expert_biases(run_dir).values())
             runs[optimizer] = run_dir
         return runs[optimizer]

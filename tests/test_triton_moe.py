@@ -89,6 +89,25 @@ def test_single_token_and_no_tokens():
     assert out.shape == (0, 16) and w1.grad.abs().sum() == 0 and x.grad.shape == (0, 16)
 
 
+def test_skipped_assignments_run_nothing_and_get_no_gradient():
+    """Id E (a zero-computation expert or a drop): naive with those gates zeroed, a zero gate
+    gradient, and tokens whose every slot is skipped get nothing."""
+    T, D, H, E, K = 29, 16, 32, 4, 2
+    x, gates, experts, w1, w3, w2 = make_inputs(T, D, H, E, K, empty=(1,), seed=2)
+    skipped = torch.rand(T, K, generator=torch.Generator().manual_seed(3)).to(DEVICE) < 0.4
+    skipped[:3] = True
+    dy = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, grads = forward_backward(experts_triton, x, gates, experts.masked_fill(skipped, E), w1, w3, w2, dy)
+    naive_out = experts_naive(x, gates * ~skipped, experts, w1, w3, w2)
+    ref_grads = torch.autograd.grad(naive_out, (x, gates, w1, w3, w2), dy)
+    torch.testing.assert_close(out, naive_out, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("x", "gates", "w1", "w3", "w2"), grads, ref_grads):
+        if name == "gates":
+            got, want = got[~skipped], want[~skipped]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+    assert not grads[1][skipped].any() and not out[:3].any()
+
+
 def test_grouped_experts_module_through_the_registry():
     torch.manual_seed(0)
     fused = GroupedExperts(4, 16, 32, kernel="triton").to(DEVICE)
