@@ -332,8 +332,9 @@ def block_activation_bytes(cfg: DictConfig, tokens: int, c: int, r: int) -> int:
     - attention: q, k, v after rotary (k, v repeated to every head), the attention output,
       the contiguous copy of it wo reads (5·c·D), and the log-sum-exp (4h);
     - dense SwiGLU: w1 and w3 outputs, silu and the product (4·c·F);
-    - MoE: router probabilities (4E), choices and gates (≈16K), then per routed row (K per
-      token; rows dropped by capacity are still computed) the two up-projections (2·c·H)
+    - MoE: router probabilities (4E over every kind of expert), choices and gates (≈16K),
+      then per routed row (K per token, an upper bound: rows dropped by capacity or routed
+      to zero-computation experts do not run) the two up-projections (2·c·H)
       and the sort (16 + c) for the sorted/grouped_mm/triton kernels, or every
       intermediate (2·c·D + 4·c·H) for naive; expert parallelism adds the rows received
       and sent back (2·c·D); a shared expert adds a dense SwiGLU of H.
@@ -349,7 +350,8 @@ def block_activation_bytes(cfg: DictConfig, tokens: int, c: int, r: int) -> int:
         ffn = norm + 2 * cast + 4 * c * ffn_hidden(model)
     else:
         H = moe.hidden or ffn_hidden(model)
-        router = (4 * D if r != 4 else 0) + 4 * E + 16 * K + 4 + (5 * K if moe.capacity_factor else 0)
+        routed = E + moe.zero_experts + moe.copy_experts + moe.constant_experts
+        router = (4 * D if r != 4 else 0) + 4 * routed + 16 * K + 4 + (5 * K if moe.capacity_factor else 0)
         if moe.kernel == "naive":
             rows = K * (2 * c * D + 4 * c * H + c + 16)
         else:

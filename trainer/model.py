@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atoll.trainer.config import ModelConfig, ffn_hidden
-from atoll.trainer.moe import MoE, FeedForward
+from atoll.trainer.moe import ExpertKinds, FeedForward, MoE
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +105,7 @@ class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); returns (x, aux_loss,
     router logits), the logits only where the next layer's router adds them (gating residual)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.heads, cfg.kv_heads)
@@ -113,7 +113,7 @@ class Block(nn.Module):
         if cfg.moe.num_experts == 0:
             self.feed_forward = FeedForward(cfg.dim, ffn_hidden(cfg))
         else:
-            self.feed_forward = MoE(cfg.dim, ffn_hidden(cfg), cfg.moe, first_layer=layer_id == 0)
+            self.feed_forward = MoE(cfg.dim, ffn_hidden(cfg), cfg.moe)
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor,
                 router_logits_TE: torch.Tensor | None = None
@@ -143,7 +143,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rope = RotaryEmbedding(cfg.dim // cfg.heads, cfg.rope_theta)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one matrix, registered once (as tok_embeddings.weight)
@@ -155,6 +155,12 @@ class Transformer(nn.Module):
         cos_SHd, sin_SHd = self.rope(h_BSD.shape[1], h_BSD.device)
         aux_loss = torch.zeros((), device=h_BSD.device)
         router_logits_TE = None  # the gating residual's carry from one MoE layer to the next
+        if self.cfg.moe.num_experts and self.cfg.moe.gating_residual:
+            # The first layer adds zeros. Every block then sees a tensor that requires grad
+            # whenever grad is on, as the later layers' logits do: one compiled graph for all.
+            B, S = h_BSD.shape[:2]
+            router_logits_TE = h_BSD.new_zeros(B * S, ExpertKinds.of(self.cfg.moe).total, dtype=torch.float32)
+            router_logits_TE.requires_grad_(torch.is_grad_enabled())
         for layer in self.layers.values():
             h_BSD, layer_aux, router_logits_TE = layer(h_BSD, cos_SHd, sin_SHd, router_logits_TE)
             aux_loss = aux_loss + layer_aux

@@ -299,7 +299,7 @@ class MoE(nn.Module):
     and resets them (`take_load`), once per optimizer step.
     """
 
-    def __init__(self, dim: int, hidden: int, moe_cfg: MoEConfig, first_layer: bool = False):
+    def __init__(self, dim: int, hidden: int, moe_cfg: MoEConfig):
         super().__init__()
         hidden = moe_cfg.hidden or hidden
         self.kinds = ExpertKinds.of(moe_cfg)
@@ -319,7 +319,7 @@ class MoE(nn.Module):
                              "zero-computation experts live on every rank")
         self.router = Router(dim, self.kinds.total, moe_cfg.top_k, moe_cfg.score_func,
                              moe_cfg.renormalize, moe_cfg.groups, self.kinds.ids("zero"),
-                             moe_cfg.gating_residual and not first_layer)
+                             moe_cfg.gating_residual)
         self.experts = GroupedExperts(moe_cfg.num_experts, dim, hidden, moe_cfg.kernel)
         self.zero_compute = ZeroComputeExperts(dim, self.kinds) if self.kinds.zero_compute else None
         self.shared_expert = FeedForward(dim, hidden) if moe_cfg.shared_expert else None
