@@ -6,9 +6,9 @@ What it measures
     MoE layers, all at the recipe's dims (dim 128, 4 layers, expert hidden 352):
     - vanilla: 8 FFN experts, top-2 (the recipe as it is);
     - moe++: 8 FFN + 1 zero + 1 copy + 2 constant experts, top-2, gating residual,
-      tau 0.75, gates not renormalised (MoE++'s shape, arXiv 2410.07348);
+      tau 0.75, the two gates renormalised (MoE++'s shape, arXiv 2410.07348);
     - adamoe: 8 FFN + 4 null (zero) experts, top-3, the true experts' gates renormalised
-      (AdaMoE's shape, arXiv 2406.13233).
+      (renormalize_over=nonzero: AdaMoE's shape, arXiv 2406.13233).
     Per shape: training tokens/s (global) as the tokens of steps 21-200 over their seconds
     (from the metrics rows of steps 20 and 200: every step counts, slow ones too); FFN
     experts run per token (each layer's `ffn_experts_per_token`, mean over the layers and
@@ -40,8 +40,8 @@ from pathlib import Path
 SHAPES = {
     "vanilla": [],
     "moe++": ["model.moe.zero_experts=1", "model.moe.copy_experts=1", "model.moe.constant_experts=2",
-              "model.moe.gating_residual=true", "model.moe.zero_compute_tau=0.75", "model.moe.renormalize=false"],
-    "adamoe": ["model.moe.zero_experts=4", "model.moe.top_k=3", "model.moe.renormalize=true"],
+              "model.moe.gating_residual=true", "model.moe.zero_compute_tau=0.75"],
+    "adamoe": ["model.moe.zero_experts=4", "model.moe.top_k=3", "model.moe.renormalize_over=nonzero"],
 }
 DIM, HIDDEN, LAYERS = 128, 352, 4  # the default recipe's model
 FIRST_TIMED = 20  # the metrics row whose time starts the window

@@ -41,6 +41,9 @@ def count_host_syncs(monkeypatch) -> list[str]:
     """Start counting; returns the list each counted call appends its name to
     (`monkeypatch.undo()` stops counting)."""
     calls: list[str] = []
+    # The CPU kernels read counts where that costs nothing and a GPU would wait: take the GPU path.
+    from atoll.parallel.kernels import sorted as sorted_kernels
+    monkeypatch.setattr(sorted_kernels, "host_reads_are_free", lambda device: False)
 
     def wrap(owner, name, counts=lambda *args, **kwargs: True):
         original = getattr(owner, name, None)

@@ -49,11 +49,16 @@ def test_backend_matches_naive(backend, T, D, H, E, K, empty):
         assert not got[3][e].any() and not got[5][e].any()
 
 
+@pytest.mark.parametrize("gpu_path", [False, True], ids=["cpu", "gpu-path"])
 @pytest.mark.parametrize("backend", ["naive", *BACKENDS])
-def test_skipped_assignments_cost_nothing_and_get_no_gradient(backend):
+def test_skipped_assignments_cost_nothing_and_get_no_gradient(backend, gpu_path, monkeypatch):
     """Id E marks an assignment to a zero-computation expert (or one dropped): the kernel
     adds nothing for it and gives its gate zero gradient; the rest equal naive on the
-    assignments that run, including tokens with every slot skipped."""
+    assignments that run, including tokens with every slot skipped. gpu-path: grouped_mm
+    keeps the skipped rows (no host read of their count) and zeroes them, as on a GPU."""
+    from atoll.parallel.kernels import sorted as sorted_kernels
+
+    monkeypatch.setattr(sorted_kernels, "host_reads_are_free", lambda device: not gpu_path)
     T, D, H, E, K = 30, 8, 12, 4, 2
     x, gates, experts, w1, w3, w2 = routed_inputs(T, D, H, E, K, empty=(2,), seed=3)
     skipped = torch.rand(T, K, generator=torch.Generator().manual_seed(4)) < 0.4

@@ -101,7 +101,7 @@ def test_every_kernel_equals_the_per_token_reference(kernel):
 
 def test_adamoe_renormalises_over_the_true_experts_and_null_only_tokens_get_nothing():
     moe = moe_layer(num_experts=4, zero_experts=4, copy_experts=0, constant_experts=0, top_k=3,
-                    renormalize=True)
+                    renormalize=True, renormalize_over="nonzero")
     x = torch.randn(40, D, generator=torch.Generator().manual_seed(3))
     moe.router.expert_bias_E.copy_(torch.tensor([0.0] * 4 + [0.05] * 4))
     gates_TK, experts_TK, probs_TE, _ = moe.router(x)
@@ -116,6 +116,14 @@ def test_adamoe_renormalises_over_the_true_experts_and_null_only_tokens_get_noth
     torch.testing.assert_close(gates_TK, want)
     out, _, _ = moe(x.view(1, 40, D))
     assert not out[0, per_token == 0].any()
+    # MoE++ (renormalize_over=selected): the zero experts' share of the gates is output lost.
+    moe_pp = moe_layer(num_experts=4, zero_experts=4, copy_experts=0, constant_experts=0, top_k=3,
+                       renormalize=True)
+    moe_pp.router.expert_bias_E.copy_(moe.router.expert_bias_E)
+    gates_pp, experts_pp, probs_pp, _ = moe_pp.router(x)
+    torch.testing.assert_close(gates_pp.sum(1), torch.ones(40))
+    want = probs_pp.gather(1, experts_pp)
+    torch.testing.assert_close(gates_pp, want / want.sum(1, keepdim=True))
 
 
 def test_heterogeneous_balance_loss_and_z_loss_by_hand():
@@ -237,6 +245,7 @@ def test_hf_export_stops_in_one_line_naming_the_key():
     (["model.moe.zero_compute_tau=0"], "model.moe.zero_compute_tau' must be positive"),
     (["optim.schedule=linear"], "optim.schedule' must be one of cosine, wsd, constant"),
     (["optim.decay_fraction=1.5"], "optim.decay_fraction' must be between 0 and 1"),
+    (["model.moe.renormalize_over=nonzero", "model.moe.renormalize=false"], "renormalize_over=nonzero needs"),
 ])
 def test_recipe_errors_are_one_line(capsys, overrides, message):
     assert main(["train", "model.moe.num_experts=4", "model.moe.top_k=2", *overrides, "--dry-run"]) == 2

@@ -53,9 +53,10 @@ class MoEConfig:
     groups: int = 0  # group-limited routing: top_k/groups experts from each of `groups` groups
     score_func: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # renormalise the top-k gates to sum to one
+    renormalize_over: str = "selected"  # selected | nonzero (AdaMoE: not over zero experts)
     shared_expert: bool = False
     # Experts without weights (MoE++), picked by the same top-k; AdaMoE's null experts are
-    # zero experts with `renormalize` (over the experts that compute).
+    # zero experts with renormalize_over=nonzero.
     zero_experts: int = 0  # E(x) = 0
     copy_experts: int = 0  # E(x) = x
     constant_experts: int = 0  # E(x) = a1 x + a2 v, [a1, a2] = softmax(W_c x)
@@ -219,6 +220,7 @@ CHOICES = {
     "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
     "model.moe.balance": ("aux_loss", "aux_free", "none"),
     "model.moe.score_func": ("softmax", "sigmoid"),
+    "model.moe.renormalize_over": ("selected", "nonzero"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.name": ("adamw", "sgd"),
     "diloco.outer_optimizer": ("sgd",),
@@ -463,6 +465,8 @@ def validate(cfg: DictConfig) -> None:
     if zero_compute and moe.groups > 1:
         raise RecipeError(f"model.moe.groups={moe.groups} cannot be combined with zero-computation experts "
                           "(groups split the experts over ranks; zero-computation experts live on every rank)")
+    if moe.renormalize_over == "nonzero" and not moe.renormalize:
+        raise RecipeError("model.moe.renormalize_over=nonzero needs model.moe.renormalize=true")
     if moe.gating_residual and not moe.num_experts:
         raise RecipeError("model.moe.gating_residual=true needs an MoE model (model.moe.num_experts > 0)")
     if moe.gating_residual and cfg.parallel.pp > 1:
@@ -580,7 +584,8 @@ def ffn_hidden(model: ModelConfig | DictConfig) -> int:
 # What a set of weights means: the keys a run taking another run's weights must share with it.
 _MODEL_FUNCTION_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "tie_embeddings", "rope_theta",
                         "norm_eps")
-_MOE_FUNCTION_KEYS = ("num_experts", "top_k", "score_func", "renormalize", "shared_expert", "groups",
+_MOE_FUNCTION_KEYS = ("num_experts", "top_k", "score_func", "renormalize", "renormalize_over", "shared_expert",
+                      "groups",
                       "zero_experts", "copy_experts", "constant_experts", "gating_residual")
 
 

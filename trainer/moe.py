@@ -61,7 +61,7 @@ class Router(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str = "softmax",
-                 renormalize: bool = True, groups: int = 0, zero_ids: range = range(0),
+                 renormalize: bool = True, groups: int = 0, not_renormalized: range = range(0),
                  gating_residual: bool = False):
         super().__init__()
         if score_func not in ("softmax", "sigmoid"):
@@ -77,7 +77,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize = score_func, renormalize
         self.groups = groups if groups > 1 else 1
-        self.zero_ids = zero_ids  # zero (null) experts: outside the renormalisation
+        self.not_renormalized = not_renormalized  # AdaMoE's null experts: outside the renormalisation
         self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, x_TD: torch.Tensor, previous_logits_TE: torch.Tensor | None = None
@@ -94,10 +94,11 @@ class Router(nn.Module):
         with torch.no_grad():
             experts_TK = self._select(probs_TE + self.expert_bias_E)
         gates_TK = probs_TE.gather(1, experts_TK)
-        if self.renormalize and len(self.zero_ids):
-            # AdaMoE: the gates of the experts that compute sum to one; a zero (null) expert
-            # only takes a slot. A token that picked only zero experts gets no output.
-            computes_TK = (experts_TK < self.zero_ids.start) | (experts_TK >= self.zero_ids.stop)
+        if self.renormalize and len(self.not_renormalized):
+            # AdaMoE: the gates of the experts that compute sum to one; a null expert only
+            # takes a slot. A token that picked only null experts gets no output.
+            null = self.not_renormalized
+            computes_TK = (experts_TK < null.start) | (experts_TK >= null.stop)
             gates_TK = gates_TK * computes_TK
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         elif self.renormalize:
@@ -318,7 +319,8 @@ class MoE(nn.Module):
             raise ValueError("group-limited routing (groups > 1) splits experts over ranks, and "
                              "zero-computation experts live on every rank")
         self.router = Router(dim, self.kinds.total, moe_cfg.top_k, moe_cfg.score_func,
-                             moe_cfg.renormalize, moe_cfg.groups, self.kinds.ids("zero"),
+                             moe_cfg.renormalize, moe_cfg.groups,
+                             self.kinds.ids("zero") if moe_cfg.renormalize_over == "nonzero" else range(0),
                              moe_cfg.gating_residual)
         self.experts = GroupedExperts(moe_cfg.num_experts, dim, hidden, moe_cfg.kernel)
         self.zero_compute = ZeroComputeExperts(dim, self.kinds) if self.kinds.zero_compute else None

@@ -47,6 +47,12 @@ def sort_assignments(experts_TK: torch.Tensor, num_experts: int):
     return token_N, order_N, counts_E
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a count to Python costs nothing (the CPU), where on a GPU it would
+    wait for the device. tests/test_host_syncs.py answers False to count the GPU path."""
+    return device.type == "cpu"
+
+
 # Rows per chunk of consecutive experts in `sorted`: elementwise work, gathers and
 # scatters run once per chunk (few ops, temporaries of at most about this many rows
 # unless one expert has more), the GEMMs once per expert.
@@ -105,6 +111,9 @@ class _SortedExperts(torch.autograd.Function):
         if grouped:
             counts = None
             offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            if host_reads_are_free(x_TD.device):  # skipped rows go; on a GPU they stay, zeroed
+                ran = int(offs_E[-1])
+                token_N, gate_N1 = token_N[:ran], gate_N1[:ran]
             x_ND = x_TD.index_select(0, token_N)
             a_NH = torch._grouped_mm(x_ND, w1_EDH, offs=offs_E)
             b_NH = torch._grouped_mm(x_ND, w3_EDH, offs=offs_E)
