@@ -214,52 +214,6 @@ _SECTION_TYPES[(ModelConfig, "moe")] = MoEConfig
 # Recipe keys that are Python keywords and so carry a trailing underscore here.
 _KEYWORD_FIELDS = {("checkpoint", "async"): "async_"}
 
-CHOICES = {
-    "model.dtype": ("auto", "bf16", "fp32"),
-    "model.activation_checkpointing": ("none", "full", "selective"),
-    "model.moe.kernel": ("auto", "naive", "sorted", "grouped_mm", "triton"),
-    "model.moe.balance": ("aux_loss", "aux_free", "none"),
-    "model.moe.score_func": ("softmax", "sigmoid"),
-    "model.moe.renormalize_over": ("selected", "nonzero"),
-    "optim.schedule": ("cosine", "wsd", "constant"),
-    "optim.name": ("adamw", "sgd"),
-    "diloco.outer_optimizer": ("sgd",),
-    "diloco.quantize": ("none", "bf16", "int8", "int4"),
-    "data.source": ("stdlib", "folder", "tokens", "text"),
-    "data.token_dtype": ("uint16", "uint32"),
-    "parallel.dp_shard": ("auto", "fsdp", "ddp"),
-    "fault_tolerance.straggler": ("off", "report", "evict"),
-    "parallel.pp_schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
-    "launch.backend": ("ray", "local", "torchrun"),
-    "logging.wandb": ("offline", "online", "disabled"),
-}
-
-POSITIVE_INTS = (
-    "run.steps", "model.dim", "model.layers", "model.heads", "model.vocab_size",
-    "model.moe.top_k", "data.seq_len", "data.micro_batch", "data.grad_accum",
-    "data.max_bytes", "parallel.dp", "parallel.ep", "parallel.pp",
-    "model.ac_every", "launch.cpus_per_worker", "logging.log_interval",
-    "logging.eval_batches", "diloco.islands", "diloco.inner_steps", "diloco.fragments",
-    "diloco.int4_group", "fault_tolerance.straggler_window", "fault_tolerance.straggler_evict_after",
-)
-NON_NEGATIVE = (
-    "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.bias_update_rate",
-    "model.moe.groups", "model.moe.zero_experts", "model.moe.copy_experts",
-    "model.moe.constant_experts", "model.moe.z_loss_coef", "optim.warmup_steps",
-    "optim.weight_decay", "optim.grad_clip", "checkpoint.interval", "run.stop_at",
-    "checkpoint.keep", "checkpoint.keep_every", "logging.eval_interval",
-    "launch.threads_per_worker", "checkpoint.memory_replicas",
-    "fault_tolerance.max_restarts", "fault_tolerance.restart_backoff_s",
-    "fault_tolerance.min_workers", "fault_tolerance.spike_factor", "optim.momentum",
-    "diloco.outer_momentum", "diloco.overlap_steps", "diloco.bandwidth_mbit",
-    "fault_tolerance.straggler_cooldown_s",
-)
-POSITIVE = ("fault_tolerance.stop_grace_s", "fault_tolerance.hang_timeout_s",
-            "fault_tolerance.placement_timeout_s", "fault_tolerance.collective_timeout_s",
-            "fault_tolerance.max_bad_steps",
-            "diloco.outer_lr", "diloco.wait_timeout_s", "model.moe.zero_compute_tau")
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -320,6 +274,8 @@ def build_recipe(*layers: DictConfig) -> DictConfig:
         raise RecipeError(_validation_message(exc)) from None
     except oc_errors.OmegaConfBaseException as exc:
         raise RecipeError(f"invalid recipe: {_one_line(exc)}") from None
+    from atoll.trainer.recipe_checks import validate  # it reads this module's schema
+
     validate(merged)
     return merged
 
@@ -394,159 +350,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _get(cfg: DictConfig, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[_KEYWORD_FIELDS.get((key.split(".")[0], part), part)]
-    return node
-
-
-def validate(cfg: DictConfig) -> None:
-    """Range, choice and layout checks that types alone cannot express."""
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise RecipeError(f"recipe key '{key}' must be one of {', '.join(allowed)}, got '{value}'")
-    for key in POSITIVE_INTS:
-        if _get(cfg, key) < 1:
-            raise RecipeError(f"recipe key '{key}' must be at least 1, got {_get(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise RecipeError(f"recipe key '{key}' must not be negative, got {_get(cfg, key)}")
-    for key in ("optim.lr",) + POSITIVE:
-        if not _get(cfg, key) > 0:
-            raise RecipeError(f"recipe key '{key}' must be positive, got {_get(cfg, key)}")
-    for key, minimum in (("checkpoint.memory_interval", 0), ("launch.ray_object_store_mb", 1)):
-        value = _get(cfg, key)
-        if value != "auto" and not (value.isdigit() and int(value) >= minimum):
-            raise RecipeError(f"recipe key '{key}' must be auto or an integer of at least {minimum}, "
-                              f"got '{value}'")
-    if cfg.launch.gpus_per_worker is not None and cfg.launch.gpus_per_worker < 0:
-        raise RecipeError(f"recipe key 'launch.gpus_per_worker' must not be negative, "
-                          f"got {cfg.launch.gpus_per_worker}")
-    if cfg.launch.device_memory_gb is not None and not cfg.launch.device_memory_gb > 0:
-        raise RecipeError(f"recipe key 'launch.device_memory_gb' must be positive, "
-                          f"got {cfg.launch.device_memory_gb}")
-    if not 0 < cfg.fault_tolerance.straggler_threshold < 1:
-        raise RecipeError("recipe key 'fault_tolerance.straggler_threshold' must be between 0 and 1 "
-                          f"(exclusive), got {cfg.fault_tolerance.straggler_threshold}")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise RecipeError("recipe key 'optim.min_lr_ratio' must be between 0 and 1")
-    if not 0 <= cfg.optim.decay_fraction <= 1:
-        raise RecipeError("recipe key 'optim.decay_fraction' must be between 0 and 1")
-    if not 0 < cfg.data.val_fraction < 0.5:
-        raise RecipeError("recipe key 'data.val_fraction' must be between 0 and 0.5")
-
-    model, moe = cfg.model, cfg.model.moe
-    if model.dim % model.heads:
-        raise RecipeError(f"model.dim={model.dim} must be divisible by model.heads={model.heads}")
-    if (model.dim // model.heads) % 2:
-        raise RecipeError(f"model.dim/model.heads={model.dim // model.heads} must be even for rotary embeddings")
-    if model.kv_heads is not None and (model.kv_heads < 1 or model.heads % model.kv_heads):
-        raise RecipeError(f"model.kv_heads={model.kv_heads} must divide model.heads={model.heads}")
-    if model.tie_embeddings and cfg.parallel.pp > 1:
-        raise RecipeError("model.tie_embeddings=true needs parallel.pp=1 (the embedding and the output "
-                          "head live on different pipeline stages)")
-    if cfg.data.source in ("stdlib", "folder") and model.vocab_size < 256:
-        raise RecipeError(f"model.vocab_size={model.vocab_size} must be at least 256 for byte-level data.source={cfg.data.source}")
-    if cfg.data.source in ("folder", "tokens", "text") and not cfg.data.path:
-        raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
-    if cfg.data.source == "text" and not cfg.data.tokenizer:
-        raise RecipeError("data.tokenizer (a local tokenizer folder) is required when data.source=text")
-    zero_compute = moe.zero_experts + moe.copy_experts + moe.constant_experts
-    if zero_compute and not moe.num_experts:
-        raise RecipeError("zero-computation experts (model.moe.zero_experts, copy_experts, constant_experts) "
-                          "need an MoE model (model.moe.num_experts > 0)")
-    if moe.num_experts and moe.top_k > moe.num_experts + zero_compute:
-        raise RecipeError(f"model.moe.top_k={moe.top_k} must not exceed the {moe.num_experts + zero_compute} "
-                          "experts of model.moe.num_experts, zero_experts, copy_experts and constant_experts")
-    if zero_compute and moe.groups > 1:
-        raise RecipeError(f"model.moe.groups={moe.groups} cannot be combined with zero-computation experts "
-                          "(groups split the experts over ranks; zero-computation experts live on every rank)")
-    if moe.renormalize_over == "nonzero" and not moe.renormalize:
-        raise RecipeError("model.moe.renormalize_over=nonzero needs model.moe.renormalize=true")
-    if moe.gating_residual and not moe.num_experts:
-        raise RecipeError("model.moe.gating_residual=true needs an MoE model (model.moe.num_experts > 0)")
-    if moe.gating_residual and cfg.parallel.pp > 1:
-        raise RecipeError("model.moe.gating_residual=true needs parallel.pp=1 (the router logits it "
-                          "carries from layer to layer would have to cross pipeline stages)")
-    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
-        raise RecipeError(f"model.moe.capacity_factor={moe.capacity_factor} must be positive (null = dropless)")
-    if moe.num_experts and moe.groups > 1 and (moe.num_experts % moe.groups or moe.top_k % moe.groups):
-        raise RecipeError(f"model.moe.groups={moe.groups} must divide model.moe.num_experts={moe.num_experts} "
-                          f"and model.moe.top_k={moe.top_k}")
-
-    par = cfg.parallel
-    if par.dp % par.ep:
-        raise RecipeError(f"parallel.ep={par.ep} must divide parallel.dp={par.dp}")
-    if par.ep > 1 and not moe.num_experts:
-        raise RecipeError("parallel.ep > 1 needs an MoE model (model.moe.num_experts > 0)")
-    if par.ep > 1 and moe.num_experts % par.ep:
-        raise RecipeError(f"parallel.ep={par.ep} must divide model.moe.num_experts={moe.num_experts}")
-    if par.pp > 1:
-        _validate_pipeline(cfg)
-    if cfg.diloco.islands > 1:
-        _validate_diloco(cfg)
-    ft = cfg.fault_tolerance
-    if ft.spike_factor and ft.spike_factor <= 1:
-        raise RecipeError(f"fault_tolerance.spike_factor={ft.spike_factor} must be above 1 (0 = off)")
-    if ft.min_workers > world_size(cfg):
-        raise RecipeError(f"fault_tolerance.min_workers={ft.min_workers} exceeds the layout's "
-                          f"{world_size(cfg)} workers")
-    if cfg.launch.backend == "local" and world_size(cfg) != 1:
-        islands = f", diloco.islands={cfg.diloco.islands}" if cfg.diloco.islands > 1 else ""
-        raise RecipeError(f"launch.backend=local runs one process, but the layout needs {world_size(cfg)} (parallel.dp={par.dp}, parallel.pp={par.pp}{islands})")
-
-
-def _validate_diloco(cfg: DictConfig) -> None:
-    """Constraints that only matter with several islands."""
-    lo = cfg.diloco
-    if lo.fragments > cfg.model.layers:
-        raise RecipeError(f"diloco.fragments={lo.fragments} exceeds model.layers={cfg.model.layers} "
-                          "(each fragment holds at least one layer)")
-    if lo.inner_steps % lo.fragments:
-        raise RecipeError(f"diloco.fragments={lo.fragments} must divide diloco.inner_steps={lo.inner_steps} "
-                          "(fragments sync on evenly staggered steps)")
-    if lo.overlap_steps >= lo.inner_steps:
-        raise RecipeError(f"diloco.overlap_steps={lo.overlap_steps} must be below diloco.inner_steps={lo.inner_steps}")
-    if lo.delayed_update and lo.overlap_steps:
-        raise RecipeError("diloco.overlap_steps must be 0 with diloco.delayed_update=true "
-                          "(a delayed update always overlaps a whole outer step)")
-    if cfg.fault_tolerance.hang_timeout_s <= lo.wait_timeout_s:
-        raise RecipeError(f"fault_tolerance.hang_timeout_s={cfg.fault_tolerance.hang_timeout_s:g} must exceed "
-                          f"diloco.wait_timeout_s={lo.wait_timeout_s:g} (islands wait that long for a lost one)")
-    if cfg.checkpoint.interval % lo.inner_steps:
-        raise RecipeError(f"checkpoint.interval={cfg.checkpoint.interval} must be a multiple of "
-                          f"diloco.inner_steps={lo.inner_steps} (checkpoints are taken at outer steps)")
-    if cfg.run.stop_at % lo.inner_steps or cfg.run.steps % lo.inner_steps:
-        raise RecipeError(f"run.steps={cfg.run.steps} and run.stop_at={cfg.run.stop_at} must be multiples of "
-                          f"diloco.inner_steps={lo.inner_steps} (a run ends at an outer step)")
-
-
-def _validate_pipeline(cfg: DictConfig) -> None:
-    par, layers = cfg.parallel, cfg.model.layers
-    virtual = par.pp_virtual_stages if par.pp_schedule == "interleaved_1f1b" else 1
-    microbatches = par.microbatches or par.pp
-    if virtual < 1:
-        raise RecipeError(f"parallel.pp_virtual_stages={virtual} must be at least 1")
-    if par.pp * virtual > layers:
-        raise RecipeError(f"parallel.pp={par.pp} × {virtual} stages per rank exceeds model.layers={layers}")
-    if microbatches < par.pp:
-        raise RecipeError(f"parallel.microbatches={microbatches} must be at least parallel.pp={par.pp}")
-    if cfg.data.micro_batch % microbatches:
-        raise RecipeError(f"data.micro_batch={cfg.data.micro_batch} must be divisible by "
-                          f"parallel.microbatches={microbatches} (each is split into pipeline microbatches)")
-    if par.pp_schedule == "interleaved_1f1b" and microbatches % par.pp:
-        raise RecipeError(f"parallel.microbatches={microbatches} must be a multiple of parallel.pp={par.pp} "
-                          "for interleaved_1f1b")
-    first_last = par.pp_first_last_layers
-    stages = par.pp * virtual
-    if first_last is not None and (stages < 3 or first_last < 1 or
-                                   layers - 2 * first_last < stages - 2):
-        raise RecipeError(f"parallel.pp_first_last_layers={first_last} needs at least 3 stages and must "
-                          f"leave a layer for each middle stage (model.layers={layers}, {stages} stages)")
 
 
 def memory_interval(cfg: DictConfig) -> Optional[int]:
