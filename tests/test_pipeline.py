@@ -49,9 +49,10 @@ def torchrun(run_dir, pp: int, dp: int, *overrides: str) -> None:
 
 
 def assert_continues(run_dir, expected_run, first_step: int = 1) -> None:
-    """Same losses, eval losses, samples and MoE loads as the reference from `first_step` on."""
+    """Same losses, eval losses, samples and MoE loads as the reference from `first_step` on
+    (to the run's last step)."""
     got = read_jsonl(run_dir / "metrics.jsonl")
-    want = [r for r in read_jsonl(expected_run / "metrics.jsonl") if r["step"] >= first_step]
+    want = [r for r in read_jsonl(expected_run / "metrics.jsonl") if first_step <= r["step"] <= got[-1]["step"]]
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert [r["samples"] for r in got] == [r["samples"] for r in want]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
@@ -136,8 +137,8 @@ def test_pp_dp_ep_compose_on_four_processes_and_reshard(tmp_path):
     ref = tmp_path / "reference"
     reference(ref, samples_per_step=4)
 
-    pp_ep = tmp_path / "pp2_dp2_ep2"
-    torchrun(pp_ep, 2, 2, "parallel.ep=2", "parallel.dp_shard=fsdp")
+    pp_ep = tmp_path / "pp2_dp2_ep2"  # to the step-5 checkpoint the reshards start from
+    torchrun(pp_ep, 2, 2, "parallel.ep=2", "parallel.dp_shard=fsdp", "run.stop_at=5")
     assert_continues(pp_ep, ref)
 
     # pp 2->1, ep 2->1 (the experts' dp_mod_ep group grows 1->2), fsdp->ddp. Without the
