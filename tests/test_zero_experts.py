@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from atoll.checkpoint.hf import CheckpointError, architecture_for
 from atoll.launch.cli import main
-from atoll.parallel.kernels import grouped_mm_usable
+from atoll.parallel.kernels import grouped_mm_usable, triton_usable
 from atoll.trainer.config import MoEConfig
 from atoll.trainer.metrics import read_jsonl
 from atoll.trainer.moe import ExpertKinds, MoE, load_balancing_loss, router_z_loss, routing_summary
@@ -26,7 +26,8 @@ from atoll.trainer.optim import lr_multiplier
 from conftest import TINY_MOE, final_state, losses
 
 CPU = torch.device("cpu")
-KERNELS = ["naive", "sorted"] + (["grouped_mm"] if grouped_mm_usable(CPU, torch.float32) else [])
+KERNELS = ["naive", "sorted"] + (["grouped_mm"] if grouped_mm_usable(CPU, torch.float32) else []) + \
+    (["triton"] if triton_usable(CPU) else [])  # the interpreter: tests/conftest.py turns it on
 D, H = 8, 12
 MOE_PP = dict(num_experts=4, zero_experts=1, copy_experts=1, constant_experts=2, top_k=2)
 
