@@ -130,9 +130,8 @@ def take_sent_bytes(model: nn.Module) -> int:
     """All-to-all bytes the model's expert-parallel layers sent since the last call."""
     total = 0
     for _, moe in moe_layers(model):
-        total += getattr(moe.experts, "sent_bytes", 0)
-        if hasattr(moe.experts, "sent_bytes"):
-            moe.experts.sent_bytes = 0
+        if hasattr(moe.experts, "sent_bytes"):  # only apply_expert_parallel's layers send
+            total, moe.experts.sent_bytes = total + moe.experts.sent_bytes, 0
     return total
 
 

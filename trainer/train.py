@@ -82,11 +82,11 @@ def flops_per_token(model: Transformer, cfg: DictConfig, ffn_experts_per_token: 
     per layer where not given.
     """
     active = count_params(model)["active_per_token"] - model.tok_embeddings.weight.numel()
+    layers = moe_layers(model)
     if ffn_experts_per_token is not None:
-        for _, moe in moe_layers(model):
+        for _, moe in layers:
             per_expert = sum(p.numel() for p in moe.experts.parameters()) / moe.num_experts
-            active -= per_expert * min(moe.top_k, moe.num_experts)
-            active += per_expert * ffn_experts_per_token / len(moe_layers(model))
+            active += per_expert * (ffn_experts_per_token / len(layers) - min(moe.top_k, moe.num_experts))
     head_dim = cfg.model.dim // cfg.model.heads
     return 6 * active + 12 * cfg.model.layers * cfg.model.heads * head_dim * cfg.data.seq_len
 
