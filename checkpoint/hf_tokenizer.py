@@ -8,8 +8,9 @@ A checkpoint's recipe says what its token ids mean:
   character and a merge-free BPE vocabulary maps that character back to the
   byte's value) and a `tokenizer_config.json`. It encodes any text to exactly
   the ids atoll trained on and decodes them back.
-- `data.source: text`: the training tokenizer itself; its files are copied
-  from the `data.tokenizer` folder (or the folder of that tokenizer.json).
+- `data.source: text | dataset` with `data.tokenizer` (also in a `data.mixture`):
+  the training tokenizer itself; its files are copied from the `data.tokenizer`
+  folder (or the folder of that tokenizer.json). `dataset` without one: bytes.
 - `data.source: tokens` (ids of an unknown tokenizer), or a checkpoint whose
   recipe has no data section (an import): no tokenizer.
 
@@ -35,6 +36,19 @@ TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "special_tokens_map.json", 
                    "chat_template.jinja", "chat_template.json")
 # The generic class that runs a tokenizer.json as it is (no per-model rules on top).
 GENERIC_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def token_ids_of(data: Optional[dict]) -> Optional[str]:
+    """What the ids of a recipe's `data` section mean: "bytes", "tokenizer" (data.tokenizer's),
+    "tokens" (a pre-tokenised file's, of a tokenizer the recipe does not name), or None."""
+    if not data or not data.get("source"):
+        return None
+    sources = [entry.get("source") for entry in data.get("mixture") or []] or [data["source"]]
+    if data.get("tokenizer") and any(s in ("text", "dataset") for s in sources):
+        return "tokenizer"
+    if all(s == "tokens" for s in sources):
+        return "tokens"
+    return "bytes" if any(s in BYTE_SOURCES + ("dataset",) for s in sources) else "tokenizer"
 
 
 def byte_characters() -> dict[int, str]:
@@ -72,19 +86,19 @@ def training_tokenizer_folder(tokenizer: str) -> Path:
 def write_tokenizer(out: Path, data: Optional[dict], model_max_length: int) -> str:
     """Write the tokenizer of a checkpoint whose recipe has this `data` section into `out`;
     returns one line saying what was written (or why nothing was)."""
-    source = (data or {}).get("source")
-    if source in BYTE_SOURCES + ("text",):  # files of an earlier export must not mix with these
+    source, ids = (data or {}).get("source"), token_ids_of(data)
+    if ids in ("bytes", "tokenizer"):  # files of an earlier export must not mix with these
         for name in TOKENIZER_FILES:
             (out / name).unlink(missing_ok=True)
-    if source in BYTE_SOURCES:
+    if ids == "bytes":
         byte_level_tokenizer().save(str(out / TOKENIZER_FILE))
         _write_config(out / TOKENIZER_CONFIG, {"tokenizer_class": GENERIC_TOKENIZER_CLASS,
                                                "model_max_length": model_max_length})
         make_readable([out / TOKENIZER_FILE, out / TOKENIZER_CONFIG])
         return f"tokenizer: byte-level (ids are the UTF-8 bytes of the text, data.source={source})"
-    if source == "text":
+    if ids == "tokenizer":
         return _copy_training_tokenizer(out, data.get("tokenizer"), model_max_length)
-    if source == "tokens":
+    if ids == "tokens":
         return ("no tokenizer written: data.source=tokens holds ids of a tokenizer the checkpoint does "
                 "not name; copy its files into the folder to use it with a pipeline")
     return ("no tokenizer written: the checkpoint's recipe names no data source (imported weights); "

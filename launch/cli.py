@@ -80,7 +80,7 @@ def fail(message: str, code: int) -> int:
 def train_command(args: argparse.Namespace) -> int:
     from atoll.parallel.layout import Layout, ProcessEnv, running_under_torchrun
     from atoll.trainer.config import load_recipe, run_dir, to_dict, to_yaml
-    from atoll.trainer.run_dir import check_inputs, check_run_dir
+    from atoll.trainer.run_dir import check_inputs, check_run_dir, prepare_data
 
     recipe, overrides = split_recipe_args(args.args)
     cfg = load_recipe(recipe, overrides)
@@ -99,15 +99,18 @@ def train_command(args: argparse.Namespace) -> int:
         return 0
     # Workers may start elsewhere (another cwd, another node): give them absolute paths.
     cfg.run.dir = str(run_dir(cfg).resolve())
-    for key in ("path", "tokenizer"):
-        if cfg.data[key]:
-            cfg.data[key] = str(Path(cfg.data[key]).resolve())
+    for section in [cfg.data, *(cfg.data.mixture or [])]:
+        for key in ("path", "tokenizer"):
+            if section.get(key):
+                section[key] = str(Path(section[key]).resolve())
     if cfg.checkpoint.resume not in ("auto", "none"):
         cfg.checkpoint.resume = str(Path(cfg.checkpoint.resume).resolve())
     restarting = torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
     check_run_dir(cfg, restarting=restarting)
     if restarting:
         cfg.run.overwrite = False  # a restart resumes; only the first start may overwrite
+    # Tokenise here, once, before any worker starts: a bad record stops the run in one line.
+    prepare_data(cfg)
 
     if cfg.launch.backend == "torchrun" and not torchrun:
         raise user_errors()[0]("launch.backend=torchrun is set by torchrun itself; "

@@ -242,7 +242,7 @@ def test_text_is_tokenised_once_with_a_local_tokenizer_and_cached(tmp_path, caps
     first = [ids[w] for w in ("the islands train one model and " * 30).split()] + [0, 1]  # <unk>, </s>
     second = [ids[w] for w in ("islands talk rarely " * 40).split()] + [1]
     assert tokens.dtype == np.uint16 and list(tokens) == first + second  # a.txt before b.txt
-    assert "tokenising 2 files" in capsys.readouterr().out
+    assert "MB in 2 pieces" in capsys.readouterr().out
     cached = list(cache.glob("tokens-*.uint16"))
     assert len(cached) == 1
     again = load_tokens(cfg, vocab_size=16, cache_dir=cache)  # mapped, not tokenised again

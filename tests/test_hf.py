@@ -154,7 +154,7 @@ def test_imported_mixtral_fine_tunes_under_dp_and_ep_and_goes_back(tmp_path, cap
                     "checkpoint.interval=4", "optim.lr=0.01", f"run.dir={run}", "data.source=text",
                     f"data.path={texts}", f"data.tokenizer={tokenizer}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("tokenising 3 files") == 1 and len(list((run / "data").glob("tokens-*"))) == 1
+    assert proc.stdout.count("MB in 3 pieces") == 1 and len(list((run / "data").glob("tokens-*"))) == 1
     assert [e["source"] for e in events(run, "resume")] == ["weights"]
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
     tuned = atoll_model(run)

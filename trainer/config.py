@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 
@@ -83,13 +83,32 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
+# Sources whose ids are UTF-8 bytes; `dataset` and `text` use data.tokenizer (dataset: bytes without).
+BYTE_SOURCES = ("stdlib", "folder")
+
+
+@dataclass
+class MixtureSourceConfig:
+    """One entry of `data.mixture`: a named, weighted source with the keys of one data source."""
+
+    name: str = MISSING  # names its metrics: samples.<name>, eval_loss.<name>
+    weight: float = MISSING  # share of the samples (weights are normalised; 0 = evaluated only)
+    source: str = "dataset"  # stdlib | folder | tokens | text | dataset
+    path: Optional[str] = None
+    text_field: Optional[str] = None  # default: data.text_field
+    token_dtype: Optional[str] = None  # default: data.token_dtype
+
+
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | folder | tokens | text
-    path: Optional[str] = None  # folder of text files, or flat token file
-    tokenizer: Optional[str] = None  # source=text: a local tokenizer folder (tokenizer.json)
+    source: str = "stdlib"  # stdlib | folder | tokens | text | dataset
+    path: Optional[str] = None  # folder of text files, flat token file, or corpus file/folder/glob
+    tokenizer: Optional[str] = None  # a local tokenizer folder (tokenizer.json); dataset: bytes without
     token_dtype: str = "uint16"  # for source=tokens
-    max_bytes: int = 16_000_000  # cap on text read for stdlib/folder sources
+    max_bytes: int = 16_000_000  # cap on text read for stdlib/folder/text sources
+    text_field: str = "text"  # source=dataset: the field (jsonl) or column (parquet, arrow) of the text
+    tokenize_workers: Optional[int] = None  # processes that tokenise a corpus; default: the cores
+    mixture: Optional[list[MixtureSourceConfig]] = None  # replaces source/path: several weighted sources
     seq_len: int = 128
     micro_batch: int = 4
     grad_accum: int = 1
@@ -269,7 +288,7 @@ def build_recipe(*layers: DictConfig) -> DictConfig:
     try:
         merged = OmegaConf.merge(schema, *(_to_field_names(layer) for layer in layers))
     except oc_errors.ConfigKeyError as exc:
-        raise RecipeError(f"unknown recipe key '{_user_key(exc.full_key)}'") from None
+        raise RecipeError(f"unknown recipe key '{_mixture_key(layers, _user_key(exc.full_key))}'") from None
     except oc_errors.ValidationError as exc:
         raise RecipeError(_validation_message(exc)) from None
     except oc_errors.OmegaConfBaseException as exc:
@@ -310,6 +329,18 @@ def _user_key(full_key: Any) -> str:
     key = str(full_key)
     for (section, name), field_name in _KEYWORD_FIELDS.items():
         key = key.replace(f"{section}.{field_name}", f"{section}.{name}")
+    return key
+
+
+def _mixture_key(layers: tuple[DictConfig, ...], key: str) -> str:
+    """An unknown key inside a `data.mixture` entry, which OmegaConf names without its path."""
+    if "." in key:
+        return key
+    for layer in layers:
+        entries = OmegaConf.to_container(layer, resolve=False).get("data", {}) or {}
+        for i, entry in enumerate(entries.get("mixture") or [] if isinstance(entries, dict) else []):
+            if isinstance(entry, dict) and key in entry:
+                return f"data.mixture[{i}].{key}"
     return key
 
 

@@ -1,15 +1,15 @@
-"""Training data: tokens, a deterministic sample order, and per-rank sharding.
+"""Training data: a deterministic sample order over the sources, and per-rank sharding.
 
-Turns a `DataConfig` into a 1-D token stream (Python stdlib sources, a folder
-of text files as bytes, a flat pre-tokenised file read through a memmap, or a
-folder of text tokenised once with a local tokenizer: trainer/text_data.py), cuts it
-into fixed windows of `seq_len + 1` tokens, and hands each data-parallel rank
-its share of every step (DESIGN §4): step `s` consumes global samples
-`[s·B, (s+1)·B)`, B = micro_batch × grad_accum × dp, and the order is a pure
-function of (seed, epoch, global index). The loader's only state is the number
-of samples consumed, so a resume under another layout neither skips nor
-repeats a sample. DiLoCo islands share one order and take turns: island k's
-step s reads global samples `[(s·M + k)·B, (s·M + k + 1)·B)` of M islands.
+The sources (trainer/data_sources.py) give 1-D token streams; each is cut into
+fixed windows of `seq_len + 1` tokens, the last ones held out for validation.
+A `data.mixture` reads several sources in fixed proportions
+(trainer/data_mixture.py). Each data-parallel rank takes its share of every
+step (DESIGN §4): step `s` consumes global samples `[s·B, (s+1)·B)`,
+B = micro_batch × grad_accum × dp, and the order is a pure function of
+(seed, epoch, global index). The loader's only state is the number of samples
+consumed, so a resume under another layout neither skips nor repeats a
+sample. DiLoCo islands share one order and take turns: island k's step s
+reads global samples `[(s·M + k)·B, (s·M + k + 1)·B)` of M islands.
 
 This module must not know about process groups (dp rank and size are plain
 ints), models (only `vocab_size` as an int) or checkpoint files (it offers
@@ -18,24 +18,21 @@ ints), models (only `vocab_size` as an int) or checkpoint files (it offers
 
 from __future__ import annotations
 
-import os
-import sysconfig
+import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from atoll.trainer.config import DataConfig
-from atoll.trainer.text_data import text_tokens, tokenizer_file
+from atoll.trainer.data_documents import DataError
+from atoll.trainer.data_mixture import MixtureDataset
+from atoll.trainer.data_sources import SEPARATOR, check_data_paths, load_tokens, source_configs
 
-SEPARATOR = 0  # byte placed after every file so documents do not run together
-_TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-
-
-class DataError(ValueError):
-    """A data problem a user must fix; the message is one line."""
+__all__ = ["ByteTokenizer", "DataError", "DataLoader", "MixtureDataset", "SEPARATOR", "TokenDataset",
+           "build_data", "check_data_paths", "load_dataset", "load_tokens", "step_sample_indices",
+           "val_batches", "validation_sets"]
 
 
 class ByteTokenizer:
@@ -50,135 +47,26 @@ class ByteTokenizer:
         return np.asarray(ids).reshape(-1).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-# --------------------------------------------------------------------------- sources
-
-
-def _walk_files(root: Path, skip_dirs: set, suffix: Optional[str]) -> list[Path]:
-    """Regular files under root, non-hidden, sorted by relative path (not walk order)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
-        for name in filenames:
-            if name.startswith(".") or (suffix and not name.endswith(suffix)):
-                continue
-            p = Path(dirpath, name)
-            if p.is_file():
-                found.append(p)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _concat_files(files: list[Path], max_bytes: int) -> np.ndarray:
-    """Each file's bytes then SEPARATOR, stopping at max_bytes in total."""
-    chunks, total, sep = [], 0, bytes([SEPARATOR])
-    for p in files:
-        if total >= max_bytes:
-            break
-        try:
-            raw = p.read_bytes()
-        except OSError:
-            continue  # unreadable file: skip, as if absent
-        if not raw:
-            continue
-        chunk = raw + sep
-        chunks.append(chunk[: max_bytes - total])
-        total += len(chunks[-1])
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.uint16)
-
-
-def _stdlib_tokens(max_bytes: int) -> np.ndarray:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return _concat_files(_walk_files(root, _SKIP_STDLIB_DIRS, ".py"), max_bytes)
-
-
-def check_data_paths(cfg: DataConfig) -> None:
-    """The files the data section names exist: cheap enough for the driver and every rank
-    to call before anything starts, so a wrong path is one line, not a failed worker."""
-    if cfg.source not in ("folder", "tokens", "text"):
-        return
-    if not cfg.path:
-        raise DataError(f"data.path is required when data.source={cfg.source}")
-    path = Path(cfg.path)
-    if not path.exists():
-        raise DataError(f"data.path {cfg.path} does not exist")
-    if cfg.source == "tokens" and not path.is_file():
-        raise DataError(f"data.path {cfg.path} is not a file (data.source=tokens reads a flat token file)")
-    if cfg.source != "tokens" and not path.is_dir():
-        raise DataError(f"data.path {cfg.path} is not a folder (data.source={cfg.source} reads every file in it)")
-    if cfg.source == "text":
-        if not cfg.tokenizer:
-            raise DataError("data.source=text needs data.tokenizer (a local tokenizer folder)")
-        if not Path(cfg.tokenizer).exists():
-            raise DataError(f"data.tokenizer {cfg.tokenizer} does not exist")
-        if not tokenizer_file(cfg.tokenizer).is_file():
-            raise DataError(f"data.tokenizer {cfg.tokenizer} has no tokenizer.json "
-                            "(a local folder as save_pretrained writes it)")
-
-
-def _folder_tokens(path: str, max_bytes: int) -> np.ndarray:
-    tokens = _concat_files(_walk_files(Path(path), set(), None), max_bytes)
-    if tokens.size == 0:
-        raise DataError(f"data.path {path} has no readable text files")
-    return tokens
-
-
-def _file_tokens(path: str, token_dtype: str) -> np.ndarray:
-    if token_dtype not in _TOKEN_DTYPES:
-        raise DataError(f"data.token_dtype must be uint16 or uint32, not {token_dtype}")
-    p = Path(path)
-    dtype = np.dtype(_TOKEN_DTYPES[token_dtype])
-    size = p.stat().st_size
-    if size == 0:
-        raise DataError(f"token file {path} is empty")
-    if size % dtype.itemsize:
-        raise DataError(f"token file {path} has {size} bytes, not a multiple of {dtype.itemsize} ({token_dtype})")
-    return np.memmap(p, dtype=dtype, mode="r")
-
-
-def _text_tokens(cfg: DataConfig, vocab_size: Optional[int], cache_dir: Optional[Path]) -> np.ndarray:
-    root = Path(cfg.path)
-    files = _walk_files(root, set(), None)
-    if not files:
-        raise DataError(f"data.path {cfg.path} has no text files")
-    if cache_dir is None:
-        raise DataError("data.source=text needs a run directory to cache its tokens in")
-    cached = text_tokens(root, files, cfg.tokenizer, vocab_size, cfg.max_bytes, cache_dir, DataError)
-    return _file_tokens(str(cached), cached.suffix.lstrip("."))
-
-
-def load_tokens(cfg: DataConfig, vocab_size: Optional[int] = None, cache_dir: Optional[Path] = None) -> np.ndarray:
-    """The whole token stream of the recipe's data source, as a 1-D integer array.
-    `cache_dir` holds what `data.source: text` tokenised (in the run directory)."""
-    if cfg.max_bytes <= 0:
-        raise DataError("data.max_bytes must be positive")
-    if cfg.source == "stdlib":
-        return _stdlib_tokens(cfg.max_bytes)
-    check_data_paths(cfg)
-    if cfg.source == "folder":
-        return _folder_tokens(cfg.path, cfg.max_bytes)
-    if cfg.source == "tokens":
-        return _file_tokens(cfg.path, cfg.token_dtype)
-    if cfg.source == "text":
-        return _text_tokens(cfg, vocab_size, cache_dir)
-    raise DataError(f"data.source must be stdlib, folder, tokens or text, not {cfg.source}")
-
-
 # --------------------------------------------------------------------------- order
 
 
 class TokenDataset:
     """Non-overlapping windows of seq_len+1 tokens; the last ones are validation."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float, seed: Union[int, Sequence[int]],
+                 name: Optional[str] = None):
         if seq_len < 1:
             raise DataError("data.seq_len must be at least 1")
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.tokens, self.seq_len = tokens, seq_len
+        self.seed = [seed] if isinstance(seed, int) else list(seed)
         self.window = seq_len + 1
         n_windows = len(tokens) // self.window
         self.num_val = max(1, round(val_fraction * n_windows))
         self.num_train = n_windows - self.num_val
         if self.num_train < 1:
             raise DataError(
-                f"the data has {len(tokens)} tokens, too few for one sample of "
+                f"{f'data.mixture source {name}' if name else 'the data'} has {len(tokens)} tokens, "
+                f"too few for one sample of "
                 f"data.seq_len+1={self.window} tokens plus a validation split"
             )
         self._perm_epoch, self._perm = -1, None
@@ -186,7 +74,7 @@ class TokenDataset:
     def permutation(self, epoch: int) -> np.ndarray:
         """Order of train windows in an epoch; a pure function of (seed, epoch)."""
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+            self._perm = np.random.default_rng([*self.seed, epoch]).permutation(self.num_train)
             self._perm_epoch = epoch
         return self._perm
 
@@ -207,6 +95,13 @@ class TokenDataset:
         if not 0 <= i < self.num_val:
             raise IndexError(f"validation index {i} not in [0, {self.num_val})")
         return self._window(self.num_train + i)
+
+    def eval_sources(self) -> list[tuple[Optional[str], float, "TokenDataset"]]:
+        """(name, share, dataset) of each validation set: one, unnamed."""
+        return [(None, 1.0, self)]
+
+    def samples_by_source(self, n: int) -> dict[str, int]:
+        return {}
 
 
 def step_sample_indices(
@@ -280,10 +175,33 @@ def val_batches(dataset: TokenDataset, micro_batch: int, num_batches: int, dp_ra
     return [_to_batch([dataset.val_sample(i % dataset.num_val) for i in idx], vocab_size) for idx in groups]
 
 
+def validation_sets(dataset: Union[TokenDataset, MixtureDataset], micro_batch: int, num_batches: int,
+                    dp_rank: int, dp_size: int, vocab_size: Optional[int] = None
+                    ) -> list[tuple[Optional[str], float, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """(name, share, this rank's batches) of each source's validation set; one unnamed set
+    without a mixture. Every source gets the same number of batches."""
+    return [(name, share, val_batches(source, micro_batch, num_batches, dp_rank, dp_size, vocab_size))
+            for name, share, source in dataset.eval_sources()]
+
+
+def load_dataset(cfg: DataConfig, seed: int, vocab_size: Optional[int] = None,
+                 cache_dir: Optional[Path] = None) -> Union[TokenDataset, MixtureDataset]:
+    """The windows of the recipe's data: one source, or a mixture whose sources each keep
+    their own order (seeded by the run's seed and the source's name)."""
+    sources = source_configs(cfg)
+    if not cfg.mixture:
+        return TokenDataset(load_tokens(cfg, vocab_size, cache_dir), cfg.seq_len, cfg.val_fraction, seed)
+    datasets = [TokenDataset(load_tokens(source, vocab_size, cache_dir, name), cfg.seq_len, cfg.val_fraction,
+                             (seed, zlib.crc32(name.encode())), name)
+                for name, _, source in sources]
+    return MixtureDataset([name for name, _, _ in sources], [w for _, w, _ in sources], datasets, seed)
+
+
 def build_data(cfg: DataConfig, seed: int, dp_rank: int, dp_size: int, vocab_size: int, island: int = 0,
-               islands: int = 1, cache_dir: Optional[Path] = None) -> tuple[TokenDataset, DataLoader]:
+               islands: int = 1, cache_dir: Optional[Path] = None
+               ) -> tuple[Union[TokenDataset, MixtureDataset], DataLoader]:
     """Dataset and this rank's loader for a recipe's data section (and its DiLoCo island)."""
-    dataset = TokenDataset(load_tokens(cfg, vocab_size, cache_dir), cfg.seq_len, cfg.val_fraction, seed)
+    dataset = load_dataset(cfg, seed, vocab_size, cache_dir)
     loader = DataLoader(dataset, cfg.micro_batch, cfg.grad_accum, dp_rank, dp_size, vocab_size=vocab_size,
                         island=island, islands=islands)
     return dataset, loader

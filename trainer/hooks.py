@@ -186,7 +186,7 @@ class MetricsHook(StepHook):
         elapsed = time.perf_counter() - self.interval_start
         self.last = trainer.step_metrics(result, self.interval_steps, elapsed)
         if eval_now:
-            self.last["eval_loss"] = trainer.evaluate()
+            self.last.update(trainer.evaluate())
         trainer.logger.log(step, self.last)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 

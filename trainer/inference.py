@@ -24,13 +24,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from atoll.checkpoint.hf_tokenizer import BYTE_SOURCES, byte_level_tokenizer
+from atoll.checkpoint.hf_tokenizer import byte_level_tokenizer, token_ids_of
 from atoll.checkpoint.manifest import CheckpointError, read_manifest
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.checkpoint.tools import model_weights
 from atoll.trainer.config import model_config, recipe_from_dict
 from atoll.trainer.model import Transformer
-from atoll.trainer.text_data import load_tokenizer as load_training_tokenizer
+from atoll.trainer.data_cache import load_tokenizer as load_training_tokenizer
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Transformer:
@@ -47,12 +47,13 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
 
 def load_tokenizer(path: Union[str, Path]):
     """The `tokenizers.Tokenizer` of the checkpoint's token ids: byte-level for the `stdlib`
-    and `folder` sources, the `data.tokenizer` of `text`; None where the checkpoint does not
-    say (`tokens`, imported weights)."""
+    and `folder` sources (and `dataset` without a tokenizer), the `data.tokenizer` of `text`
+    and `dataset`; None where the checkpoint does not say (`tokens`, imported weights)."""
     data = read_manifest(resolve_checkpoint(Path(path)))["recipe"].get("data") or {}
-    if data.get("source") in BYTE_SOURCES:
+    ids = token_ids_of(data)
+    if ids == "bytes":
         return byte_level_tokenizer()
-    if data.get("source") == "text" and data.get("tokenizer"):
+    if ids == "tokenizer" and data.get("tokenizer"):
         return load_training_tokenizer(data["tokenizer"], CheckpointError)
     return None
 

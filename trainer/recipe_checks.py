@@ -7,11 +7,13 @@ Like the schema, it knows nothing about processes, models or files.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from omegaconf import DictConfig
 
-from atoll.trainer.config import _KEYWORD_FIELDS, RecipeError, world_size
+from atoll.trainer.config import _KEYWORD_FIELDS, BYTE_SOURCES, RecipeError, world_size
 
 CHOICES = {
     "model.dtype": ("auto", "bf16", "fp32"),
@@ -24,7 +26,7 @@ CHOICES = {
     "optim.name": ("adamw", "sgd"),
     "diloco.outer_optimizer": ("sgd",),
     "diloco.quantize": ("none", "bf16", "int8", "int4"),
-    "data.source": ("stdlib", "folder", "tokens", "text"),
+    "data.source": ("stdlib", "folder", "tokens", "text", "dataset"),
     "data.token_dtype": ("uint16", "uint32"),
     "parallel.dp_shard": ("auto", "fsdp", "ddp"),
     "fault_tolerance.straggler": ("off", "report", "evict"),
@@ -112,12 +114,7 @@ def validate(cfg: DictConfig) -> None:
     if model.tie_embeddings and cfg.parallel.pp > 1:
         raise RecipeError("model.tie_embeddings=true needs parallel.pp=1 (the embedding and the output "
                           "head live on different pipeline stages)")
-    if cfg.data.source in ("stdlib", "folder") and model.vocab_size < 256:
-        raise RecipeError(f"model.vocab_size={model.vocab_size} must be at least 256 for byte-level data.source={cfg.data.source}")
-    if cfg.data.source in ("folder", "tokens", "text") and not cfg.data.path:
-        raise RecipeError(f"data.path is required when data.source={cfg.data.source}")
-    if cfg.data.source == "text" and not cfg.data.tokenizer:
-        raise RecipeError("data.tokenizer (a local tokenizer folder) is required when data.source=text")
+    _check_data(cfg.data, model.vocab_size)
     zero_compute = moe.zero_experts + moe.copy_experts + moe.constant_experts
     if zero_compute and not moe.num_experts:
         raise RecipeError("zero-computation experts (model.moe.zero_experts, copy_experts, constant_experts) "
@@ -212,3 +209,52 @@ def _validate_pipeline(cfg: DictConfig) -> None:
                                    layers - 2 * first_last < stages - 2):
         raise RecipeError(f"parallel.pp_first_last_layers={first_last} needs at least 3 stages and must "
                           f"leave a layer for each middle stage (model.layers={layers}, {stages} stages)")
+
+
+SOURCES = CHOICES["data.source"]
+
+
+def _check_data(data: DictConfig, vocab_size: int) -> None:
+    if data.tokenize_workers is not None and data.tokenize_workers < 1:
+        raise RecipeError(f"recipe key 'data.tokenize_workers' must be at least 1, got {data.tokenize_workers}")
+    if not data.text_field:
+        raise RecipeError("recipe key 'data.text_field' must name a field")
+    if not data.mixture:
+        _check_source(data, "data", data.source, data.path, data.tokenizer, vocab_size)
+        return
+    if data.path:
+        raise RecipeError("data.path cannot be combined with data.mixture (each mixture entry names its own path)")
+    names = set()
+    for i, entry in enumerate(data.mixture):
+        where = f"data.mixture[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", entry.name or ""):
+            raise RecipeError(f"recipe key '{where}.name' must be letters, digits, '_' or '-' "
+                              f"(it names metrics), got '{entry.name}'")
+        if entry.name in names:
+            raise RecipeError(f"recipe key '{where}.name': '{entry.name}' names two mixture entries")
+        names.add(entry.name)
+        if entry.source not in SOURCES:
+            raise RecipeError(f"recipe key '{where}.source' must be one of {', '.join(SOURCES)}, "
+                              f"got '{entry.source}'")
+        if entry.token_dtype is not None and entry.token_dtype not in CHOICES["data.token_dtype"]:
+            raise RecipeError(f"recipe key '{where}.token_dtype' must be uint16 or uint32, got '{entry.token_dtype}'")
+        if not (math.isfinite(entry.weight) and entry.weight >= 0):
+            raise RecipeError(f"recipe key '{where}.weight' must be a number of at least 0, got {entry.weight}")
+        if data.tokenizer and entry.source in BYTE_SOURCES:
+            raise RecipeError(f"recipe key '{where}.source={entry.source}' reads bytes, but data.tokenizer makes the "
+                              "other sources' ids tokenizer ids: a mixture speaks one vocabulary")
+        _check_source(data, where, entry.source, entry.path, data.tokenizer, vocab_size)
+    total = sum(entry.weight for entry in data.mixture)
+    if not total > 0:
+        raise RecipeError(f"the weights of data.mixture must sum to a positive number, got {total}")
+
+
+def _check_source(data: DictConfig, where: str, source: str, path, tokenizer, vocab_size: int) -> None:
+    byte_level = source in BYTE_SOURCES or (source == "dataset" and not tokenizer)
+    if byte_level and vocab_size < 256:
+        raise RecipeError(f"model.vocab_size={vocab_size} must be at least 256 for byte-level "
+                          f"{where}.source={source}" + (" without data.tokenizer" if source == "dataset" else ""))
+    if source in ("folder", "tokens", "text", "dataset") and not path:
+        raise RecipeError(f"{where}.path is required when {where}.source={source}")
+    if source == "text" and not tokenizer:
+        raise RecipeError(f"data.tokenizer (a local tokenizer folder) is required when {where}.source=text")

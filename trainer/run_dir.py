@@ -5,7 +5,8 @@ call it and fail the same way before any worker starts. `prepare_run_dir`
 creates the folder and writes the resolved recipe; with `run.overwrite=true`
 it first removes what an earlier run wrote (and nothing else).
 `check_inputs` stats the files the recipe names, so a wrong path stops the
-driver (and `--dry-run`) in one line. `choose_checkpoint` decides what
+driver (and `--dry-run`) in one line; `prepare_data` tokenises them into the
+token cache before any worker starts, so a bad record does too. `choose_checkpoint` decides what
 `checkpoint.resume` means for this run.
 """
 
@@ -21,17 +22,27 @@ from omegaconf import DictConfig
 from atoll.checkpoint.manifest import CheckpointError, verify
 from atoll.checkpoint.store import committed, find_resumable, resolve_checkpoint
 from atoll.trainer.config import DataConfig, RecipeError, as_dataclass, run_dir, to_yaml
-from atoll.trainer.data import check_data_paths
+from atoll.trainer.data_sources import check_data_paths, prepare_tokens
 from atoll.trainer.metrics import EVENTS_FILE, METRICS_FILE, read_jsonl
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
+DATA_CACHE = "data"  # token caches; kept by run.overwrite=true (they depend on the inputs only)
 # What a run writes; `run.overwrite=true` removes exactly these and nothing else.
 RUN_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVENTS_FILE, "loss.png", "wandb", "wandb_run_id", CHECKPOINTS)
 
 
 def checkpoints_dir(cfg: DictConfig) -> Path:
     return run_dir(cfg) / CHECKPOINTS
+
+
+def data_cache_dir(cfg: DictConfig) -> Path:
+    return run_dir(cfg) / DATA_CACHE
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Tokenise the sources that need it into the run's token cache (a no-op when it exists)."""
+    prepare_tokens(as_dataclass(cfg.data, DataConfig), cfg.model.vocab_size, data_cache_dir(cfg))
 
 
 def check_run_dir(cfg: DictConfig, restarting: bool = False) -> Path:

@@ -43,7 +43,7 @@ from atoll.parallel.layout import Layout, ParallelMesh, ProcessEnv, device_for
 from atoll.trainer.config import (DataConfig, OptimConfig, as_dataclass, ffn_hidden, memory_interval,
                                   memory_tier_on, model_config, recipe_from_dict, recipe_sha256, run_dir,
                                   to_dict)
-from atoll.trainer.data import build_data, val_batches
+from atoll.trainer.data import build_data, validation_sets
 from atoll.trainer.guard import AnomalyGuard
 from atoll.trainer.hooks import (DilocoHook, DiskCheckpointHook, HeartbeatHook, MemorySnapshotHook,
                                  MetricsHook, RunControl, StartupTimes, StepHook, StopAgreement)
@@ -57,7 +57,7 @@ from atoll.trainer.moe import routing_summary
 from atoll.trainer.optim import ScheduleState, build_optimizer, build_scheduler
 from atoll.trainer.resume import rejoin_island, resume
 from atoll.trainer.stragglers import describe, peer_report
-from atoll.trainer.run_dir import check_run_dir, checkpoints_dir, prepare_run_dir, write_config
+from atoll.trainer.run_dir import check_run_dir, checkpoints_dir, data_cache_dir, prepare_run_dir, write_config
 
 
 class TrainingError(RuntimeError):
@@ -181,12 +181,12 @@ class Trainer:
         self.dataset, self.loader = build_data(data_cfg, cfg.run.seed, self.mesh.dp_rank,
                                                self.layout.dp, cfg.model.vocab_size,
                                                island=self.env.island, islands=self.layout.islands,
-                                               cache_dir=run_dir(cfg) / "data")
+                                               cache_dir=data_cache_dir(cfg))
         # The validation set is `eval_batches` steps' worth of windows of the whole run (every
         # island's batch together), so every split of the same batch evaluates the same windows.
         eval_micro_batches = cfg.logging.eval_batches * cfg.data.grad_accum * self.layout.islands
-        self.val = (val_batches(self.dataset, data_cfg.micro_batch, eval_micro_batches,
-                                self.mesh.dp_rank, self.layout.dp)
+        self.val = (validation_sets(self.dataset, data_cfg.micro_batch, eval_micro_batches,
+                                    self.mesh.dp_rank, self.layout.dp)
                     if cfg.logging.eval_interval else [])
         self.step = 0
         self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
@@ -446,23 +446,31 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """`eval_loss` on the validation set; with a mixture, `eval_loss.<name>` per source and
+        `eval_loss` their mean weighted by the mixture's shares."""
         modules = self.runner.wrappers if self.runner else [self.train_module]
         for module in modules:
             module.eval()
-        losses = []
-        for inputs_BS, targets_BS in self.val:
-            inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
-            if self.runner is not None:
-                losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
-                continue
-            with self.precision.forward_context():
-                logits_BSV, _ = self.train_module(inputs_BS)
-            losses.append(float(lm_loss(logits_BSV, targets_BS)))
+        means = []
+        for _, _, batches in self.val:
+            losses = []
+            for inputs_BS, targets_BS in batches:
+                inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
+                if self.runner is not None:
+                    losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
+                    continue
+                with self.precision.forward_context():
+                    logits_BSV, _ = self.train_module(inputs_BS)
+                losses.append(float(lm_loss(logits_BSV, targets_BS)))
+            means.append(sum(losses) / len(losses))
         for module in modules:
             module.train()
-        stage_sum = self.mesh.sum_over_stages([sum(losses) / len(losses)])
-        return self.mesh.all_reduce_mean(stage_sum)[0]
+        means = self.mesh.all_reduce_mean(self.mesh.sum_over_stages(means))
+        if len(self.val) == 1 and self.val[0][0] is None:
+            return {"eval_loss": means[0]}
+        per_source = {f"eval_loss.{name}": mean for (name, _, _), mean in zip(self.val, means)}
+        return {"eval_loss": sum(share * mean for (_, share, _), mean in zip(self.val, means)), **per_source}
 
     def step_metrics(self, result: StepResult, steps: int, elapsed: float) -> dict:
         """The metrics.jsonl row of a log step (`steps` steps took `elapsed` seconds)."""
@@ -475,6 +483,9 @@ class Trainer:
                    "lr": self.schedulers[0].get_last_lr()[0], "grad_norm": result.grad_norm,
                    "tokens": self.step * self.tokens_per_step,
                    "samples": self.loader.samples_consumed, "tokens_per_s": tokens_per_s,
+                   # every island's samples: they take turns along one global stream
+                   **{f"samples.{name}": count for name, count in self.dataset.samples_by_source(
+                       self.loader.samples_consumed * self.layout.islands).items()},
                    "step_time_s": elapsed / steps,
                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
                    "tflops": self.flops_per_token * tokens_per_s / 1e12}
