@@ -18,6 +18,7 @@ ints), models (only `vocab_size` as an int) or checkpoint files (it offers
 
 from __future__ import annotations
 
+import time
 import zlib
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -139,6 +140,7 @@ class DataLoader:
         self.dp_rank, self.dp_size, self.vocab_size = dp_rank, dp_size, vocab_size
         self.island, self.islands = island, islands
         self.samples_consumed = 0  # of this island's stream
+        self.busy_s = 0.0  # time spent making batches since take_busy_s (not state)
 
     def stream_index(self, i: int) -> int:
         """Global sample of this island's i-th: islands take turns, one global batch each."""
@@ -151,12 +153,19 @@ class DataLoader:
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (inputs_BS, targets_BS) per micro-batch; advances by the global batch."""
+        started = time.perf_counter()
         groups = step_sample_indices(self.samples_consumed, self.micro_batch, self.grad_accum,
                                      self.dp_rank, self.dp_size)
         batches = [_to_batch([self.dataset.train_sample(self.stream_index(i)) for i in idx], self.vocab_size)
                    for idx in groups]
         self.samples_consumed += self.global_batch
+        self.busy_s += time.perf_counter() - started
         return batches
+
+    def take_busy_s(self) -> float:
+        """Seconds spent making batches since the last call (the `data_s` metric)."""
+        busy, self.busy_s = self.busy_s, 0.0
+        return busy
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}

@@ -217,6 +217,7 @@ class _Progress:
 
     def __init__(self, what: str, total_bytes: int, done_bytes: int, units: int):
         self.what, self.documents, self.text = what, 0, 0
+        self.total, self.initial, self.done = total_bytes, done_bytes, done_bytes
         self.started = self.printed = time.perf_counter()
         resumed = f" (resuming: {done_bytes / 1e6:,.1f} MB done)" if done_bytes else ""
         print(f"tokenising {what}: {total_bytes / 1e6:,.1f} MB in {units} pieces{resumed}", flush=True)
@@ -228,13 +229,14 @@ class _Progress:
     def update(self, size: int, documents: int, text: int, tokens: int) -> None:
         self.documents += documents
         self.text += text
+        self.done += size
         self.bar.update(size)
         self.bar.set_postfix_str(f"{self.documents:,} documents", refresh=False)
         now = time.perf_counter()
         if self.bar.disable and now - self.printed >= PROGRESS_EVERY_S:  # a log, not a terminal
             self.printed = now
-            done, total = self.bar.n, self.bar.total
-            rate = (done - self.bar.initial) / max(now - self.started, 1e-9)
+            done, total = self.done, self.total
+            rate = (done - self.initial) / max(now - self.started, 1e-9)
             eta = (total - done) / rate if rate > 0 else float("inf")
             print(f"tokenising {self.what}: {done / 1e6:,.1f}/{total / 1e6:,.1f} MB, {self.documents:,} "
                   f"documents, {rate / 1e6:,.1f} MB/s, ETA {eta:,.0f} s", flush=True)

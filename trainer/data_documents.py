@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-JSONL_RANGE_BYTES = 32 << 20  # plain jsonl files are tokenised in ranges of this size
+JSONL_RANGE_BYTES = 8 << 20  # plain jsonl files are tokenised in ranges of this size
 BATCH_DOCUMENTS = 1024  # texts handed to the tokenizer at once
 SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".arrow")
 

@@ -486,7 +486,7 @@ class Trainer:
                    # every island's samples: they take turns along one global stream
                    **{f"samples.{name}": count for name, count in self.dataset.samples_by_source(
                        self.loader.samples_consumed * self.layout.islands).items()},
-                   "step_time_s": elapsed / steps,
+                   "step_time_s": elapsed / steps, "data_s": self.loader.take_busy_s() / steps,
                    "ckpt_block_s": self.checkpointer.take_blocked_s(),
                    "tflops": self.flops_per_token * tokens_per_s / 1e12}
         if self.peak_tflops:  # tflops: the island's GPUs together (its global batch's tokens)
