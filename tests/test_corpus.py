@@ -335,6 +335,14 @@ def test_a_mixture_reads_each_source_in_its_own_order_and_epochs(tmp_path):
     assert held_out == {"web": 6, "code": 3, "math": 1}
     assert dataset.samples_by_source(200) == {"web": 100, "code": 60, "math": 40}
 
+    # DiLoCo islands take turns along the same mixed stream, one global batch each
+    _, island0 = build_data(cfg, 5, 0, 1, 4096, island=0, islands=2)
+    _, island1 = build_data(cfg, 5, 0, 1, 4096, island=1, islands=2)
+    _, whole = build_data(cfg, 5, 0, 1, 4096)
+    for _ in range(3):
+        turns = [x.tolist() for loader in (island0, island1) for x, _ in loader.next_step()]
+        assert turns == [x.tolist() for _ in range(2) for x, _ in whole.next_step()]
+
     # dp=2 splits the same stream: the two ranks' batches together are dp=1's batches
     _, single = build_data(cfg, 5, 0, 1, 4096)
     _, rank0 = build_data(cfg, 5, 0, 2, 4096)
@@ -396,3 +404,20 @@ def test_a_mixture_resumes_under_other_layouts_with_the_same_samples(tmp_path, t
     assert sum(last[f"samples.{n}"] for n in shares) == last["samples"] == 32  # 8 steps of 4
     assert all(abs(last[f"samples.{n}"] - 32 * w) < 1 for n, w in shares.items())
     assert last["eval_loss"] == pytest.approx(sum(w * last[f"eval_loss.{n}"] for n, w in shares.items()))
+
+
+def test_the_export_names_the_ids_a_dataset_or_mixture_trained_on(tmp_path, tokenizer_dir):
+    """A hf export writes the training tokenizer of a `dataset` source or mixture with
+    data.tokenizer, the byte-level one without, and none for a mixture of token files."""
+    from atoll.checkpoint.hf_tokenizer import write_tokenizer
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert write_tokenizer(out, {"source": "dataset", "tokenizer": None}, 64).startswith("tokenizer: byte-level")
+    mixture = [{"name": "web", "source": "dataset"}, {"name": "ids", "source": "tokens"}]
+    copied = write_tokenizer(out, {"source": "stdlib", "tokenizer": str(tokenizer_dir), "mixture": mixture}, 64)
+    assert copied.startswith("tokenizer:") and "byte-level" not in copied
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    only_ids = [{"name": "a", "source": "tokens"}, {"name": "b", "source": "tokens"}]
+    assert write_tokenizer(out, {"source": "stdlib", "tokenizer": None, "mixture": only_ids}, 64).startswith(
+        "no tokenizer written: data.source=tokens")
