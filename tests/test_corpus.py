@@ -189,7 +189,7 @@ def test_a_tokenisation_killed_half_way_is_redone_not_used(tmp_path, tokenizer_d
     assert not parts.exists()
 
 
-def test_bad_input_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, tokenizer_dir):
+def test_bad_input_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, tokenizer_dir, monkeypatch):
     good = corpus(5, seed=4)
 
     def error_of(cfg: DataConfig, vocab_size: int = 64) -> str:
@@ -203,6 +203,12 @@ def test_bad_input_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, to
     missing.write_text("".join(json.dumps({"body": d}) + "\n" for d in good[:2]) + '{"text": "x"}\n')
     assert error_of(dataset_cfg(missing, tokenizer_dir)) == \
         f"{missing}:3: the record has no 'body' field (data.text_field=body)"
+    late = tmp_path / "late.jsonl"  # in the last of many ranges: the line number is the file's
+    late.write_text("".join(json.dumps({"body": d}) + "\n" for d in corpus(60, seed=5)) + "{not json\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(documents, "JSONL_RANGE_BYTES", 256)
+        assert len(documents.corpus_units(str(late))) > 5
+        assert error_of(dataset_cfg(late, tokenizer_dir)).startswith(f"{late}:61: not a JSON record (")
     bad_utf8 = tmp_path / "bad.jsonl"
     bad_utf8.write_bytes(b'{"body": "fine"}\n{"body": "caf\xe9"}\n')
     assert error_of(dataset_cfg(bad_utf8, tokenizer_dir)).startswith(f"{bad_utf8}:2: invalid UTF-8")

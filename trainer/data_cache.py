@@ -220,7 +220,7 @@ class _Progress:
         self.total, self.initial, self.done = total_bytes, done_bytes, done_bytes
         self.started = self.printed = time.perf_counter()
         resumed = f" (resuming: {done_bytes / 1e6:,.1f} MB done)" if done_bytes else ""
-        print(f"tokenising {what}: {total_bytes / 1e6:,.1f} MB in {units} pieces{resumed}", flush=True)
+        print(f"tokenising {what}: {total_bytes / 1e6:,.1f} MB in {units} piece{'s' if units != 1 else ''}{resumed}", flush=True)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="tokenising",

@@ -148,17 +148,19 @@ def read_documents(unit: Unit, text_field: str) -> Iterator[list[str]]:
 
 def _jsonl_documents(unit: Unit, text_field: str) -> Iterator[list[str]]:
     batch: list[str] = []
-    for line_no, line in _jsonl_lines(unit):
+    for k, line in enumerate(_jsonl_lines(unit)):
         if not line.strip():
             continue
-        where = f"{unit.path}:{line_no}"
         try:
             record = json.loads(line.decode("utf-8"))
+            text = _text_of(record, text_field)
         except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: invalid UTF-8 at byte {exc.start} of the line") from None
+            raise DataError(f"{_where(unit, k)}: invalid UTF-8 at byte {exc.start} of the line") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{_where(unit, k)}: not a JSON record ({exc.msg})") from None
         except ValueError as exc:
-            raise DataError(f"{where}: not a JSON record ({_first_line(exc)})") from None
-        batch.append(_text_of(record, text_field, where))
+            raise DataError(f"{_where(unit, k)}: {_first_line(exc)}") from None
+        batch.append(text)
         if len(batch) == BATCH_DOCUMENTS:
             yield batch
             batch = []
@@ -166,35 +168,39 @@ def _jsonl_documents(unit: Unit, text_field: str) -> Iterator[list[str]]:
         yield batch
 
 
-def _jsonl_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) for every line that starts inside the unit."""
+def _where(unit: Unit, k: int) -> str:
+    """`file:line` of the unit's k-th line (0-based); counted only for an error message."""
+    first = 1 if unit.kind != "jsonl" or unit.start == 0 else _line_number(unit.path, _first_line_start(unit))
+    return f"{unit.path}:{first + k}"
+
+
+def _first_line_start(unit: Unit) -> int:
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start - 1)
+        return unit.start if f.read(1) == b"\n" else unit.start + len(f.readline())
+
+
+def _jsonl_lines(unit: Unit) -> Iterator[bytes]:
+    """Every line that starts inside the unit (a line belongs to the range its first byte is in)."""
     if unit.kind == "jsonl.gz":
         with gzip.open(unit.path, "rb") as f:
-            yield from enumerate(_guarded(f, unit.path), 1)
+            yield from _guarded(f, unit.path)
         return
     if unit.kind == "jsonl.zst":
         import zstandard
 
         with open(unit.path, "rb") as raw:
-            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-            yield from enumerate(_guarded(stream, unit.path), 1)
+            yield from _guarded(io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), unit.path)
         return
+    position = _first_line_start(unit) if unit.start else 0
     with open(unit.path, "rb") as f:
-        position = unit.start
-        if unit.start:  # a line belongs to the range its first byte lies in
-            f.seek(unit.start - 1)
-            if f.read(1) != b"\n":
-                position += len(f.readline())
-        line_no = None
+        f.seek(position)
         while position < unit.stop:
             line = f.readline()
             if not line:
                 break
-            if line_no is None:  # counted only now: most units never need it
-                line_no = _line_number(unit.path, position)
-            yield line_no, line
+            yield line
             position += len(line)
-            line_no += 1
 
 
 def _guarded(lines, path: str) -> Iterator[bytes]:
@@ -216,15 +222,15 @@ def _line_number(path: str, offset: int) -> int:
     return count
 
 
-def _text_of(record, text_field: str, where: str) -> str:
+def _text_of(record, text_field: str) -> str:
+    """The record's text; a ValueError says what is wrong with the record."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+        raise ValueError(f"a record must be a JSON object, not {type(record).__name__}")
     if text_field not in record:
-        raise DataError(f"{where}: the record has no '{text_field}' field (data.text_field={text_field})")
+        raise ValueError(f"the record has no '{text_field}' field (data.text_field={text_field})")
     text = record[text_field]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field '{text_field}' is {type(text).__name__}, not text "
-                        f"(data.text_field={text_field})")
+        raise ValueError(f"field '{text_field}' is {type(text).__name__}, not text (data.text_field={text_field})")
     return text
 
 
