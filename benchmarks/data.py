@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import load_line, machine_line  # noqa: E402
 
 from atoll.trainer.data_cache import cached_tokens  # noqa: E402
-from atoll.trainer.data_documents import corpus_units  # noqa: E402
+from atoll.trainer.data_documents import open_corpus  # noqa: E402
 
 FIRST_BATCH = """
 import sys, time
@@ -112,7 +112,7 @@ def write_corpus(docs: list[str], folder: Path) -> dict[str, Path]:
 
 def throughput(path: Path, tokenizer: Path, workers: int, cache: Path, text_mb: float) -> tuple[float, int]:
     started = time.perf_counter()
-    target = cached_tokens(corpus_units(str(path)), str(tokenizer), "text", cache, None, workers, path.name)
+    target = cached_tokens(open_corpus(str(path)), str(tokenizer), "text", cache, None, workers, path.name)
     seconds = time.perf_counter() - started
     return text_mb / seconds, target.stat().st_size // 2
 
@@ -173,7 +173,7 @@ def main() -> None:
         for kind in ("parquet", "arrow"):
             big_files[kind].unlink()
         started = time.perf_counter()
-        cache = cached_tokens(corpus_units(str(big_files["jsonl"])), None, "text", tmp / "big-cache", None, 2,
+        cache = cached_tokens(open_corpus(str(big_files["jsonl"])), None, "text", tmp / "big-cache", None, 2,
                               "big corpus")
         build_s = time.perf_counter() - started
         times = first_batch_seconds(big_files["jsonl"], tmp / "big-cache")

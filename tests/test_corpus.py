@@ -125,7 +125,8 @@ def test_every_format_gives_the_reference_tokens_with_one_or_two_workers(tmp_pat
     for kind, path in files.items():
         got = load_tokens(dataset_cfg(path, tokenizer_dir), 64, tmp_path / "cache" / kind)
         assert got.tolist() == reference_ids(parts[kind], tokenizer_dir), kind
-    assert len(documents.corpus_units(str(files["jsonl"]))) > 5 and len(documents.corpus_units(str(files["parquet"]))) == 4
+    assert len(documents.open_corpus(str(files["jsonl"])).units()) > 5
+    assert len(documents.open_corpus(str(files["parquet"])).units()) == 4
 
     whole = reference_ids(docs, tokenizer_dir)  # the folder: files in name order
     one = load_tokens(dataset_cfg(folder, tokenizer_dir, workers=1), 64, tmp_path / "one")
@@ -150,7 +151,7 @@ def test_the_cache_is_reused_and_keyed_by_its_inputs(tmp_path, tokenizer_dir, ca
     load_tokens(dataset_cfg(path, None), 256, cache)  # another tokenizer: another file
     write_jsonl(path, corpus(31, seed=2))  # changed input: tokenised again
     assert len(load_tokens(cfg, 64, cache)) > len(first)
-    assert len(list(cache.glob("tokens-*"))) == 3 and not list(cache.glob("*.parts"))
+    assert len(list(cache.glob("tokens-*"))) == 3 and not list(cache.glob("*.parts-*"))
 
 
 KILLED_BUILD = """
@@ -163,7 +164,7 @@ def slow(unit, field):
     time.sleep(0.2)
     yield from read(unit, field)
 cache.read_documents = slow
-cache.cached_tokens(documents.corpus_units(sys.argv[1]), sys.argv[2], "body", cache.Path(sys.argv[3]), 64, 1)
+cache.cached_tokens(documents.open_corpus(sys.argv[1]), sys.argv[2], "body", cache.Path(sys.argv[3]), 64, 1)
 """
 
 
@@ -174,15 +175,15 @@ def test_a_tokenisation_killed_half_way_is_redone_not_used(tmp_path, tokenizer_d
     proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(path), str(tokenizer_dir), str(cache)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not len(list(cache.glob("*.parts/*.uint16"))) >= 3:
+    while not len(list(cache.glob("*.parts-*/*.uint16"))) >= 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    parts = next(cache.glob("*.parts"))
+    parts = next(cache.glob("*.parts-*"))
     assert not list(cache.glob("tokens-*.uint16"))  # nothing that could be taken for the cache
     (parts / "000099.uint16.12345.tmp").write_bytes(b"\x07\x00" * 50)  # a part a kill cut short
-    monkeypatch.setattr(documents, "JSONL_RANGE_BYTES", 300)  # the same units as the killed build
+    monkeypatch.setattr(documents, "JSONL_RANGE_BYTES", 300)  # the same cut as the killed build
     tokens = load_tokens(dataset_cfg(path, tokenizer_dir), 64, cache)
     assert "resuming" in capsys.readouterr().out
     assert tokens.tolist() == reference_ids(docs, tokenizer_dir)
@@ -207,7 +208,7 @@ def test_bad_input_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, to
     late.write_text("".join(json.dumps({"body": d}) + "\n" for d in corpus(60, seed=5)) + "{not json\n")
     with monkeypatch.context() as patch:
         patch.setattr(documents, "JSONL_RANGE_BYTES", 256)
-        assert len(documents.corpus_units(str(late))) > 5
+        assert len(documents.open_corpus(str(late)).units()) > 5
         assert error_of(dataset_cfg(late, tokenizer_dir)).startswith(f"{late}:61: not a JSON record (")
     bad_utf8 = tmp_path / "bad.jsonl"
     bad_utf8.write_bytes(b'{"body": "fine"}\n{"body": "caf\xe9"}\n')

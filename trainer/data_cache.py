@@ -1,7 +1,7 @@
 """The token cache: a corpus tokenised once, in parallel, into one memory-mapped file.
 
-`cached_tokens(units, ...)` returns the path of a flat token file in the run
-directory's `data/` folder holding every document of `units` (trainer/
+`cached_tokens(corpus, ...)` returns the path of a flat token file in the run
+directory's `data/` folder holding every document of a `Corpus` (trainer/
 data_documents.py), in order, each followed by the end-of-text token. The
 file's name hashes what it was made from (the tokenizer, the text field, every
 input file's path, size and modification time), so changed inputs tokenise
@@ -31,11 +31,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from atoll.trainer.data_documents import DataError, Unit, read_documents
+from atoll.trainer.data_documents import Corpus, DataError, Unit, read_documents
 
 CACHE_FORMAT = 2  # part of every cache key: a change in how tokens are laid out tokenises again
 BYTE_END_OF_TEXT = 0
@@ -106,29 +106,27 @@ class Tokeniser:
         return np.asarray(ids, dtype=self.dtype)
 
 
-def cache_key(units: list[Unit], tokeniser: Tokeniser, text_field: str) -> str:
+def cache_key(corpus: Corpus, tokeniser: Tokeniser, text_field: str) -> str:
     """What the tokens are made of; reading the inputs' metadata only, so it is cheap."""
     key = hashlib.sha256(f"{CACHE_FORMAT}:{text_field}:".encode() + tokeniser.identity())
-    for unit in units:
-        stat = os.stat(unit.path)
-        key.update(f"{unit.path}:{unit.kind}:{unit.start}:{unit.stop}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    key.update(corpus.identity().encode())
     return key.hexdigest()[:20]
 
 
-def cached_tokens(units: list[Unit], tokenizer_path: Optional[str], text_field: str, cache_dir: Path,
+def cached_tokens(corpus: Corpus, tokenizer_path: Optional[str], text_field: str, cache_dir: Path,
                   vocab_size: Optional[int] = None, workers: Optional[int] = None, what: str = "data") -> Path:
-    """The token file of `units`, tokenised now unless a process already did (or is doing it)."""
+    """The token file of `corpus`, tokenised now unless a process already did (or is doing it)."""
     tokeniser = Tokeniser(tokenizer_path, vocab_size)
-    if not units:
+    if not corpus.files:
         raise DataError(f"{what} has no documents")
-    target = cache_dir / f"tokens-{cache_key(units, tokeniser, text_field)}.{tokeniser.dtype.name}"
+    target = cache_dir / f"tokens-{cache_key(corpus, tokeniser, text_field)}.{tokeniser.dtype.name}"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / ".tokenise.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process tokenises; the others wait, then map it
         if not target.exists():
-            _build(units, tokeniser, text_field, target, workers or default_workers(), what)
+            _build(corpus.units(), tokeniser, text_field, target, workers or default_workers(), what)
     return target
 
 
@@ -141,7 +139,12 @@ def default_workers() -> int:
 
 def _build(units: list[Unit], tokeniser: Tokeniser, text_field: str, target: Path, workers: int,
            what: str) -> None:
-    parts = target.with_name(target.name + ".parts")
+    # The parts of another cut of the same files (another range size) must not be mixed in.
+    cut = hashlib.sha256(repr(units).encode()).hexdigest()[:8]
+    parts = target.with_name(f"{target.name}.parts-{cut}")
+    for other in target.parent.glob(f"{target.name}.parts-*"):
+        if other != parts:
+            shutil.rmtree(other, ignore_errors=True)
     parts.mkdir(exist_ok=True)
     for stale in parts.glob("*.tmp"):  # half-written by a build that was killed
         stale.unlink()
@@ -246,16 +249,3 @@ class _Progress:
         seconds = time.perf_counter() - self.started
         print(f"tokenised {self.what}: {self.documents:,} documents, {tokens:,} tokens in {seconds:.1f} s "
               f"({self.text / 1e6 / max(seconds, 1e-9):,.1f} MB/s of text)", flush=True)
-
-
-def units_of_files(files: Iterable[Path], max_bytes: int) -> list[Unit]:
-    """`data.source: text`: each file one document, read as UTF-8, the first max_bytes in all."""
-    units, left = [], max_bytes
-    for p in files:
-        if left <= 0:
-            break
-        size = p.stat().st_size
-        if size:
-            units.append(Unit(str(p), "text", stop=min(size, left), size=min(size, left)))
-            left -= units[-1].stop
-    return units

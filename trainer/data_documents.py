@@ -1,8 +1,8 @@
 """The documents of a local corpus: jsonl (plain, gzip, zstd), parquet, arrow and `save_to_disk` folders.
 
-`corpus_units(path)` resolves `data.path` (a file, a folder or a glob) to the
-files it names and cuts them into units of work that can be tokenised in any
-order by any process: a byte range of a plain jsonl file, a row group of a
+`open_corpus(path)` resolves `data.path` (a file, a folder or a glob) to the
+files it names; `Corpus.units()` cuts them into units of work that can be
+tokenised in any order by any process: a byte range of a plain jsonl file, a row group of a
 parquet file, a whole compressed jsonl or arrow file. `read_documents(unit,
 text_field)` yields the unit's texts in batches, in file order, so the
 concatenation of the units in order is the corpus in order whatever the
@@ -102,10 +102,37 @@ def saved_dataset_files(folder: Path, key: str) -> Optional[list[Path]]:
     return files
 
 
-def corpus_units(path: str, key: str = "data.path") -> list[Unit]:
-    """The units of work of the corpus at `path`, in corpus order."""
+@dataclass(frozen=True)
+class Corpus:
+    """The files of one source, and how they are cut into units of work.
+
+    `max_bytes` 0: corpus files (jsonl, parquet, arrow), read whole. Otherwise plain text
+    files (`data.source: text`), each one document, the first `max_bytes` of them in all.
+    """
+
+    files: tuple[Path, ...]
+    max_bytes: int = 0
+
+    def identity(self) -> str:
+        """What the tokens are made of, from the files' metadata only (cheap: no file is opened)."""
+        lines = [f"max_bytes={self.max_bytes}"]
+        for f in self.files:
+            stat = os.stat(f)
+            lines.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}")
+        return "\n".join(lines)
+
+    def units(self) -> list[Unit]:
+        """The units of work, in corpus order."""
+        return _text_units(self.files, self.max_bytes) if self.max_bytes else _corpus_units(self.files)
+
+
+def open_corpus(path: str, key: str = "data.path") -> Corpus:
+    return Corpus(tuple(corpus_files(path, key)))
+
+
+def _corpus_units(files) -> list[Unit]:
     units = []
-    for f in corpus_files(path, key):
+    for f in files:
         kind, size = suffix_of(f.name).lstrip("."), f.stat().st_size
         if kind == "jsonl":
             units += [Unit(str(f), kind, a, min(a + JSONL_RANGE_BYTES, size), min(JSONL_RANGE_BYTES, size - a))
@@ -114,6 +141,18 @@ def corpus_units(path: str, key: str = "data.path") -> list[Unit]:
             units += _parquet_units(f, size)
         else:
             units.append(Unit(str(f), kind, size=size))
+    return units
+
+
+def _text_units(files, max_bytes: int) -> list[Unit]:
+    units, left = [], max_bytes
+    for p in files:
+        if left <= 0:
+            break
+        size = p.stat().st_size
+        if size:
+            units.append(Unit(str(p), "text", stop=min(size, left), size=min(size, left)))
+            left -= units[-1].stop
     return units
 
 

@@ -26,8 +26,8 @@ from typing import Optional
 import numpy as np
 
 from atoll.trainer.config import DataConfig
-from atoll.trainer.data_cache import cached_tokens, tokenizer_file, units_of_files
-from atoll.trainer.data_documents import DataError, corpus_files, corpus_units
+from atoll.trainer.data_cache import cached_tokens, tokenizer_file
+from atoll.trainer.data_documents import Corpus, DataError, corpus_files, open_corpus
 
 SEPARATOR = 0  # byte placed after every file so documents do not run together
 CACHED_SOURCES = ("text", "dataset")  # tokenised once into the run directory's token cache
@@ -119,11 +119,11 @@ def load_tokens(cfg: DataConfig, vocab_size: Optional[int] = None, cache_dir: Op
             files = _walk_files(Path(cfg.path), set(), None)
             if not files:
                 raise DataError(f"{_key(name, 'path')} {cfg.path} has no text files")
-            units = units_of_files(files, cfg.max_bytes)
+            corpus = Corpus(tuple(files), cfg.max_bytes)
         else:
-            units = corpus_units(cfg.path, _key(name, "path"))
+            corpus = open_corpus(cfg.path, _key(name, "path"))
         what = f"{name or 'data'} ({cfg.path})"
-        cached = cached_tokens(units, cfg.tokenizer, cfg.text_field, cache_dir, vocab_size,
+        cached = cached_tokens(corpus, cfg.tokenizer, cfg.text_field, cache_dir, vocab_size,
                                cfg.tokenize_workers, what)
         return _file_tokens(str(cached), cached.suffix.lstrip("."))
     raise DataError(f"{_key(name, 'source')} must be stdlib, folder, tokens, text or dataset, not {cfg.source}")
