@@ -146,8 +146,8 @@ def _build(units: list[Unit], tokeniser: Tokeniser, text_field: str, target: Pat
         if other != parts:
             shutil.rmtree(other, ignore_errors=True)
     parts.mkdir(exist_ok=True)
-    for stale in parts.glob("*.tmp"):  # half-written by a build that was killed
-        stale.unlink()
+    for stale in [*parts.glob("*.tmp"), *target.parent.glob(f".{target.name}.*.tmp")]:
+        stale.unlink()  # half-written by a build that was killed
     done = {int(p.name.split(".")[0]): p for p in parts.iterdir()}
     pending = [i for i in range(len(units)) if i not in done]
     progress = _Progress(what, sum(u.size for u in units), sum(units[i].size for i in done), len(units))
@@ -211,6 +211,8 @@ def _tokenise_unit(job: tuple[int, Unit, str]) -> tuple[int, int, int, int]:
             documents += len(texts)
             text_bytes += sum(len(t) for t in texts)  # characters: close to bytes, and free
             tokens += ids.size
+        out.flush()
+        os.fsync(out.fileno())  # a part that has its name is whole, even after a crash
     os.replace(temp, part)
     return index, documents, text_bytes, tokens
 
