@@ -340,3 +340,67 @@ def word_level_tokenizer(folder: Path, words: list[str]) -> Path:
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
     return folder
+
+
+# ------------------------------------------------------------ corpora the data tests write
+
+WORDS = ["the", "island", "trains", "one", "model", "and", "talks", "rarely", "over", "slow", "links",
+         "experts", "route", "tokens", "to", "many", "machines", "fail", "resume", "from", "checkpoints"]
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    """n documents of 1-30 of WORDS, a few with a word a WORDS tokenizer does not know."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        words = list(rng.choice(WORDS, size=int(rng.integers(1, 30))))
+        if i % 7 == 3:
+            words.insert(1, "unknown")
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], opener=open, extra=None) -> Path:
+    """Records {"id", "body"} (the text in `body`), with a blank line now and then."""
+    import json
+
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": i, "body": d, **(extra or {})}) + "\n")
+            if i % 5 == 2:
+                f.write("\n")  # blank lines are skipped
+    return path
+
+
+def write_parquet(path: Path, docs: list[str], row_group_size: int = 16) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(docs))), "body": docs}), path, row_group_size=row_group_size)
+    return path
+
+
+def write_saved_dataset(path: Path, docs: list[str]) -> Path:
+    """A folder as Hugging Face `datasets.save_to_disk` writes it, in two shards."""
+    import datasets
+
+    datasets.Dataset.from_dict({"body": docs, "n": list(range(len(docs)))}).save_to_disk(str(path), num_shards=2)
+    return path
+
+
+def mixture_recipe(folder: Path) -> Path:
+    """A recipe file whose data is a three-source mixture of real corpus files, tokenised with
+    a local word-level tokenizer: web (jsonl) 0.5, code (parquet) 0.3, math (save_to_disk) 0.2."""
+    tokenizer = word_level_tokenizer(folder / "tokenizer", WORDS)
+    web = write_jsonl(folder / "web.jsonl", corpus(300, seed=11))
+    code = write_parquet(folder / "code.parquet", corpus(200, seed=12))
+    math = write_saved_dataset(folder / "math", corpus(100, seed=13))
+    recipe = folder / "mixture.yaml"
+    recipe.write_text(
+        f"data:\n  tokenizer: {tokenizer}\n  text_field: body\n  tokenize_workers: 1\n  mixture:\n"
+        f"    - {{name: web, weight: 0.5, path: {web}}}\n"
+        f"    - {{name: code, weight: 0.3, path: {code}}}\n"
+        f"    - {{name: math, weight: 0.2, path: {math}}}\n")
+    return recipe

@@ -26,23 +26,8 @@ from atoll.trainer.data import DataError, build_data, load_dataset, load_tokens
 from atoll.trainer.data_cache import load_tokenizer
 from atoll.trainer.data_mixture import MixtureSchedule, integer_counts
 from atoll.trainer.data_sources import prepare_tokens
-from conftest import subprocess_env, word_level_tokenizer
-
-WORDS = ["the", "island", "trains", "one", "model", "and", "talks", "rarely", "over", "slow", "links",
-         "experts", "route", "tokens", "to", "many", "machines", "fail", "resume", "from", "checkpoints"]
-
-
-def corpus(n: int, seed: int) -> list[str]:
-    """n documents of 1-30 words, a few with a word the tokenizer does not know."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for i in range(n):
-        words = list(rng.choice(WORDS, size=int(rng.integers(1, 30))))
-        if i % 7 == 3:
-            words.insert(1, "unknown")
-        docs.append(" ".join(words))
-    return docs
-
+from conftest import (WORDS, corpus, subprocess_env, word_level_tokenizer, write_jsonl, write_parquet,
+                      write_saved_dataset)
 
 def reference_ids(docs: list[str], tokenizer_dir: Path | None) -> list[int]:
     """Each document tokenised on its own, then the end-of-text id (</s> = 1; byte 0 for bytes)."""
@@ -50,15 +35,6 @@ def reference_ids(docs: list[str], tokenizer_dir: Path | None) -> list[int]:
         return [b for d in docs for b in [*d.encode("utf-8"), 0]]
     tokenizer = load_tokenizer(str(tokenizer_dir))
     return [i for d in docs for i in [*tokenizer.encode(d, add_special_tokens=False).ids, 1]]
-
-
-def write_jsonl(path: Path, docs: list[str], opener=open, extra=None) -> Path:
-    with opener(path, "wt", encoding="utf-8") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"id": i, "body": d, **(extra or {})}) + "\n")
-            if i % 5 == 2:
-                f.write("\n")  # blank lines are skipped
-    return path
 
 
 def write_zst(path: Path, docs: list[str]) -> Path:
@@ -69,14 +45,6 @@ def write_zst(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def write_parquet(path: Path, docs: list[str], row_group_size: int = 16) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": list(range(len(docs))), "body": docs}), path, row_group_size=row_group_size)
-    return path
-
-
 def write_arrow(path: Path, docs: list[str]) -> Path:
     import pyarrow as pa
 
@@ -84,13 +52,6 @@ def write_arrow(path: Path, docs: list[str]) -> Path:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         for batch in table.to_batches(max_chunksize=10):
             writer.write_batch(batch)
-    return path
-
-
-def write_saved_dataset(path: Path, docs: list[str]) -> Path:
-    import datasets
-
-    datasets.Dataset.from_dict({"body": docs, "n": list(range(len(docs)))}).save_to_disk(str(path), num_shards=2)
     return path
 
 
@@ -358,59 +319,6 @@ def test_a_mixture_reads_each_source_in_its_own_order_and_epochs(tmp_path):
         a, b = single.next_step(), single.next_step()
         both = [x for pair in (rank0.next_step(), rank1.next_step()) for x, _ in pair]
         assert [x.tolist() for x, _ in a + b] == [x.tolist() for x in both]
-
-
-@pytest.mark.slow
-def test_a_mixture_resumes_under_other_layouts_with_the_same_samples(tmp_path, tokenizer_dir):
-    """A three-source mixture (jsonl, parquet, save_to_disk) saved by 2-process FSDP and resumed
-    by one process and by a 2-stage pipeline: the same losses, per-source samples and per-source
-    eval losses as the uninterrupted run."""
-    from atoll.launch.cli import main
-    from atoll.trainer.metrics import read_jsonl
-    from conftest import TINY_MOE, assert_same_metrics, losses, run_cli
-
-    web = write_jsonl(tmp_path / "web.jsonl", corpus(300, seed=11))
-    code = write_parquet(tmp_path / "code.parquet", corpus(200, seed=12))
-    math_ = write_saved_dataset(tmp_path / "math", corpus(100, seed=13))
-    recipe = tmp_path / "mixture.yaml"
-    recipe.write_text(
-        f"data:\n  tokenizer: {tokenizer_dir}\n  text_field: body\n  tokenize_workers: 1\n  mixture:\n"
-        f"    - {{name: web, weight: 0.5, path: {web}}}\n"
-        f"    - {{name: code, weight: 0.3, path: {code}}}\n"
-        f"    - {{name: math, weight: 0.2, path: {math_}}}\n")
-    # aux_free: the balance loss of a pipeline microbatch (half a micro-batch) is not half of
-    # the micro-batch's, so aux_loss would differ under pp for a reason that is not the data
-    common = [str(recipe), *TINY_MOE, "run.steps=8", "checkpoint.interval=4", "logging.eval_interval=4",
-              "model.moe.balance=aux_free"]
-    reference = tmp_path / "reference"
-    assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
-                 f"run.dir={reference}"]) == 0
-    saved = tmp_path / "fsdp2"
-    proc = run_cli(["train", *common, "parallel.dp=2", "run.stop_at=4", f"run.dir={saved}"], torchrun_procs=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("tokenised web") == 1  # once, by one rank; the other mapped it
-    ckpt = saved / "checkpoints" / "step-00000004"
-    one = tmp_path / "dp1"
-    assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
-                 f"checkpoint.resume={ckpt}", f"run.dir={one}"]) == 0
-    pipeline = tmp_path / "pp2"
-    proc = run_cli(["train", *common, "parallel.pp=2", "data.grad_accum=2", f"checkpoint.resume={ckpt}",
-                    f"run.dir={pipeline}"], torchrun_procs=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    want = read_jsonl(reference / "metrics.jsonl")
-    assert losses(saved) == pytest.approx(losses(reference)[:4], rel=1e-5)
-    evals = ("eval_loss", "eval_loss.web", "eval_loss.code", "eval_loss.math")
-    for run in (one, pipeline):
-        assert_same_metrics(run, reference, first_step=5)
-        got = read_jsonl(run / "metrics.jsonl")
-        for key in ("samples", "samples.web", "samples.code", "samples.math"):
-            assert [r[key] for r in got] == [r[key] for r in want[4:]], key
-        assert [got[-1][key] for key in evals] == pytest.approx([want[-1][key] for key in evals], rel=1e-5)
-    last, shares = want[-1], {"web": 0.5, "code": 0.3, "math": 0.2}
-    assert sum(last[f"samples.{n}"] for n in shares) == last["samples"] == 32  # 8 steps of 4
-    assert all(abs(last[f"samples.{n}"] - 32 * w) < 1 for n, w in shares.items())
-    assert last["eval_loss"] == pytest.approx(sum(w * last[f"eval_loss.{n}"] for n, w in shares.items()))
 
 
 def test_the_export_names_the_ids_a_dataset_or_mixture_trained_on(tmp_path, tokenizer_dir):

@@ -15,8 +15,8 @@ from atoll.checkpoint.manifest import verify
 from atoll.checkpoint.store import resolve_checkpoint
 from atoll.launch.cli import main
 from atoll.trainer.metrics import read_jsonl
-from conftest import (TINY_MOE, assert_close_state, assert_same_metrics, final_state, grad_norms, losses, run_cli,
-                      subprocess_env)
+from conftest import (TINY_MOE, assert_close_state, assert_same_metrics, final_state, grad_norms, losses,
+                      mixture_recipe, run_cli, subprocess_env)
 
 QUIET = ["logging.wandb=disabled", "logging.eval_interval=0", "logging.log_interval=1",
          "launch.threads_per_worker=1"]
@@ -51,11 +51,15 @@ def test_resume_is_bitwise_exact_on_two_workers(short_tmp):
 
 @pytest.mark.slow
 def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
-    """Saved by 2-process FSDP; resumed by 1 process and by 2-process DDP: the same losses and
-    gradient norms as the uninterrupted run, and at the end every tensor (weights, the aux-free
-    expert bias, both Adam moments, the step) within 1e-5 of its own. The layers have zero,
-    copy and constant experts (MoE++): their parameters reshard too."""
-    common = [*TINY_MOE, "run.steps=10", "checkpoint.interval=5", "model.moe.balance=aux_free",
+    """Saved by 2-process FSDP; resumed by 1 process, by 2-process DDP and by a 2-stage
+    pipeline: the same losses, gradient norms, samples per source and eval losses per source
+    as the uninterrupted run, and at the end every tensor (weights, the aux-free expert bias,
+    both Adam moments, the step) within 1e-5 of its own. The data is a three-source mixture
+    of real corpus files (jsonl, parquet, save_to_disk) tokenised with a local tokenizer; the
+    layers have zero, copy and constant experts (MoE++), whose parameters reshard too.
+    aux_free balance: a pipeline microbatch (half a micro-batch) has a switch loss of its own."""
+    common = [str(mixture_recipe(tmp_path)), *TINY_MOE, "run.steps=10", "checkpoint.interval=5",
+              "logging.eval_interval=5", "model.moe.balance=aux_free",
               "model.moe.zero_experts=1", "model.moe.copy_experts=1", "model.moe.constant_experts=1"]
     reference = tmp_path / "reference"
     assert main(["train", *common, "launch.backend=local", "parallel.dp=1", "data.grad_accum=2",
@@ -66,6 +70,7 @@ def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
     proc = run_cli(["train", *common, "parallel.dp=2", "parallel.dp_shard=fsdp", "run.stop_at=5",
                     f"run.dir={saved}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("tokenised web") == 1  # by one rank; the other waited and mapped it
     ckpt = resolve_checkpoint(saved)
     assert verify(ckpt)["layout"]["dp"] == 2 and verify(ckpt)["samples"] == 5 * 4
 
@@ -76,21 +81,35 @@ def test_resume_under_other_layouts_continues_the_same_run(tmp_path):
     proc = run_cli(["train", *common, "parallel.dp=2", "parallel.dp_shard=ddp",
                     f"checkpoint.resume={ckpt}", f"run.dir={ddp}"], torchrun_procs=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    pipeline = tmp_path / "pp2"
+    proc = run_cli(["train", *common, "parallel.pp=2", "data.grad_accum=2", f"checkpoint.resume={ckpt}",
+                    f"run.dir={pipeline}"], torchrun_procs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
     assert [r["step"] for r in read_jsonl(one / "metrics.jsonl")] == [6, 7, 8, 9, 10]
     assert losses(saved) == pytest.approx(expected[:5], rel=1e-5)
     assert grad_norms(saved) == pytest.approx(grad_norms(reference)[:5], rel=1e-5)
-    for run in (one, ddp):
+    want = read_jsonl(reference / "metrics.jsonl")
+    per_source = ("samples.web", "samples.code", "samples.math")
+    evals = ("eval_loss", "eval_loss.web", "eval_loss.code", "eval_loss.math")
+    for run in (one, ddp, pipeline):
         assert_same_metrics(run, reference, first_step=6)
+        got = read_jsonl(run / "metrics.jsonl")
+        assert [[r[k] for k in per_source] for r in got] == [[r[k] for k in per_source] for r in want[5:]]
+        assert [got[-1][k] for k in evals] == pytest.approx([want[-1][k] for k in evals], rel=1e-5)
         # The routers and constant experts sum their gradients over tokens in another order
         # under FSDP; Adam's steps carry that to ~7e-6 of a tensor's scale by step 10.
-        want = assert_close_state(run, reference, tol=1e-5)
-    assert all(want[f"model.layers.{i}.feed_forward.router.expert_bias_E"].any() for i in (0, 1))
-    assert "model.layers.1.feed_forward.zero_compute.constant_gate" in want
-    # Same samples: every resumed run ends at the same data position as the reference.
-    for run in (one, ddp):
-        assert read_jsonl(run / "metrics.jsonl")[-1]["samples"] == \
-            read_jsonl(reference / "metrics.jsonl")[-1]["samples"] == 40
+        state = assert_close_state(run, reference, tol=1e-5)
+    assert all(state[f"model.layers.{i}.feed_forward.router.expert_bias_E"].any() for i in (0, 1))
+    assert "model.layers.1.feed_forward.zero_compute.constant_gate" in state
+    # Same samples: every resumed run ends at the same data position as the reference, and
+    # the sources hold their shares of the 40 samples to within one.
+    last, shares = want[-1], {"web": 0.5, "code": 0.3, "math": 0.2}
+    assert sum(last[f"samples.{n}"] for n in shares) == last["samples"] == 40
+    assert all(abs(last[f"samples.{n}"] - 40 * w) <= 1 for n, w in shares.items())
+    assert last["eval_loss"] == pytest.approx(sum(w * last[f"eval_loss.{n}"] for n, w in shares.items()))
+    for run in (one, ddp, pipeline):
+        assert read_jsonl(run / "metrics.jsonl")[-1]["samples"] == 40
 
 
 @pytest.mark.slow
