@@ -117,8 +117,6 @@ def cached_tokens(corpus: Corpus, tokenizer_path: Optional[str], text_field: str
                   vocab_size: Optional[int] = None, workers: Optional[int] = None, what: str = "data") -> Path:
     """The token file of `corpus`, tokenised now unless a process already did (or is doing it)."""
     tokeniser = Tokeniser(tokenizer_path, vocab_size)
-    if not corpus.files:
-        raise DataError(f"{what} has no documents")
     target = cache_dir / f"tokens-{cache_key(corpus, tokeniser, text_field)}.{tokeniser.dtype.name}"
     if target.exists():
         return target
@@ -148,7 +146,7 @@ def _build(units: list[Unit], tokeniser: Tokeniser, text_field: str, target: Pat
     parts.mkdir(exist_ok=True)
     for stale in [*parts.glob("*.tmp"), *target.parent.glob(f".{target.name}.*.tmp")]:
         stale.unlink()  # half-written by a build that was killed
-    done = {int(p.name.split(".")[0]): p for p in parts.iterdir()}
+    done = {int(p.name.split(".")[0]) for p in parts.iterdir()}
     pending = [i for i in range(len(units)) if i not in done]
     progress = _Progress(what, sum(u.size for u in units), sum(units[i].size for i in done), len(units))
     jobs = [(i, units[i], str(parts)) for i in pending]
@@ -159,8 +157,7 @@ def _build(units: list[Unit], tokeniser: Tokeniser, text_field: str, target: Pat
             progress.update(units[result[0]].size, *result[1:])
     else:
         context = multiprocessing.get_context("spawn")  # the driver may hold threads (Ray, wandb)
-        with context.Pool(workers, initializer=_start_worker, initargs=(tokeniser.tokenizer_path, text_field,
-                                                                         tokeniser.dtype.name)) as pool:
+        with context.Pool(workers, initializer=_start_worker, initargs=(tokeniser.tokenizer_path, text_field)) as pool:
             for result in pool.imap_unordered(_tokenise_unit, jobs):
                 progress.update(units[result[0]].size, *result[1:])
     total = _join_parts(sorted(parts.iterdir(), key=lambda p: int(p.name.split(".")[0])), target, what)
@@ -188,12 +185,11 @@ def _join_parts(part_files: list[Path], target: Path, what: str) -> int:
 _WORKER: dict = {}
 
 
-def _start_worker(tokeniser, text_field: str, dtype: Optional[str] = None) -> None:
+def _start_worker(tokeniser, text_field: str) -> None:
     """In a tokenising process: the tokenizer (rebuilt from its path in a spawned process)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker, as asked
     if not isinstance(tokeniser, Tokeniser):
         tokeniser = Tokeniser(tokeniser)
-        assert dtype is None or tokeniser.dtype.name == dtype
     _WORKER.update(tokeniser=tokeniser, text_field=text_field)
 
 

@@ -86,8 +86,6 @@ class MixtureDataset:
         self.shares = [w / total for w in weights]
         self.trained = [i for i, w in enumerate(weights) if w > 0]  # weight 0: evaluated only
         self.schedule = MixtureSchedule([weights[i] for i in self.trained], seed)
-        self.seq_len = sources[0].seq_len
-        self.num_train = sum(sources[i].num_train for i in self.trained)
 
     def train_source(self, g: int) -> tuple[int, int]:
         position, index = self.schedule.locate(g)
