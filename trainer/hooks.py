@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from atoll.parallel.wait_clock import StepTimes
+from atoll.trainer.evaluation import evaluate
 
 if TYPE_CHECKING:
     from atoll.checkpoint.snapshot_store import SnapshotStore
@@ -186,7 +187,7 @@ class MetricsHook(StepHook):
         elapsed = time.perf_counter() - self.interval_start
         self.last = trainer.step_metrics(result, self.interval_steps, elapsed)
         if eval_now:
-            self.last.update(trainer.evaluate())
+            self.last.update(evaluate(trainer))
         trainer.logger.log(step, self.last)
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 

@@ -445,33 +445,6 @@ class Trainer:
             metrics = {k: v for stage in gathered for k, v in stage.items()}
         return metrics
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """`eval_loss` on the validation set; with a mixture, `eval_loss.<name>` per source and
-        `eval_loss` their mean weighted by the mixture's shares."""
-        modules = self.runner.wrappers if self.runner else [self.train_module]
-        for module in modules:
-            module.eval()
-        means = []
-        for _, _, batches in self.val:
-            losses = []
-            for inputs_BS, targets_BS in batches:
-                inputs_BS, targets_BS = self.to_device(inputs_BS), self.to_device(targets_BS)
-                if self.runner is not None:
-                    losses.append(float(self.runner.evaluate(inputs_BS, targets_BS)))
-                    continue
-                with self.precision.forward_context():
-                    logits_BSV, _ = self.train_module(inputs_BS)
-                losses.append(float(lm_loss(logits_BSV, targets_BS)))
-            means.append(sum(losses) / len(losses))
-        for module in modules:
-            module.train()
-        means = self.mesh.all_reduce_mean(self.mesh.sum_over_stages(means))
-        if len(self.val) == 1 and self.val[0][0] is None:
-            return {"eval_loss": means[0]}
-        per_source = {f"eval_loss.{name}": mean for (name, _, _), mean in zip(self.val, means)}
-        return {"eval_loss": sum(share * mean for (_, share, _), mean in zip(self.val, means)), **per_source}
-
     def step_metrics(self, result: StepResult, steps: int, elapsed: float) -> dict:
         """The metrics.jsonl row of a log step (`steps` steps took `elapsed` seconds)."""
         tokens_per_s = self.tokens_per_step * steps / elapsed
